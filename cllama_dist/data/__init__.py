@@ -1,0 +1,1 @@
+"""Corpus readers, packing, Arrow shards and the shard manifest (no torch imports here)."""

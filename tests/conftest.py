@@ -1,0 +1,65 @@
+"""Shared test fixtures.
+
+Real-world fixtures (LLaMA's tokenizer, the paper's Chinese model, real Chinese prose) are read from
+the folder named by CLLAMA_FIXTURES (CI: ../shared/fixtures); tests that need them skip without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cllama_dist.assets import corpus_path
+
+
+@pytest.fixture(scope="session")
+def real_fixtures() -> Path:
+    d = os.environ.get("CLLAMA_FIXTURES")
+    if not d or not Path(d, "llama_tokenizer.model").is_file():
+        pytest.skip("real fixtures not available: set CLLAMA_FIXTURES=../shared/fixtures to run this test")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def zh_docs() -> list[str]:
+    """Texts of the shipped Chinese corpus."""
+    return [json.loads(line)["text"] for line in corpus_path().read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A LLaMA-style base tokenizer folder (BPE, byte fallback) trained on stdlib docstrings."""
+    from cllama_dist.tokenizer.base import build_base_tokenizer
+
+    out = tmp_path_factory.mktemp("base")
+    build_base_tokenizer(out, vocab_size=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_zh_model(tmp_path_factory) -> Path:
+    """A small Chinese SentencePiece model trained on the shipped corpus."""
+    from cllama_dist.config import TokenizerTrainConfig
+    from cllama_dist.tokenizer.train import train
+
+    out = tmp_path_factory.mktemp("zh")
+    train(TokenizerTrainConfig(inputs=[str(corpus_path())], output=str(out / "zh"), vocab_size=3000, threads=2))
+    return out / "zh.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tmp_path_factory, tiny_base, tiny_zh_model) -> Path:
+    from cllama_dist.config import MergeConfig
+    from cllama_dist.tokenizer.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "tok"
+    merge(MergeConfig(base=str(tiny_base), add=str(tiny_zh_model), out=str(out)))
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path

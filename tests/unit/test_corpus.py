@@ -1,0 +1,131 @@
+import gzip
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from cllama_dist.data.corpus import RecordReader, resolve_inputs
+from cllama_dist.errors import UserError
+
+from ..conftest import write_jsonl
+
+DOCS = ["第一篇文章。", "第二篇：科学与技术。", "第三篇，讲历史。", "Mixed 中英 text 123。"]
+
+
+def read_all(paths, **kw):
+    reader = RecordReader(**kw)
+    docs = [d.text for src in resolve_inputs([str(p) for p in paths]) for d in reader.read(src)]
+    return docs, reader.skipped.as_dict()
+
+
+def test_formats_and_compression(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    write_jsonl(tmp_path / "b.jsonl", [{"text": d, "id": i} for i, d in enumerate(DOCS)])
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"content": d}, ensure_ascii=False) + "\n" for d in DOCS))
+    (tmp_path / "d.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(DOCS) + "\n").encode()))
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "e.parquet", row_group_size=2)
+    for name in ("a.txt", "b.jsonl", "d.txt.zst", "e.parquet"):
+        assert read_all([tmp_path / name])[0] == DOCS, name
+    assert read_all([tmp_path / "c.jsonl.gz"], text_field="content")[0] == DOCS
+    # A folder is searched recursively, files in sorted order; a glob works too.
+    docs, _ = read_all([tmp_path], text_field="text")
+    assert len(docs) == 4 * len(DOCS)  # c.jsonl.gz has no "text" field: skipped
+    assert read_all([str(tmp_path / "*.txt")])[0] == DOCS
+
+
+def test_compressed_parquet(tmp_path):
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "e.parquet")
+    raw = (tmp_path / "e.parquet").read_bytes()
+    (tmp_path / "f.parquet.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    assert read_all([tmp_path / "f.parquet.zst"])[0] == DOCS
+
+
+def test_bad_records_are_counted(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"text": "好"}).encode(),
+        b'{"text": "\xff\xfe broken"}',
+        b'{"text": "unterminated',
+        json.dumps({"other": "x"}).encode(),
+        json.dumps({"text": 5}).encode(),
+        json.dumps({"text": "   "}).encode(),
+        b'{"text": "lone \\ud800 surrogate"}',
+        json.dumps([1, 2]).encode(),
+        json.dumps({"text": "很长" * 50}, ensure_ascii=False).encode(),
+        json.dumps({"text": "也好"}, ensure_ascii=False).encode(),
+    ]
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    reader = RecordReader(max_chars=60)
+    docs = [d.text for d in reader.read(resolve_inputs([str(p)])[0])]
+    assert docs == ["好", "也好"]
+    assert reader.skipped.as_dict() == {
+        "invalid_utf8": 2, "malformed_json": 2, "missing_field": 2, "empty": 1, "too_long": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    "content,line,what",
+    [
+        (b'{"text": "ok"}\n{"text": "\xff"}\n', 2, "invalid UTF-8"),
+        (b'{"text": "ok"}\n{"text": \n', 2, "malformed JSON"),
+        (b'{"text": "ok"}\n{"body": "x"}\n', 2, "text field 'text' missing"),
+    ],
+)
+def test_strict_names_file_and_line(tmp_path, content, line, what):
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(UserError) as exc:
+        list(RecordReader(strict=True).read(resolve_inputs([str(p)])[0]))
+    assert f"{p}:{line}" in str(exc.value) and what in str(exc.value)
+
+
+def test_missing_and_unsupported_inputs(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        resolve_inputs([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(UserError, match="unsupported corpus file type"):
+        resolve_inputs([str(tmp_path / "x.csv")])
+    with pytest.raises(UserError, match="holds no"):
+        resolve_inputs([str(tmp_path)])
+    with pytest.raises(UserError, match="no corpus"):
+        resolve_inputs([])
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    p = tmp_path / "c.txt.gz"
+    p.write_bytes(gzip.compress(("好\n" * 1000).encode())[:-30])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        list(RecordReader().read(resolve_inputs([str(p)])[0]))
+
+
+def test_parquet_without_text_column(tmp_path):
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "e.parquet")
+    with pytest.raises(UserError, match="no column 'text'"):
+        read_all([tmp_path / "e.parquet"])
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_byte_ranges_tile_a_file(tmp_path, fmt, zh_docs):
+    """Any cut of a file into byte ranges reads every record exactly once, in order."""
+    p = tmp_path / f"c.{fmt}"
+    if fmt == "txt":
+        p.write_text("".join(d.replace("\n", " ") + "\n" for d in zh_docs), encoding="utf-8")
+    else:
+        write_jsonl(p, [{"text": d} for d in zh_docs])
+    src = resolve_inputs([str(p)])[0]
+    whole = [(d.offset, d.text) for d in RecordReader().read(src)]
+    rng = random.Random(0)
+    for parts in (2, 3, 7, 50):
+        cuts = sorted({0, src.size, *(rng.randrange(1, src.size) for _ in range(parts - 1))})
+        got = []
+        for a, b in zip(cuts, cuts[1:]):
+            got += [(d.offset, d.text) for d in RecordReader().read(src, a, b)]
+        assert got == whole
+    # A cut exactly at a line start belongs to the next range.
+    second = whole[1][0]
+    first = [d.text for d in RecordReader().read(src, 0, second)]
+    assert len(first) == 1
