@@ -3,6 +3,8 @@
     cllama tokenizer train  --corpus corpus/ --out out/chinese_sp --vocab-size 20000
     cllama tokenizer merge  --base llama/tokenizer.model --add out/chinese_sp.model --out out/merged
     cllama tokenizer report --tokenizer llama/tokenizer.model --tokenizer out/merged --corpus heldout.jsonl
+    cllama preprocess       --corpus data/ --tokenizer out/merged --output shards/ --block-size 512
+    cllama preprocess finalize --output shards/
     cllama demo
 
 Every subcommand takes ``--config FILE.yaml``; flags override its values. Problems with the input are
@@ -14,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
-from .config import MergeConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args, load_yaml
+from .config import (MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args,
+                     load_yaml)
 from .errors import UserError
 
 
@@ -60,6 +64,27 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> None:
         print(f"\nJSON: {cfg.json_out}")
 
 
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .data.preprocess import finalize, preprocess
+
+    if args.action == "finalize":
+        if not args.output:
+            raise UserError("finalize needs --output (the shards folder)")
+        m = finalize(args.output, verify=True)
+    else:
+        cfg = _cfg(args)
+        m = preprocess(cfg)
+        if m is None:
+            print(f"task {cfg.task_id} of {cfg.num_tasks} done; after all tasks: "
+                  f"cllama preprocess finalize --output {cfg.output}")
+            return
+    t, v = m["splits"]["train"], m["splits"]["validation"]
+    print(f"{m['totals']['documents']:,} documents -> {t['sequences']:,} train + {v['sequences']:,} validation "
+          f"sequences of {m['block_size']} tokens ({m['dtype']}), {len(t['shards']) + len(v['shards'])} shards; "
+          f"skipped: { {k: c for k, c in m['skipped'].items() if c} or 'none'}; manifest: "
+          f"{Path(args.output) / 'manifest.json'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -81,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = tok.add_parser("report", help="compare tokenizers on a corpus")
     _with_config(r, ReportConfig)
     r.set_defaults(func=cmd_tokenizer_report)
+
+    pp = sub.add_parser("preprocess", help="tokenize a corpus into packed Arrow shards (offline, CPU)")
+    pp.add_argument("action", nargs="?", choices=["finalize"],
+                    help="finalize: check and join the tasks' output into manifest.json")
+    _with_config(pp, PreprocessConfig)
+    pp.set_defaults(func=cmd_preprocess)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")

@@ -155,6 +155,72 @@ class ReportConfig(CorpusConfig):
 
 
 # --------------------------------------------------------------------------------------------------
+# Offline preprocessing.
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+@dataclass
+class PreprocessConfig(CorpusConfig):
+    tokenizer: str = doc("The merged tokenizer folder (holding tokenizer.model) or a SentencePiece .model file.", "")
+    output: str = doc("Output folder for the Arrow shards and manifest.json.", "", aliases=["--out"])
+    block_size: int = doc("Tokens per training sequence; documents are packed across boundaries.", 512)
+    add_bos: bool = doc("Put BOS before every document (the paper's v1 and v2).", True)
+    add_eos: bool = doc("Put EOS after every document (the paper's v2).", False)
+    validation_fraction: float = doc(
+        "Share of documents sent to the validation split, chosen by a keyed hash of each document's text "
+        "(so the same document always lands in the same split, whatever the order or the task split).",
+        0.01,
+    )
+    seed: int = doc("Key of the split hash.", 0)
+    shard_size_mb: float = doc(
+        "Target size of one train shard, in MB of output; shard boundaries are planned from input sizes, "
+        "so they do not depend on workers or tasks.",
+        256.0,
+    )
+    chunk_mb: float = doc(
+        "Input bytes one worker tokenizes at a time (plain .txt/.jsonl are cut by byte range; a compressed "
+        "file is one chunk, streamed). Bounds memory per worker together with batch_docs.",
+        16.0,
+    )
+    batch_docs: int = doc("Documents encoded per SentencePiece call inside a worker.", 1000)
+    workers: int = doc("Worker processes (0: all cores).", 0)
+    num_tasks: int = doc("Number of tasks sharing the input (default: SLURM_ARRAY_TASK_COUNT or 1).", 0)
+    task_id: int = doc("This task's index, 0-based (default: SLURM_ARRAY_TASK_ID or 0).", -1)
+    record_boundaries: bool = doc(
+        "Also store, per sequence, the offsets where a document starts (column doc_starts), so that a "
+        "trainer can mask attention across documents.",
+        False,
+    )
+    max_doc_chars: int = doc("Skip (and count) documents longer than this many characters (0: no limit).", 10_000_000)
+    overwrite: bool = doc("Delete an existing output folder made with other settings instead of refusing.", False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tokenizer:
+            raise UserError("--tokenizer is required (the merged tokenizer folder)")
+        if not self.output:
+            raise UserError("--output is required")
+        if self.block_size < 2:
+            raise UserError(f"block_size must be at least 2, got {self.block_size}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise UserError(f"validation_fraction must be within [0, 1), got {self.validation_fraction}")
+        if self.shard_size_mb <= 0 or self.chunk_mb <= 0:
+            raise UserError("shard_size_mb and chunk_mb must be positive")
+        if self.num_tasks <= 0:
+            self.num_tasks = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
+        if self.task_id < 0:
+            self.task_id = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+        if not 0 <= self.task_id < self.num_tasks:
+            raise UserError(f"task_id {self.task_id} is outside 0..{self.num_tasks - 1} (num_tasks {self.num_tasks})")
+        if self.workers < 0:
+            raise UserError(f"workers must be >= 0, got {self.workers}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Generic glue: dataclass <-> argparse <-> YAML.
 
 

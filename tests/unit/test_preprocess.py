@@ -1,0 +1,255 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from cllama_dist.assets import corpus_path
+from cllama_dist.config import PreprocessConfig
+from cllama_dist.data.preprocess import GROUPS, Packer, finalize, preprocess, run_task, split_of
+from cllama_dist.data.shards import check_manifest, load_manifest, shard_tokens, verify_shards
+from cllama_dist.errors import UserError
+from cllama_dist.tokenizer.spm import fingerprint
+
+from ..conftest import write_jsonl
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, zh_docs):
+    """The shipped corpus three times over, with distinct documents (about 460 KB)."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [{"text": f"{t}（第{k}版）"} for k in range(3) for t in zh_docs]
+    return write_jsonl(d / "c.jsonl", docs)
+
+
+def cfg(tiny_merged, corpus, out, **kw):
+    base = dict(inputs=[str(corpus)], tokenizer=str(tiny_merged), output=str(out), block_size=BLOCK,
+                chunk_mb=0.03, shard_size_mb=0.02, validation_fraction=0.1, workers=1)
+    base.update(kw)
+    return PreprocessConfig(**base)
+
+
+def expected_streams(tiny_merged, corpus, fraction=0.1, seed=0, bos=True, eos=False):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_merged / "tokenizer.model"))
+    streams = {"train": [], "validation": []}
+    docs = {"train": 0, "validation": 0}
+    for line in Path(corpus).read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["text"]
+        split = ("train", "validation")[split_of(text, fraction, seed)]
+        streams[split] += ([1] if bos else []) + sp.encode(text) + ([2] if eos else [])
+        docs[split] += 1
+    return streams, docs
+
+
+def folder_digest(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.arrow"))}
+
+
+def test_token_stream_equals_direct_encoding(tiny_merged, corpus, tmp_path):
+    out = tmp_path / "o"
+    m = preprocess(cfg(tiny_merged, corpus, out))
+    streams, docs = expected_streams(tiny_merged, corpus)
+    assert m["plan"]["groups"] > 3  # several shards, so remainders cross groups
+    for split in ("train", "validation"):
+        # Group shards plus each group's remainder, in group order, give back the whole stream.
+        got = []
+        for rec in sorted((out / GROUPS).glob("group-*.json")):
+            r = json.loads(rec.read_text())
+            if r["shards"][split]:
+                got += shard_tokens(out / r["shards"][split]["file"]).reshape(-1).tolist()
+            got += r["remainder"][split]["tokens"]
+        assert got == streams[split]
+        info = m["splits"][split]
+        assert info["documents"] == docs[split]
+        assert info["document_tokens"] == len(streams[split])
+        assert info["tokens"] + info["dropped_tail_tokens"] == len(streams[split])
+        assert info["dropped_tail_tokens"] < BLOCK
+        for shard in info["shards"]:
+            t = shard_tokens(out / shard["file"])
+            assert t.shape == (shard["sequences"], BLOCK) and t.dtype == np.uint16
+    verify_shards(out, m, checksums=True)
+    assert m["tokenizer"] == fingerprint(tiny_merged)
+
+
+def test_single_group_is_the_stream_prefix(tiny_merged, corpus, tmp_path):
+    out = tmp_path / "o"
+    m = preprocess(cfg(tiny_merged, corpus, out, shard_size_mb=100, add_eos=True))
+    streams, _ = expected_streams(tiny_merged, corpus, eos=True)
+    flat = np.concatenate([shard_tokens(out / s["file"]).reshape(-1) for s in m["splits"]["train"]["shards"]])
+    assert flat.tolist() == streams["train"][: len(flat)]
+    assert len(streams["train"]) - len(flat) < BLOCK
+
+
+def test_packer_boundaries():
+    class Sink:
+        rows, starts = [], []
+
+        def add(self, rows, starts):
+            self.rows.append(rows)
+            self.starts += starts
+
+    sink = Sink()
+    p = Packer(4, np.dtype(np.uint16), sink, boundaries=True)
+    # Documents of lengths 3, 6, 2 -> stream 0..10, rows [0..3] [4..7], remainder [8,9,10]
+    p.feed(np.arange(11, dtype=np.uint16), np.array([3, 6, 2]))
+    assert np.concatenate(sink.rows).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sink.starts == [[0, 3], []]
+    assert p.remainder() == {"tokens": [8, 9, 10], "starts": [1]}
+    p.feed(np.arange(11, 14, dtype=np.uint16), np.array([3]))
+    assert np.concatenate(sink.rows)[-1].tolist() == [8, 9, 10, 11] and sink.starts[-1] == [1, 3]
+
+
+def test_split_is_deterministic_per_document():
+    texts = [f"文档{i}" for i in range(20000)]
+    a = [split_of(t, 0.1, 7) for t in texts]
+    assert a == [split_of(t, 0.1, 7) for t in reversed(texts)][::-1]
+    assert 0.08 < sum(a) / len(a) < 0.12
+    assert a != [split_of(t, 0.1, 8) for t in texts]
+    assert sum(split_of(t, 0.0, 7) for t in texts) == 0
+
+
+def test_workers_do_not_change_the_bytes(tiny_merged, corpus, tmp_path):
+    preprocess(cfg(tiny_merged, corpus, tmp_path / "w1", workers=1))
+    preprocess(cfg(tiny_merged, corpus, tmp_path / "w2", workers=2))
+    assert folder_digest(tmp_path / "w1") == folder_digest(tmp_path / "w2")
+    a, b = load_manifest(tmp_path / "w1"), load_manifest(tmp_path / "w2")
+    a.pop("created"), b.pop("created")
+    assert a == b
+
+
+def test_three_tasks_equal_one_run(tiny_merged, corpus, tmp_path):
+    preprocess(cfg(tiny_merged, corpus, tmp_path / "one"))
+    args = [sys.executable, "-m", "cllama_dist.cli", "preprocess", "--corpus", str(corpus), "--tokenizer",
+            str(tiny_merged), "--output", str(tmp_path / "three"), "--block-size", str(BLOCK), "--chunk-mb", "0.03",
+            "--shard-size-mb", "0.02", "--validation-fraction", "0.1", "--workers", "1", "--num-tasks", "3"]
+    procs = [subprocess.Popen(args + ["--task-id", str(k)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k in range(3)]
+    for p in procs:
+        out, err = p.communicate()
+        assert p.returncode == 0, err.decode()
+        assert b"after all tasks" in out
+    assert not (tmp_path / "three" / "manifest.json").exists()
+    r = subprocess.run([sys.executable, "-m", "cllama_dist.cli", "preprocess", "finalize", "--output",
+                        str(tmp_path / "three")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert folder_digest(tmp_path / "one") == folder_digest(tmp_path / "three")
+
+
+def test_slurm_array_environment_defaults(monkeypatch, tiny_merged, corpus, tmp_path):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    c = cfg(tiny_merged, corpus, tmp_path / "o")
+    assert (c.num_tasks, c.task_id) == (4, 1)
+
+
+def test_finalize_refuses_unfinished_tasks(tiny_merged, corpus, tmp_path):
+    run_task(cfg(tiny_merged, corpus, tmp_path / "o", num_tasks=3, task_id=0))
+    with pytest.raises(UserError, match="groups are not finished"):
+        finalize(str(tmp_path / "o"))
+
+
+def test_resume_after_sigkill(tiny_merged, tmp_path, zh_docs):
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": f"{t}（{k}）"} for k in range(60) for t in zh_docs])
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "cllama_dist.cli", "preprocess", "--corpus", str(big), "--tokenizer",
+            str(tiny_merged), "--output", str(out), "--block-size", str(BLOCK), "--chunk-mb", "0.2",
+            "--shard-size-mb", "0.1", "--workers", "1"]
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / GROUPS).glob("group-*.json"))) < 3:
+        time.sleep(0.02)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    committed = len(list((out / GROUPS).glob("group-*.json")))
+    total = len(json.loads((out / "plan.json").read_text())["groups"])
+    assert 3 <= committed < total, "the kill should land mid-run"
+    assert not (out / "manifest.json").exists()
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    preprocess(PreprocessConfig(inputs=[str(big)], tokenizer=str(tiny_merged), output=str(tmp_path / "clean"),
+                                block_size=BLOCK, chunk_mb=0.2, shard_size_mb=0.1, workers=2))
+    assert folder_digest(out) == folder_digest(tmp_path / "clean")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_refuses_output_of_other_settings(tiny_merged, tiny_base, corpus, tmp_path):
+    out = tmp_path / "o"
+    preprocess(cfg(tiny_merged, corpus, out))
+    with pytest.raises(UserError, match="block_size 64 there, 128 now"):
+        preprocess(cfg(tiny_merged, corpus, out, block_size=128))
+    with pytest.raises(UserError, match=r"tokenizer sha256 .* there, .* now"):
+        preprocess(cfg(tiny_base, corpus, out))
+    m = preprocess(cfg(tiny_merged, corpus, out, block_size=128, overwrite=True))
+    assert m["block_size"] == 128
+
+
+def test_manifest_check_names_both_sides(tiny_merged, tiny_base, corpus, tmp_path):
+    m = preprocess(cfg(tiny_merged, corpus, tmp_path / "o"))
+    check_manifest(m, fingerprint(tiny_merged), BLOCK)
+    with pytest.raises(UserError) as exc:
+        check_manifest(m, fingerprint(tiny_base), 128)
+    msg = str(exc.value)
+    assert f"shards {m['tokenizer']['vocab_size']:,}, tokenizer {fingerprint(tiny_base)['vocab_size']:,}" in msg
+    assert "block size: shards 64, config 128" in msg
+
+
+def test_bad_input_is_counted_or_fails_with_location(tiny_merged, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "\xe5\xa5\xbd\xe7\x9a\x84"}\n{"text": "\xff"}\n{"text": \n{"t": 1}\n{"text": ""}\n'
+                  + json.dumps({"text": "长" * 500}).encode() + b"\n")
+    m = preprocess(PreprocessConfig(inputs=[str(p)], tokenizer=str(tiny_merged), output=str(tmp_path / "o"),
+                                    block_size=2, max_doc_chars=100, workers=1))
+    assert m["skipped"] == {"invalid_utf8": 1, "malformed_json": 1, "missing_field": 1, "empty": 1, "too_long": 1}
+    assert m["totals"]["documents"] == 1
+    with pytest.raises(UserError, match=rf"{p}:2: invalid UTF-8"):
+        preprocess(PreprocessConfig(inputs=[str(p)], tokenizer=str(tiny_merged), output=str(tmp_path / "s"),
+                                    block_size=2, strict=True, workers=1))
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    with pytest.raises(UserError, match="tokenizer not found"):
+        preprocess(PreprocessConfig(inputs=[str(p)], tokenizer=str(tmp_path / "none"), output=str(tmp_path / "x")))
+    with pytest.raises(UserError, match="not found"):
+        preprocess(PreprocessConfig(inputs=[str(tmp_path / "none.jsonl")], tokenizer=str(tiny_merged),
+                                    output=str(tmp_path / "x")))
+
+
+def test_compressed_and_parquet_inputs(tiny_merged, tmp_path, zh_docs):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in zh_docs[:60]))
+    pq.write_table(pa.table({"text": zh_docs[60:]}), tmp_path / "b.parquet", row_group_size=10)
+    m = preprocess(PreprocessConfig(inputs=[str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet")],
+                                    tokenizer=str(tiny_merged), output=str(tmp_path / "o"), block_size=BLOCK,
+                                    chunk_mb=0.01, shard_size_mb=0.01, validation_fraction=0, workers=2))
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_merged / "tokenizer.model"))
+    assert m["splits"]["train"]["document_tokens"] == sum(len(x) + 1 for x in sp.encode(zh_docs))
+    assert m["splits"]["train"]["documents"] == len(zh_docs)
+
+
+def test_readable_by_datasets_and_boundaries(tiny_merged, corpus, tmp_path):
+    import datasets
+
+    out = tmp_path / "o"
+    m = preprocess(cfg(tiny_merged, corpus, out, record_boundaries=True))
+    first = m["splits"]["train"]["shards"][0]
+    ds = datasets.Dataset.from_file(str(out / first["file"]))
+    assert len(ds) == first["sequences"] and len(ds[0]["input_ids"]) == BLOCK
+    assert ds.features["input_ids"].feature.dtype == "uint16"
+    full = datasets.load_dataset("arrow", data_files={"train": str(out / "train-*.arrow")}, split="train")
+    assert len(full) == m["splits"]["train"]["sequences"]
+    # Each doc_starts offset points at a BOS token, and every BOS is listed.
+    for row in ds.select(range(20)):
+        ids, starts = row["input_ids"], row["doc_starts"]
+        assert starts == [i for i, t in enumerate(ids) if t == 1]
