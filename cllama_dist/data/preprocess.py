@@ -28,6 +28,7 @@ This module must not import torch: it runs on CPU nodes and must start fast.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -155,15 +156,27 @@ def _encode_chunk(args: tuple) -> dict:
     def flush() -> None:
         nonlocal chars
         encoded = sp.encode(batch, num_threads=1)
-        for text, ids in zip(batch, encoded):
-            k = split_of(text, s["validation_fraction"], s["seed"])
-            seq = bos + ids + eos
-            tok_f, len_f = files[SPLITS[k]]
-            np.asarray(seq, dtype=dtype).tofile(tok_f)
-            np.asarray([len(seq)], dtype=np.int64).tofile(len_f)
-            docs[k] += 1
-            tokens[k] += len(seq)
-            chars += len(text)
+        which = np.fromiter((split_of(t, s["validation_fraction"], s["seed"]) for t in batch), np.int8, len(batch))
+        chars += sum(map(len, batch))
+        for k, split in enumerate(SPLITS):
+            picked = [ids for ids, w in zip(encoded, which) if w == k] if which.any() else (encoded if k == 0 else [])
+            if not picked:
+                continue
+            # One vectorised write per batch and split: BOS/EOS are inserted at the document edges.
+            lens = np.fromiter(map(len, picked), np.int64, len(picked))
+            flat = np.fromiter(itertools.chain.from_iterable(picked), dtype, int(lens.sum()))
+            edges = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            if bos:
+                flat = np.insert(flat, edges, bos[0])
+                edges = edges + np.arange(len(edges))
+            if eos:
+                flat = np.insert(flat, edges + lens + (1 if bos else 0), eos[0])
+            lens = lens + len(bos) + len(eos)
+            tok_f, len_f = files[split]
+            flat.tofile(tok_f)
+            lens.tofile(len_f)
+            docs[k] += len(picked)
+            tokens[k] += int(lens.sum())
         batch.clear()
 
     try:

@@ -1,0 +1,192 @@
+"""Preprocessing throughput, side by side in one run: the paper's pipeline, SentencePiece's bare batch
+encode (the ceiling), and `cllama preprocess`, on the same text and the same cores.
+
+    CLLAMA_FIXTURES=../shared/fixtures python3 bench/preprocess.py --tokenizer TOKDIR --sizes-mb 50 400
+
+TOKDIR is a merged tokenizer folder (e.g. `cllama tokenizer merge` of the fixtures: the paper's).
+The corpus is the fixture corpus's paragraphs (one a line, .txt, as the paper's pipeline reads text),
+repeated to each size. Every pipeline runs in its own process; peak memory is the largest summed RSS
+of that process tree, sampled every 50 ms. The project's token stream is checked against a direct
+SentencePiece encoding of the same documents (sha256 of both streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 512
+
+
+def build_corpus(fixtures: Path, out: Path, mb: int) -> Path:
+    if out.is_file() and out.stat().st_size >= mb * 1_000_000:
+        return out
+    lines = [p for l in (fixtures / "zh_open_mix.jsonl").read_text(encoding="utf-8").splitlines()
+             for p in json.loads(l)["text"].split("\n") if p.strip()]
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    with open(out, "wb") as f:
+        n = 0
+        while n < mb * 1_000_000:
+            f.write(data)
+            n += len(data)
+    return out
+
+
+# --- the three pipelines (each runs in a child process: `bench/preprocess.py --child NAME ...`) -----
+
+def run_reference(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
+    """The paper's pipeline: datasets text loader, HF tokenizer .map, .map(group_texts), save_to_disk."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    raw = datasets.load_dataset("text", data_files={"train": corpus}, split="train", cache_dir=f"{work}/cache")
+    tokenized = raw.map(lambda b: tok(b["text"]), batched=True, num_proc=cores, remove_columns=["text"])
+
+    def group_texts(examples):
+        joined = {k: list(chain(*examples[k])) for k in examples}
+        total = len(joined["input_ids"]) // BLOCK * BLOCK
+        out = {k: [v[i:i + BLOCK] for i in range(0, total, BLOCK)] for k, v in joined.items()}
+        out["labels"] = out["input_ids"].copy()
+        return out
+
+    grouped = tokenized.map(group_texts, batched=True, num_proc=cores)
+    grouped.save_to_disk(f"{work}/reference_out")
+    return {"sequences": len(grouped)}
+
+
+def run_ceiling(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
+    """SentencePiece's own batch encode on all cores; reading the text is not timed."""
+    import sentencepiece as spm
+
+    from cllama_dist.data.preprocess import split_of
+
+    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer) / "tokenizer.model"))
+    lines = [l for l in Path(corpus).read_text(encoding="utf-8").split("\n") if l.strip()]
+    t0 = time.time()
+    ids = sp.encode(lines, num_threads=cores)
+    seconds = time.time() - t0
+    # The reference stream for the equality check (not timed): BOS + ids, train split, input order.
+    h = hashlib.sha256()
+    for text, x in zip(lines, ids):
+        if split_of(text, 0.01, 0) == 0:
+            h.update(np.asarray([1] + x, dtype=np.uint16).tobytes())
+    return {"timed_seconds": seconds, "tokens": sum(map(len, ids)), "train_stream_sha256": h.hexdigest()}
+
+
+def run_ours(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
+    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.preprocess import GROUPS, preprocess
+    from cllama_dist.data.shards import shard_tokens
+
+    out = Path(work) / "ours_out"
+    shutil.rmtree(out, ignore_errors=True)
+    m = preprocess(PreprocessConfig(inputs=[corpus], tokenizer=tokenizer, output=str(out), block_size=BLOCK,
+                                    workers=cores, validation_fraction=0.01, seed=0))
+    t_end = time.time()
+    h = hashlib.sha256()  # group shards + remainders, in order, rebuild the whole train stream
+    for rec in sorted((out / GROUPS).glob("group-*.json")):
+        r = json.loads(rec.read_text())
+        if r["shards"]["train"]:
+            h.update(shard_tokens(out / r["shards"]["train"]["file"]).tobytes())
+        h.update(np.asarray(r["remainder"]["train"]["tokens"], dtype=np.uint16).tobytes())
+    return {"t_end": t_end, "tokens": m["splits"]["train"]["document_tokens"] + m["splits"]["validation"]["document_tokens"],
+            "sequences": m["totals"]["sequences"], "train_stream_sha256": h.hexdigest()}
+
+
+CHILDREN = {"reference": run_reference, "ceiling": run_ceiling, "ours": run_ours}
+
+
+def measure(name: str, corpus: Path, tokenizer: str, work: Path, cores: int) -> dict:
+    import psutil
+
+    result_file = work / f"{name}.json"
+    cmd = [sys.executable, __file__, "--child", name, "--corpus", str(corpus), "--tokenizer", tokenizer,
+           "--work", str(work), "--cores", str(cores), "--result", str(result_file)]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    wall = time.time() - t0
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{err.decode()[-3000:]}")
+    r = json.loads(result_file.read_text())
+    seconds = r.get("timed_seconds", wall)
+    mb = corpus.stat().st_size / 1e6
+    return {"pipeline": name, "corpus_mb": round(mb, 1), "seconds": round(seconds, 2), "mb_per_s": round(mb / seconds, 2),
+            "tokens_per_s": round(r.get("tokens", 0) / seconds) if r.get("tokens") else None,
+            "peak_rss_mb": round(peak / 1e6, 1), **{k: v for k, v in r.items() if k.endswith("sha256")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", help="merged tokenizer folder")
+    ap.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 400])
+    ap.add_argument("--work", default="bench/out/preprocess")
+    ap.add_argument("--cores", type=int, default=os.cpu_count())
+    ap.add_argument("--child")
+    ap.add_argument("--corpus")
+    ap.add_argument("--result")
+    args = ap.parse_args()
+    if args.child:
+        r = CHILDREN[args.child](args.corpus, args.tokenizer, args.work, args.cores)
+        Path(args.result).write_text(json.dumps(r))
+        return
+    fixtures = Path(os.environ.get("CLLAMA_FIXTURES", "../shared/fixtures"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mb in args.sizes_mb:
+        corpus = build_corpus(fixtures, work / f"corpus_{mb}mb.txt", mb)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        shutil.rmtree(work / "reference_out", ignore_errors=True)
+        res = {n: measure(n, corpus, args.tokenizer, work, args.cores) for n in ("reference", "ceiling", "ours")}
+        ours = res["ours"]
+        ours["x_reference"] = round(ours["mb_per_s"] / res["reference"]["mb_per_s"], 2)
+        ours["share_of_ceiling"] = round(ours["mb_per_s"] / res["ceiling"]["mb_per_s"], 3)
+        ours["stream_equals_sentencepiece"] = ours["train_stream_sha256"] == res["ceiling"]["train_stream_sha256"]
+        for r in res.values():
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; cores used: {args.cores}; commit {commit}; "
+          f"{time.strftime('%Y-%m-%d')}; block size {BLOCK}")
+    print("| corpus MB | pipeline | MB/s | tokens/s | peak RSS MB | vs reference | share of ceiling | stream = SentencePiece |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['corpus_mb']} | {r['pipeline']} | {r['mb_per_s']} | {r['tokens_per_s'] or ''} | {r['peak_rss_mb']} | "
+              f"{r.get('x_reference', '')} | {r.get('share_of_ceiling', '')} | {r.get('stream_equals_sentencepiece', '')} |")
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
