@@ -8,6 +8,7 @@ Stages (each reused on a re-run when its inputs are unchanged, unless --force):
   3. tokenizer  train a Chinese SentencePiece model on the training documents
   4. merge      append its new pieces to the base tokenizer, ids unchanged
   5. report     tokens per character before and after, on held-out text
+  6. shards     tokenize the corpus offline into packed Arrow shards (the trainer's input)
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from .assets import corpus_path
-from .config import MergeConfig, ReportConfig, TokenizerTrainConfig
+from .config import MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig
 from .errors import UserError
 
 HELD_OUT_EVERY = 8  # every 8th shipped document is held out from tokenizer and model training
 DEMO_ZH_VOCAB = 3000  # what ~150 KB of Chinese supports; the paper used 20,000 on 20 GB
 DEMO_BASE_VOCAB = 4000
+DEMO_BLOCK = 128
 
 
 class Stages:
@@ -66,7 +68,7 @@ def _file_key(path: Path) -> str:
 def run_demo(out: str = "runs/demo", base_tokenizer: str | None = None, force: bool = False) -> dict:
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    stages = Stages(root, force, total=5)
+    stages = Stages(root, force, total=6)
     shipped = corpus_path()
 
     def split_corpus(folder: Path) -> dict:
@@ -128,6 +130,20 @@ def run_demo(out: str = "runs/demo", base_tokenizer: str | None = None, force: b
 
     rep = stages.run("report", {"merge": m, "heldout": corpus["heldout"]}, report_stage)
 
+    def shards(folder: Path) -> dict:
+        from .data.preprocess import preprocess
+
+        # Training shards from the training documents, validation shards from the held-out ones.
+        out = {}
+        for name, src, frac in (("train", corpus["train"], 0.0), ("heldout", corpus["heldout"], 0.0)):
+            mf = preprocess(PreprocessConfig(inputs=[src], tokenizer=m["tokenizer"], output=str(folder / name),
+                                             block_size=DEMO_BLOCK, validation_fraction=frac, overwrite=True))
+            out[name] = {"folder": str(folder / name), "sequences": mf["splits"]["train"]["sequences"],
+                         "tokens": mf["splits"]["train"]["tokens"]}
+        return {"block_size": DEMO_BLOCK, **out}
+
+    sh = stages.run("shards", {"merge": m, "corpus": corpus, "block": DEMO_BLOCK}, shards)
+
     print()
     print("cllama demo summary")
     print(f"  base tokenizer     {base_res['tokenizer']} ({m['orig_vocab_size']:,} pieces)")
@@ -135,5 +151,7 @@ def run_demo(out: str = "runs/demo", base_tokenizer: str | None = None, force: b
     print(f"  tokens / character on held-out Chinese: {rep['tokens_per_char_before']} -> "
           f"{rep['tokens_per_char_after']} ({rep['reduction']}x fewer tokens)")
     print(f"  report             {rep['table']}")
+    print(f"  shards             {sh['train']['folder']} ({sh['train']['sequences']} x {DEMO_BLOCK} tokens), "
+          f"held-out {sh['heldout']['folder']} ({sh['heldout']['sequences']})")
     (root / "summary.json").write_text(json.dumps(stages.summary, indent=2, ensure_ascii=False) + "\n")
     return stages.summary
