@@ -217,6 +217,10 @@ class Packer:
             self._feed(piece, in_piece)
             pos += len(piece)
 
+    def feed_with_starts(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+        """Append tokens whose document starts (offsets into ``tokens``) are already known."""
+        self._feed(tokens, starts)
+
     def _feed(self, tokens: np.ndarray, starts: np.ndarray) -> None:
         stream = np.concatenate([self.carry, tokens])
         starts = np.concatenate([self.carry_starts, starts + len(self.carry)])
@@ -409,7 +413,7 @@ def finalize(output: str, verify: bool = True) -> dict:
         for r in records:
             rem = r["remainder"][split]
             if rem["tokens"]:
-                packer._feed(np.asarray(rem["tokens"], dtype=dtype), np.asarray(rem["starts"], dtype=np.int64))
+                packer.feed_with_starts(np.asarray(rem["tokens"], dtype=dtype), np.asarray(rem["starts"], dtype=np.int64))
         if writer.sequences:
             shards.append(writer.close())
         else:
