@@ -1,0 +1,122 @@
+"""Extend embed_tokens and the untied lm_head from V to V' rows, keeping the V original rows frozen.
+
+Freezing old rows with a gradient mask is fragile (hazard H3): gradients are sharded under ZeRO-3,
+and AdamW's weight decay moves masked rows anyway. So the split is structural: each matrix becomes a
+frozen parameter holding rows [0, V) and a trainable parameter holding only rows [V, V'). The
+optimizer then holds state for the new rows alone (for 7B: 2 x 17,953 x 4,096 = 147M parameters
+instead of 2 x 49,953 x 4,096 = 409M), and the old rows cannot move: nothing can update them.
+
+Vocabulary sizes always come from config and tokenizer metadata, never from a weight's shape: under
+ZeRO-3 a partitioned weight has shape 0 (hazard H1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+InitMethod = Literal["mean", "subword", "normal"]
+
+
+class SplitEmbedding(nn.Module):
+    """An embedding whose rows below ``orig_vocab`` are frozen and whose rows above are trainable."""
+
+    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.orig_vocab = int(base.shape[0])
+        self.new_vocab = self.orig_vocab + int(new_rows.shape[0])
+        self.padding_idx = padding_idx
+        self.weight_base = nn.Parameter(base, requires_grad=False)
+        self.weight_new = nn.Parameter(new_rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.orig_vocab
+        old = F.embedding(ids.clamp(max=self.orig_vocab - 1), self.weight_base)
+        new = F.embedding((ids - self.orig_vocab).clamp(min=0), self.weight_new)
+        return torch.where(is_new.unsqueeze(-1), new, old)
+
+    def full_weight(self) -> torch.Tensor:
+        return torch.cat([self.weight_base, self.weight_new], dim=0)
+
+
+class SplitLMHead(nn.Module):
+    """The output projection with the same split: logits = [h @ W_base^T, h @ W_new^T]."""
+
+    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor):
+        super().__init__()
+        self.orig_vocab = int(base.shape[0])
+        self.new_vocab = self.orig_vocab + int(new_rows.shape[0])
+        self.weight_base = nn.Parameter(base, requires_grad=False)
+        self.weight_new = nn.Parameter(new_rows)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(hidden, self.weight_base), F.linear(hidden, self.weight_new)], dim=-1)
+
+    def full_weight(self) -> torch.Tensor:
+        return torch.cat([self.weight_base, self.weight_new], dim=0)
+
+
+def new_row_values(base: torch.Tensor, n_new: int, method: InitMethod, std: float = 0.02,
+                   subword_ids: Sequence[Sequence[int]] | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial values of the appended rows.
+
+    - ``mean``: every new row is the mean of the original rows (transformers' default on resize).
+    - ``subword``: row i is the mean of the base rows of the pieces the *base* tokenizer splits new
+      piece i into (``subword_ids[i]``); a new piece thus starts where its spelling already points.
+    - ``normal``: N(0, std), the paper's random initialisation.
+    """
+    base32 = base.detach().float()
+    if method == "mean":
+        out = base32.mean(dim=0, keepdim=True).expand(n_new, -1).clone()
+    elif method == "normal":
+        out = torch.randn(n_new, base.shape[1], generator=generator) * std
+    elif method == "subword":
+        if subword_ids is None or len(subword_ids) != n_new:
+            raise ValueError(f"subword init needs the base ids of all {n_new} new pieces")
+        mean = base32.mean(dim=0)
+        out = torch.stack([base32[list(ids)].mean(dim=0) if len(ids) else mean for ids in subword_ids])
+    else:
+        raise ValueError(f"unknown init method {method!r}; expected mean, subword or normal")
+    return out.to(base.dtype)
+
+
+def subword_ids_for(new_pieces: Sequence[str], base_sp) -> list[list[int]]:
+    """How the base SentencePiece model spells each new piece ("▁" read as a leading space)."""
+    texts = [p.replace("▁", " ") for p in new_pieces]
+    encoded = base_sp.encode(texts)
+    out = []
+    for text, ids in zip(texts, encoded):
+        # The base adds a dummy "▁" in front; drop it unless the piece itself starts with a space.
+        if ids and not text.startswith(" ") and base_sp.id_to_piece(ids[0]) == "▁":
+            ids = ids[1:]
+        out.append(ids)
+    return out
+
+
+def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: InitMethod = "mean",
+                 std: float = 0.02, subword_ids: Sequence[Sequence[int]] | None = None, seed: int = 0) -> None:
+    """Replace a LLaMA model's embed_tokens and lm_head by split modules of ``new_vocab`` rows.
+
+    Works on a model whose matrices still have ``orig_vocab`` rows (call it before ZeRO-3 partitioning
+    of the new parameters, e.g. inside the same ``deepspeed.zero.Init`` context or on a full model).
+    """
+    if new_vocab < orig_vocab:
+        raise ValueError(f"new vocabulary {new_vocab} is smaller than the original {orig_vocab}")
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if emb.weight.shape[0] not in (0, orig_vocab):
+        raise ValueError(f"embed_tokens has {emb.weight.shape[0]} rows, the config says {orig_vocab}")
+    if head is not None and head.weight is emb.weight:
+        raise ValueError("tied embeddings: LLaMA's lm_head is untied (hazard H4); this model ties them")
+    gen = torch.Generator().manual_seed(seed)
+    n_new = new_vocab - orig_vocab
+    e_new = new_row_values(emb.weight, n_new, method, std, subword_ids, gen)
+    model.set_input_embeddings(SplitEmbedding(emb.weight.data, e_new, getattr(emb, "padding_idx", None)))
+    if head is not None:
+        h_new = new_row_values(head.weight, n_new, method, std, subword_ids, gen)
+        model.set_output_embeddings(SplitLMHead(head.weight.data, h_new))
+    model.config.vocab_size = new_vocab
