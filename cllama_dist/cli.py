@@ -14,7 +14,6 @@ reported as one line naming the file and the problem (exit status 2).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

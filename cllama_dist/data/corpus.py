@@ -267,8 +267,3 @@ class RecordReader:
             if tmp is not None:
                 os.unlink(tmp.name)
 
-
-def num_row_groups(src: Source) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(src.path).num_row_groups

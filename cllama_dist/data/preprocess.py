@@ -180,8 +180,7 @@ def _encode_chunk(args: tuple) -> dict:
         batch.clear()
 
     try:
-        rng = (start, end) if (start or end is not None) else (0, None)
-        for doc in reader.read(src, *rng):
+        for doc in reader.read(src, start, end):
             batch.append(doc.text)
             if len(batch) >= batch_docs:
                 flush()
@@ -319,14 +318,13 @@ def run_task(cfg: PreprocessConfig) -> dict:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         init = (str(model), settings, sources, str(out / SPILL))
         with Progress(f"preprocess task {cfg.task_id}/{cfg.num_tasks}", total=total_bytes, unit="B") as bar:
+            jobs = [(c, ch, cfg.batch_docs) for c, ch in work]
             if workers == 1:
                 _init_worker(*init)
-                results = map(_encode_chunk, [(c, ch[:3], cfg.batch_docs) for c, ch in work])
-                done_tokens = _consume(out, plan, pending, results, dtype, cfg, sources, bar)
+                done_tokens = _consume(out, plan, pending, map(_encode_chunk, jobs), dtype, cfg, sources, bar)
             else:
                 with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-                    results = pool.imap(_encode_chunk, [(c, ch[:3], cfg.batch_docs) for c, ch in work])
-                    done_tokens = _consume(out, plan, pending, results, dtype, cfg, sources, bar)
+                    done_tokens = _consume(out, plan, pending, pool.imap(_encode_chunk, jobs), dtype, cfg, sources, bar)
     return {"task_id": cfg.task_id, "num_tasks": cfg.num_tasks, "groups": list(mine), "ran": pending,
             "tokens": done_tokens, "seconds": round(time.time() - t0, 2), "input_bytes": total_bytes}
 
