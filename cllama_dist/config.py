@@ -221,6 +221,113 @@ class PreprocessConfig(CorpusConfig):
 
 
 # --------------------------------------------------------------------------------------------------
+# Training.
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    # What to train on.
+    model: str = doc(
+        "Base model: a Hugging Face folder (config.json + weights). Leave empty and set model_config to "
+        "build a LLaMA-architecture model with random weights (tests, demo, benchmarks, dry runs).", "")
+    model_config: dict = doc(
+        "LlamaConfig fields (hidden_size, num_hidden_layers, ..., vocab_size = the base vocabulary) for a "
+        "model built from scratch; YAML only. Ignored when model is set.", {})
+    tokenizer: str = doc("The merged tokenizer folder (from `cllama tokenizer merge`).", "")
+    data: str = doc("The preprocessor's output folder (Arrow shards + manifest.json).", "")
+    output_dir: str = doc("Run folder: resolved config, metrics, TensorBoard events, checkpoints.", "",
+                          aliases=["--out"])
+    extended_vocab: int = doc(
+        "Expected size of the extended vocabulary, len(tokenizer) (the paper: 49,953). With a tokenizer it "
+        "is a check; without one (dry runs) it is the size used. 0: take len(tokenizer).", 0)
+    block_size: int = doc("Sequence length; must equal the shards' block size (0: take it from the manifest).", 0)
+    # Vocabulary extension.
+    embeddings: Literal["new-rows", "full"] = doc(
+        "What of embed_tokens and lm_head trains. new-rows: only the appended rows, held as their own "
+        "parameters (old rows bit-identical, optimizer state for new rows only). full: both whole matrices, "
+        "the paper's choice, for comparison.", "new-rows")
+    new_row_init: Literal["mean", "subword", "normal"] = doc(
+        "Initial value of appended rows: mean of the old rows; subword = mean of the base rows of the pieces "
+        "the base tokenizer splits the new piece into (needs the base tokenizer named in the merge report); "
+        "normal = N(0, new_row_std), the paper's.", "mean")
+    new_row_std: float = doc("Standard deviation of the normal initialisation.", 0.02)
+    # LoRA.
+    lora_rank: int = doc("LoRA rank (the paper: 8; its v2: 64).", 8)
+    lora_alpha: float = doc("LoRA alpha (the paper: 32; its v2: 128).", 32.0)
+    lora_dropout: float = doc("LoRA dropout (the paper: 0.05).", 0.05)
+    lora_targets: list[str] = doc("Modules that get LoRA adapters.", LORA_TARGETS)
+    # Optimisation.
+    micro_batch_size: int = doc("Sequences per process per forward pass.", 1)
+    grad_accum: int = doc("Gradient accumulation steps (ignored when global_batch_size is set).", 1)
+    global_batch_size: int = doc(
+        "Sequences per optimizer step over all processes; fixes grad_accum = global / (micro x processes), "
+        "so the same run resumes on another number of processes with the same batches (0: use grad_accum).", 0)
+    max_steps: int = doc("Optimizer steps to train (0: one pass over the train split).", 0)
+    lr: float = doc("Peak learning rate of LoRA weights (the paper: 2e-4).", 2e-4)
+    embedding_lr: float = doc("Peak learning rate of the embedding rows (0: same as lr).", 0.0)
+    weight_decay: float = doc("AdamW weight decay on LoRA weights; never applied to embedding rows.", 0.0)
+    adam_betas: list[float] = doc("AdamW betas.", [0.9, 0.95])
+    adam_eps: float = doc("AdamW epsilon.", 1e-8)
+    warmup_steps: int = doc("Linear warm-up steps.", 0)
+    warmup_ratio: float = doc("Warm-up as a share of max_steps (used when warmup_steps is 0).", 0.05)
+    min_lr_ratio: float = doc("Cosine decay ends at this share of the peak learning rate.", 0.1)
+    clip_grad: float = doc("Gradient norm clipping (0: off).", 1.0)
+    # Engine.
+    deepspeed_config: str = doc(
+        "DeepSpeed JSON (deepspeed_configs/zero3.json, zero3_offload.json, zero2.json); its \"auto\" "
+        "values are filled from this config.", "deepspeed_configs/zero3.json", aliases=["--ds-config"])
+    deepspeed_overrides: dict = doc(
+        "Settings merged into the DeepSpeed JSON (nested mappings merge key by key); YAML only. The tiny "
+        "CPU configs set zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are "
+        "partitioned too.", {})
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
+        "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.", "auto")
+    gradient_checkpointing: bool = doc("Recompute activations in the backward pass (non-reentrant).", True)
+    attn_implementation: str = doc("transformers attention kernel: sdpa, eager, flash_attention_2.", "sdpa")
+    # Evaluation, logging, checkpoints.
+    eval_every: int = doc("Evaluate on the validation split every N steps (0: only at the end).", 0)
+    eval_sequences: int = doc(
+        "Evaluate on the first N validation sequences (0: the whole split); the same N sequences whatever the "
+        "number of processes.", 0)
+    log_every: int = doc("Log metrics every N steps.", 10)
+    save_every: int = doc("Save a checkpoint every N steps (0: only at the end and on a signal).", 0)
+    keep_last: int = doc("Complete checkpoints to keep (older ones are deleted).", 2)
+    resume: str = doc("'auto' (the newest complete checkpoint in the run folder, if any), a checkpoint "
+                      "folder, or '' to start fresh (refused if the run folder already has checkpoints).", "auto")
+    max_nonfinite_steps: int = doc(
+        "Stop after this many steps in a row with a non-finite loss (each is skipped), saving the last "
+        "good state.", 3)
+    peak_tflops: float = doc("Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).", 0.0)
+    tensorboard: bool = doc("Write TensorBoard events to OUTPUT_DIR/tb.", True)
+    seed: int = doc("Seed of the data order, the new-row initialisation and LoRA initialisation.", 0)
+    fault_nonfinite_steps: list[int] = doc(
+        "Testing aid: steps at which the loss is replaced by NaN, to exercise the non-finite handling.", [])
+
+    def __post_init__(self) -> None:
+        if not self.model and not self.model_config:
+            raise UserError("set model (a Hugging Face folder) or model_config (to build one from a config)")
+        for name in ("micro_batch_size", "grad_accum", "lora_rank", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("extended_vocab", "block_size", "max_steps", "global_batch_size", "eval_every", "save_every", "warmup_steps",
+                     "eval_sequences", "max_nonfinite_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.embedding_lr < 0:
+            raise UserError("lr must be positive and embedding_lr non-negative")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if len(self.adam_betas) != 2:
+            raise UserError(f"adam_betas needs two values, got {self.adam_betas}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets:
+            raise UserError("lora_targets must name at least one module")
+
+
+# --------------------------------------------------------------------------------------------------
 # Generic glue: dataclass <-> argparse <-> YAML.
 
 

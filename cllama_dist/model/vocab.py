@@ -12,7 +12,8 @@ ZeRO-3 a partitioned weight has shape 0 (hazard H1).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import contextlib
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +22,30 @@ from torch import nn
 InitMethod = Literal["mean", "subword", "normal"]
 
 
-class SplitEmbedding(nn.Module):
-    """An embedding whose rows below ``orig_vocab`` are frozen and whose rows above are trainable."""
+def _as_param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
+    # Keep an existing Parameter object: under ZeRO-3 it carries its partition (ds_id, ds_tensor), and
+    # wrapping it in a new Parameter would lose that.
+    p = t if isinstance(t, nn.Parameter) else nn.Parameter(t)
+    p.requires_grad_(trainable)
+    return p
 
-    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, padding_idx: int | None = None):
+
+class SplitEmbedding(nn.Module):
+    """An embedding whose rows below ``orig_vocab`` are frozen and whose rows above are trainable.
+
+    ``train_base=True`` makes the old rows trainable too (the paper's choice, ``embeddings: full``),
+    keeping the same module and checkpoint layout.
+    """
+
+    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, orig_vocab: int | None = None,
+                 new_vocab: int | None = None, padding_idx: int | None = None, train_base: bool = False):
         super().__init__()
-        self.orig_vocab = int(base.shape[0])
-        self.new_vocab = self.orig_vocab + int(new_rows.shape[0])
+        # Sizes are passed in because a partitioned weight has shape 0 (hazard H1).
+        self.orig_vocab = int(orig_vocab if orig_vocab is not None else base.shape[0])
+        self.new_vocab = int(new_vocab if new_vocab is not None else self.orig_vocab + new_rows.shape[0])
         self.padding_idx = padding_idx
-        self.weight_base = nn.Parameter(base, requires_grad=False)
-        self.weight_new = nn.Parameter(new_rows)
+        self.weight_base = _as_param(base, train_base)
+        self.weight_new = _as_param(new_rows, True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_new = ids >= self.orig_vocab
@@ -45,12 +60,13 @@ class SplitEmbedding(nn.Module):
 class SplitLMHead(nn.Module):
     """The output projection with the same split: logits = [h @ W_base^T, h @ W_new^T]."""
 
-    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor):
+    def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, orig_vocab: int | None = None,
+                 new_vocab: int | None = None, train_base: bool = False):
         super().__init__()
-        self.orig_vocab = int(base.shape[0])
-        self.new_vocab = self.orig_vocab + int(new_rows.shape[0])
-        self.weight_base = nn.Parameter(base, requires_grad=False)
-        self.weight_new = nn.Parameter(new_rows)
+        self.orig_vocab = int(orig_vocab if orig_vocab is not None else base.shape[0])
+        self.new_vocab = int(new_vocab if new_vocab is not None else self.orig_vocab + new_rows.shape[0])
+        self.weight_base = _as_param(base, train_base)
+        self.weight_new = _as_param(new_rows, True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.linear(hidden, self.weight_base), F.linear(hidden, self.weight_new)], dim=-1)
@@ -69,6 +85,8 @@ def new_row_values(base: torch.Tensor, n_new: int, method: InitMethod, std: floa
       piece i into (``subword_ids[i]``); a new piece thus starts where its spelling already points.
     - ``normal``: N(0, std), the paper's random initialisation.
     """
+    if base.is_meta:  # dry runs: shapes only
+        return torch.empty(n_new, base.shape[1], dtype=base.dtype, device="meta")
     base32 = base.detach().float()
     if method == "mean":
         out = base32.mean(dim=0, keepdim=True).expand(n_new, -1).clone()
@@ -97,26 +115,43 @@ def subword_ids_for(new_pieces: Sequence[str], base_sp) -> list[list[int]]:
     return out
 
 
+def _gathered(params: list[nn.Parameter]):
+    """Context in which ZeRO-3-partitioned ``params`` hold their full values on every rank (read-only)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: InitMethod = "mean",
-                 std: float = 0.02, subword_ids: Sequence[Sequence[int]] | None = None, seed: int = 0) -> None:
+                 std: float = 0.02, subword_ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
+                 train_base: bool = False, zero_init: Callable[[], Any] | None = None) -> None:
     """Replace a LLaMA model's embed_tokens and lm_head by split modules of ``new_vocab`` rows.
 
-    Works on a model whose matrices still have ``orig_vocab`` rows (call it before ZeRO-3 partitioning
-    of the new parameters, e.g. inside the same ``deepspeed.zero.Init`` context or on a full model).
+    Works on a full model and on one partitioned by ZeRO-3: the original weight Parameter is reused as
+    the frozen part (its partition untouched, so the old rows stay bit-identical), the initial values
+    of the new rows are computed from the gathered original rows identically on every rank, and
+    ``zero_init`` (a ``deepspeed.zero.Init`` factory) partitions the new parameters as they are made.
     """
     if new_vocab < orig_vocab:
         raise ValueError(f"new vocabulary {new_vocab} is smaller than the original {orig_vocab}")
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if emb.weight.shape[0] not in (0, orig_vocab):
-        raise ValueError(f"embed_tokens has {emb.weight.shape[0]} rows, the config says {orig_vocab}")
     if head is not None and head.weight is emb.weight:
         raise ValueError("tied embeddings: LLaMA's lm_head is untied (hazard H4); this model ties them")
+    # ds_shape is the full shape of a partitioned weight; shape is right for an ordinary one.
+    rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
+    if rows != orig_vocab:
+        raise ValueError(f"embed_tokens has {rows} rows, the config says {orig_vocab}")
     gen = torch.Generator().manual_seed(seed)
     n_new = new_vocab - orig_vocab
-    e_new = new_row_values(emb.weight, n_new, method, std, subword_ids, gen)
-    model.set_input_embeddings(SplitEmbedding(emb.weight.data, e_new, getattr(emb, "padding_idx", None)))
-    if head is not None:
-        h_new = new_row_values(head.weight, n_new, method, std, subword_ids, gen)
-        model.set_output_embeddings(SplitLMHead(head.weight.data, h_new))
+    with _gathered([emb.weight] + ([head.weight] if head is not None else [])):
+        e_new = new_row_values(emb.weight, n_new, method, std, subword_ids, gen)
+        h_new = new_row_values(head.weight, n_new, method, std, subword_ids, gen) if head is not None else None
+    with (zero_init() if zero_init else contextlib.nullcontext()):
+        model.set_input_embeddings(SplitEmbedding(emb.weight, e_new, orig_vocab, new_vocab,
+                                                  getattr(emb, "padding_idx", None), train_base))
+        if head is not None:
+            model.set_output_embeddings(SplitLMHead(head.weight, h_new, orig_vocab, new_vocab, train_base))
     model.config.vocab_size = new_vocab

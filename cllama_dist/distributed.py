@@ -1,0 +1,160 @@
+"""All distributed plumbing: process-group set-up, rank queries, collectives, and stop signals.
+
+Nothing else in the project reads RANK/LOCAL_RANK/WORLD_SIZE/SLURM_* or calls torch.distributed.
+
+Launchers: ``deepspeed`` and ``torchrun`` export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT. Plain ``srun`` exports only SLURM_* (hazard H8: ``deepspeed.init_distributed`` does not
+read those), so they are mapped here; the rendezvous address is the first node's NodeAddr from
+``scontrol`` because node names need not resolve.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _first_node_addr(nodelist: str) -> str:
+    """The address of the first node of a Slurm node list (NodeAddr, which may differ from its name)."""
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+    try:
+        out = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True, check=True).stdout
+        for field in out.split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return first
+
+
+def slurm_port(job_id: str | None) -> int:
+    # Derived from the job id so that two jobs sharing a node do not pick the same port.
+    return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
+
+
+def map_slurm_env(env: dict[str, str] | None = None) -> bool:
+    """Under plain ``srun`` (no torchrun/deepspeed launcher), derive the torch variables from SLURM_*."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", _first_node_addr(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+    env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID"))))
+    return True
+
+
+def init(timeout_minutes: int = 30) -> str:
+    """Join the process group (nccl on GPU, gloo on CPU); returns the device string for this rank."""
+    map_slurm_env()
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    import deepspeed
+
+    for name in ("RANK", "WORLD_SIZE"):
+        os.environ.setdefault(name, "0" if name == "RANK" else "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    return f"cuda:{local_rank()}" if use_cuda else "cpu"
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _reduce(value: float, op) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank when the flag is true on any rank."""
+    return _reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
+
+
+def mean(value: float) -> float:
+    return _reduce(value, dist.ReduceOp.SUM) / world_size()
+
+
+def total(value: float) -> float:
+    return _reduce(value, dist.ReduceOp.SUM)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 set a flag; every rank reads it at a step boundary through ``should_stop``.
+
+    A ZeRO-3 save is a collective, so it must never run inside a signal handler on one rank (hazard H7):
+    the handler only records the signal, and ranks agree (all-reduce MAX) at the next step boundary.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        return any_true(self.received is not None)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
