@@ -5,6 +5,8 @@
     cllama tokenizer report --tokenizer llama/tokenizer.model --tokenizer out/merged --corpus heldout.jsonl
     cllama preprocess       --corpus data/ --tokenizer out/merged --output shards/ --block-size 512
     cllama preprocess finalize --output shards/
+    cllama train            --config configs/llama-7b.yaml --dry-run
+    torchrun --nproc_per_node 2 -m cllama_dist.train --config run.yaml   (or: deepspeed cllama_dist/train.py ...)
     cllama demo
 
 Every subcommand takes ``--config FILE.yaml``; flags override its values. Problems with the input are
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(pp, PreprocessConfig)
     pp.set_defaults(func=cmd_preprocess)
 
+    sub.add_parser("train", add_help=False,
+                   help="train LoRA + new embedding rows (one process; start it with deepspeed/torchrun/srun); "
+                        "`cllama train --help` lists its flags")
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")
     d.add_argument("--base-tokenizer", default=None,
@@ -122,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # One process of a training job (launched by deepspeed / torchrun / srun, or alone on one device);
+        # its flags are TrainConfig's, parsed by the trainer's own entry point.
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

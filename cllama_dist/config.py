@@ -303,7 +303,8 @@ class TrainConfig:
     tensorboard: bool = doc("Write TensorBoard events to OUTPUT_DIR/tb.", True)
     seed: int = doc("Seed of the data order, the new-row initialisation and LoRA initialisation.", 0)
     fault_nonfinite_steps: list[int] = doc(
-        "Testing aid: steps at which the loss is replaced by NaN, to exercise the non-finite handling.", [])
+        "Testing aid: steps (numbered from 1, as logged) whose last micro-batch loss is replaced by NaN, to "
+        "exercise the non-finite handling.", [])
 
     def __post_init__(self) -> None:
         if not self.model and not self.model_config:

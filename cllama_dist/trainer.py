@@ -352,8 +352,8 @@ class Trainer:
             x = self._batch(self.train_blocks, self.order.indices(pos))
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.engine(input_ids=x, labels=x).loss
-            if step in self.cfg.fault_nonfinite_steps:
-                loss = loss * float("nan")
+            if step + 1 in self.cfg.fault_nonfinite_steps and k == len(positions) - 1:
+                loss = loss * float("nan")  # testing aid; on the last micro-batch, so earlier gradients exist
             # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
             if dist.any_true(not torch.isfinite(loss).item()):
                 if k:

@@ -63,3 +63,37 @@ def tiny_merged(tmp_path_factory, tiny_base, tiny_zh_model) -> Path:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Training fixtures: a tiny LLaMA whose vocabulary is the tiny base tokenizer's, and shards of the
+# shipped corpus made with the merged tokenizer.
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_base) -> Path:
+    """A random-weight LLaMA-architecture model saved as a Hugging Face folder (vocabulary = tiny_base's)."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = spm.SentencePieceProcessor(model_file=str(tiny_base / "tokenizer.model")).get_piece_size()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY_LLAMA))
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_merged) -> Path:
+    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    preprocess(PreprocessConfig(inputs=[str(corpus_path())], tokenizer=str(tiny_merged), output=str(out),
+                                block_size=64, validation_fraction=0.1, workers=1))
+    return out

@@ -1,0 +1,45 @@
+"""Run the trainer and record every parameter, gathered, before and after training (rank 0 saves).
+
+    torchrun --nproc_per_node 2 tests/integration/probe_train.py --config run.yaml OUT.pt
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+from cllama_dist import distributed as dist  # noqa: E402
+from cllama_dist.config import TrainConfig, from_args, load_yaml  # noqa: E402
+from cllama_dist.train import parser  # noqa: E402
+from cllama_dist.trainer import Trainer  # noqa: E402
+
+
+def gather(module) -> dict:
+    out = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if dist.is_main():
+                out[name] = p.detach().clone()
+    return out
+
+
+def main() -> None:
+    out = sys.argv.pop()
+    args = parser().parse_args(sys.argv[1:])
+    trainer = Trainer(from_args(TrainConfig, args, load_yaml(args.config)))
+    before = gather(trainer.engine.module)
+    trainable = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    opt = trainer.engine.optimizer
+    optimizer_numel = dist.total(sum(p.numel() for p in opt.fp32_partitioned_groups_flat))
+    code = trainer.run()
+    after = gather(trainer.engine.module)
+    if dist.is_main():
+        torch.save({"before": before, "after": after, "trainable": trainable, "code": code,
+                    "optimizer_numel": optimizer_numel, "counts": trainer.counts.__dict__}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The trainer as users run it: 2 processes over gloo, ZeRO-3, a tiny LLaMA, the shipped corpus.
+
+Each test checks results (weights, losses, checkpoints), not only exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import launch
+
+pytestmark = pytest.mark.integration
+
+STEPS = 10
+
+
+def base_config(tiny_model_dir, tiny_merged, tiny_shards, out: Path, **over) -> dict:
+    cfg = dict(model=str(tiny_model_dir), tokenizer=str(tiny_merged), data=str(tiny_shards), output_dir=str(out),
+               micro_batch_size=2, global_batch_size=8, max_steps=STEPS, lr=3e-3, warmup_steps=2,
+               lora_dropout=0.0, log_every=2, eval_every=5, eval_sequences=16, save_every=2, keep_last=10,
+               tensorboard=True, deepspeed_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory):
+    return tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory.mktemp("train")
+
+
+def configure(setup, name: str, **over) -> tuple[Path, Path]:
+    model, tok, shards, root = setup
+    out = root / name
+    cfg = launch.write_config(root / f"{name}.yaml", **base_config(model, tok, shards, out, **over))
+    return cfg, out
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """An uninterrupted 2-process run: the losses every other run is compared with."""
+    cfg, out = configure(setup, "reference")
+    proc = launch.run(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, launch.losses(out), proc
+
+
+def test_reference_run_trains_logs_and_checkpoints(reference):
+    out, losses, proc = reference
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(losses[s] for s in (9, 10)) < sum(losses[s] for s in (1, 2))  # the loss fell
+    evals = launch.metrics(out, "eval")
+    assert [e["step"] for e in evals] == [5, 10] and all(e["perplexity"] > 1 for e in evals)
+    logged = [r for r in launch.metrics(out, "train") if "tokens_per_s" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0 and r["grad_norm"] > 0 for r in logged)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert names == [f"step-{s:08d}" for s in (2, 4, 6, 8, 10)]
+    state = json.loads((out / "checkpoints" / "step-00000010" / "trainer_state.json").read_text())
+    assert state["samples_consumed"] == 80 and state["world_size"] == 2 and state["reason"] == "end"
+    assert list((out / "tb").iterdir()), "no TensorBoard events"
+    assert "2 processes x micro-batch 2 x accumulation 2 = 8 sequences x 64 tokens = 512 tokens per step" in proc.stdout
+    assert "G conventional (6N + 12LHs)" in proc.stdout
+
+
+def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, out = configure(setup, "probe", max_steps=4, save_every=0, eval_every=0)
+    dump = tmp_path / "probe.pt"
+    probe = Path(__file__).with_name("probe_train.py")
+    proc = launch.run(cfg, script=probe, extra=[str(dump)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = torch.load(dump, weights_only=False)
+    before, after, trainable = d["before"], d["after"], d["trainable"]
+    base = load_file(tiny_model_dir / "model.safetensors")
+    prefix = "base_model.model."
+    emb, head = prefix + "model.embed_tokens.", prefix + "lm_head."
+    # The old rows are the base model's, bit for bit, before and after training.
+    assert torch.equal(after[emb + "weight_base"], base["model.embed_tokens.weight"])
+    assert torch.equal(after[head + "weight_base"], base["lm_head.weight"])
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == trainable  # every trainable tensor moved, nothing else did
+    assert {emb + "weight_new", head + "weight_new"} <= changed
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    for name, value in after.items():  # every frozen weight equals the base model's
+        if name not in trainable and "lora_" not in name and "weight_base" not in name:
+            assert torch.equal(value, base[name[len(prefix):].replace(".base_layer", "")]), name
+    # Optimizer state covers the trainable parameters alone (plus ZeRO's alignment padding).
+    counts = d["counts"]
+    assert counts["trainable"] <= d["optimizer_numel"] < counts["trainable"] + 4096
+    assert counts["trainable"] == counts["lora"] + counts["new_rows"]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(setup, reference):
+    cfg, out = configure(setup, "no_ckpt", gradient_checkpointing=False, save_every=0)
+    proc = launch.run(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = reference[1], launch.losses(out)
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_kill_at_a_random_step_then_resume_auto_continues_exactly(setup, reference):
+    import random
+
+    cfg, out = configure(setup, "killed")
+    proc = launch.start(cfg, log=out.with_suffix(".log"))
+    kill_at = random.Random().randint(3, 8)
+    launch.wait_for_step(out, kill_at, proc)
+    launch.kill_job(proc)
+    seen = max(launch.losses(out))
+    assert seen < STEPS, "the run finished before it could be killed"
+    proc = launch.run(cfg)  # resume: auto is the default
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed_from = int(proc.stdout.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert resumed_from <= seen and resumed_from % 2 == 0
+    # Bit for bit the uninterrupted curve, and each step logged once: nothing replayed or skipped.
+    assert launch.losses(out) == reference[1]
+    steps = [r["step"] for r in launch.metrics(out, "train")]
+    assert steps == sorted(set(steps))
+
+
+def test_signal_saves_mid_run_and_resume_on_one_process_matches(setup, reference):
+    cfg, out = configure(setup, "signalled")
+    proc = launch.start(cfg, log=out.with_suffix(".log"))
+    launch.wait_for_step(out, 3, proc)
+    for pid in launch.workers(proc):  # what Slurm's --signal does: every task gets SIGUSR1
+        subprocess.run(["kill", "-USR1", str(pid)])
+    assert proc.wait(timeout=300) != 0  # torchrun reports the workers' exit status 3
+    stopped = launch.metrics(out, "train")[-1]["step"]
+    assert stopped < STEPS
+    ckpt = out / "checkpoints" / f"step-{stopped:08d}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["reason"] == "signal" and state["samples_consumed"] == stopped * 8
+    # Resume on 1 process: same global batch (accumulation 4), via a universal checkpoint.
+    proc = launch.run(cfg, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / f"step-{stopped:08d}.universal").is_dir()
+    got, ref = launch.losses(out), reference[1]
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(setup):
+    cfg, out = configure(setup, "nonfinite", fault_nonfinite_steps=[4, 7, 8, 9], max_nonfinite_steps=3,
+                         save_every=0, eval_every=0)
+    proc = launch.run(cfg, launcher="deepspeed")
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "step 4: non-finite loss, step skipped (1 in a row)" in proc.stdout
+    assert "stopping: 3 non-finite losses in a row" in proc.stdout
+    recs = {r["step"]: r for r in launch.metrics(out, "train")}
+    assert recs[4].get("skipped") and not recs[5].get("skipped") and recs[9].get("skipped")
+    state = json.loads((out / "checkpoints" / "step-00000009" / "trainer_state.json").read_text())
+    assert state["reason"] == "non-finite loss"
+
+
+def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_path):
+    from cllama_dist.assets import corpus_path
+    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.preprocess import preprocess
+
+    other = tmp_path / "other_shards"
+    preprocess(PreprocessConfig(inputs=[str(corpus_path())], tokenizer=str(tiny_base), output=str(other),
+                                block_size=64, workers=1))
+    cfg, out = configure(setup, "mismatch", data=str(other))
+    proc = subprocess.run([sys.executable, str(launch.TRAIN), "--config", str(cfg)], env=launch.env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "do not match this run" in proc.stderr and "vocab size: shards 1,000, tokenizer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "checkpoints").exists()
