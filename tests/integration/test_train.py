@@ -6,7 +6,6 @@ Each test checks results (weights, losses, checkpoints), not only exit codes.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +71,7 @@ def test_reference_run_trains_logs_and_checkpoints(reference):
 def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    cfg, out = configure(setup, "probe", max_steps=4, save_every=0, eval_every=0)
+    cfg, out = configure(setup, "probe", max_steps=4, save_every=0, eval_every=0, new_row_init="subword")
     dump = tmp_path / "probe.pt"
     probe = Path(__file__).with_name("probe_train.py")
     proc = launch.run(cfg, script=probe, extra=[str(dump)])
@@ -92,10 +91,40 @@ def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
     for name, value in after.items():  # every frozen weight equals the base model's
         if name not in trainable and "lora_" not in name and "weight_base" not in name:
             assert torch.equal(value, base[name[len(prefix):].replace(".base_layer", "")]), name
+    # subword initialisation: a new row starts as the mean of the base rows of its spelling in the base.
+    import sentencepiece as spm
+
+    from cllama_dist.model.vocab import subword_ids_for
+
+    _, tok, _, _ = setup
+    base_sp = spm.SentencePieceProcessor(model_file=str(json.loads((tok / "merge_report.json").read_text())["base"]["path"]))
+    merged = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
+    orig = base_sp.get_piece_size()
+    spelled = subword_ids_for([merged.id_to_piece(i) for i in range(orig, orig + 50)], base_sp)
+    for i, ids in enumerate(spelled):
+        expected = base["model.embed_tokens.weight"][ids].mean(0) if ids else base["model.embed_tokens.weight"].mean(0)
+        assert torch.allclose(before[emb + "weight_new"][i], expected, atol=1e-6)
     # Optimizer state covers the trainable parameters alone (plus ZeRO's alignment padding).
     counts = d["counts"]
     assert counts["trainable"] <= d["optimizer_numel"] < counts["trainable"] + 4096
     assert counts["trainable"] == counts["lora"] + counts["new_rows"]
+
+
+def test_plain_srun_environment_and_a_model_built_from_config(setup, reference):
+    """Two processes started the way `srun` starts them (SLURM_* only, no launcher), building the model
+    from its config with the run's seed: the same weights as the saved base, so the same losses."""
+    from tests.conftest import TINY_LLAMA
+
+    cfg, out = configure(setup, "srun", model="", model_config={"vocab_size": 1000, **TINY_LLAMA}, save_every=0)
+    env = {**launch.env(), "SLURM_NTASKS": "2", "SLURM_JOB_ID": str(launch.free_port()),
+           "SLURM_JOB_NODELIST": "127.0.0.1"}
+    procs = [subprocess.Popen([sys.executable, str(launch.TRAIN), "--config", str(cfg)],
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert "2 processes x micro-batch 2" in outputs[0]
+    assert launch.losses(out) == reference[1]
 
 
 def test_gradient_checkpointing_gives_the_same_losses(setup, reference):
