@@ -66,12 +66,20 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from .data.preprocess import finalize, preprocess
+    from .data.preprocess import finalize, prepare, preprocess
 
     if args.action == "finalize":
-        if not args.output:
+        output = args.output or (load_yaml(args.config).get("output") if args.config else None)
+        if not output:
             raise UserError("finalize needs --output (the shards folder)")
-        m = finalize(args.output, verify=True)
+        args.output = output
+        m = finalize(output, verify=True)
+    elif args.action == "prepare":
+        cfg = _cfg(args)
+        plan = prepare(cfg)
+        print(f"{cfg.output}: {len(plan['groups'])} shard groups over {cfg.num_tasks} task(s), "
+              f"{len(plan['chunks'])} input chunks; ready for the tasks")
+        return
     else:
         cfg = _cfg(args)
         m = preprocess(cfg)
@@ -84,6 +92,31 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
           f"sequences of {m['block_size']} tokens ({m['dtype']}), {len(t['shards']) + len(v['shards'])} shards; "
           f"skipped: { {k: c for k, c in m['skipped'].items() if c} or 'none'}; manifest: "
           f"{Path(args.output) / 'manifest.json'}")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from .launch.submit import submit_preprocess, submit_train
+
+    rest = list(args.rest)
+    if args.what == "train":
+        if args.config:
+            rest = ["--config", args.config, *rest]
+        job = submit_train(rest, nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                           time=args.time, cpus_per_task=args.cpus, device=args.device,
+                           procs_per_node=args.procs_per_node, folder=args.folder, local=args.local)
+        print(f"submitted training job {job.job_id}; logs: {args.folder}/{job.job_id}_*_log.out")
+        jobs = [job]
+    else:
+        if args.config:
+            rest = ["--config", args.config, *rest]
+        array, final = submit_preprocess(rest, tasks=args.tasks, cpus=args.cpus, partition=args.partition,
+                                         time=args.time, folder=args.folder, local=args.local)
+        print(f"submitted {len(array)} preprocessing tasks ({array[0].job_id.split('_')[0]}) and finalize job "
+              f"{final.job_id}; logs: {args.folder}/")
+        jobs = [*array, final]
+    if args.wait:
+        for job in jobs:
+            print(f"{job.job_id}: {job.results()}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -109,14 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_tokenizer_report)
 
     pp = sub.add_parser("preprocess", help="tokenize a corpus into packed Arrow shards (offline, CPU)")
-    pp.add_argument("action", nargs="?", choices=["finalize"],
-                    help="finalize: check and join the tasks' output into manifest.json")
+    pp.add_argument("action", nargs="?", choices=["prepare", "finalize"],
+                    help="prepare: check the flags and create the output folder's plan (before an array of "
+                         "tasks); finalize: check and join the tasks' output into manifest.json")
     _with_config(pp, PreprocessConfig)
     pp.set_defaults(func=cmd_preprocess)
 
     sub.add_parser("train", add_help=False,
                    help="train LoRA + new embedding rows (one process; start it with deepspeed/torchrun/srun); "
                         "`cllama train --help` lists its flags")
+    sb = sub.add_parser("submit", help="submit training or preprocessing through submitit (Slurm or local)")
+    sb.add_argument("what", choices=["train", "preprocess"])
+    sb.add_argument("--config", help="the stage's YAML config")
+    sb.add_argument("--nodes", type=int, default=1, help="nodes (train; default 1)")
+    sb.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one process each (default 8)")
+    sb.add_argument("--procs-per-node", type=int, default=None, help="processes per node (default: GPUs, or 1 on CPU)")
+    sb.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: gloo, no GPUs requested")
+    sb.add_argument("--tasks", type=int, default=1, help="array tasks (preprocess)")
+    sb.add_argument("--cpus", type=int, default=8, help="CPU cores per task (default 8)")
+    sb.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    sb.add_argument("--time", default="24:00:00", help="time limit of one attempt (minutes, HH:MM:SS, D-HH:MM:SS)")
+    sb.add_argument("--folder", default="runs/submitit", help="submitit's folder: pickles and logs")
+    sb.add_argument("--local", action="store_true", help="run on this machine (submitit's local executor)")
+    sb.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
+    sb.epilog = "Flags after a lone -- go to the trainer / preprocessor."
+    sb.set_defaults(func=cmd_submit)
+
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")
     d.add_argument("--base-tokenizer", default=None,
@@ -134,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    rest: list[str] = []
+    if argv[:1] == ["submit"] and "--" in argv:  # what follows a lone -- belongs to the job, not to submit
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.rest = rest
     try:
         args.func(args)
     except UserError as exc:

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: preemption and scancel; SIGUSR1: Slurm's --signal=USR1@T warning; SIGUSR2: submitit's.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _first_node_addr(nodelist: str) -> str:
+def first_node_addr(nodelist: str) -> str:
     """The address of the first node of a Slurm node list (NodeAddr, which may differ from its name)."""
     try:
         first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
@@ -53,7 +54,7 @@ def map_slurm_env(env: dict[str, str] | None = None) -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("MASTER_ADDR", _first_node_addr(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+    env.setdefault("MASTER_ADDR", first_node_addr(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
     env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID"))))
     return True
 
@@ -86,6 +87,15 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def local_world_size() -> int:
+    """Processes on this node (torchrun / deepspeed set LOCAL_WORLD_SIZE; srun sets SLURM_NTASKS_PER_NODE)."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
 
 
 def is_main() -> bool:
@@ -136,14 +146,17 @@ def close() -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 set a flag; every rank reads it at a step boundary through ``should_stop``.
+    """A stop request, read by every rank at a step boundary through ``should_stop``.
 
-    A ZeRO-3 save is a collective, so it must never run inside a signal handler on one rank (hazard H7):
-    the handler only records the signal, and ranks agree (all-reduce MAX) at the next step boundary.
+    Two ways in: a signal to any rank (SIGTERM / SIGUSR1 / SIGUSR2), or a stop file appearing (rank 0
+    looks): a launcher such as torchrun dies of SIGUSR1 itself, so the batch script traps the signal
+    and touches the file instead. A ZeRO-3 save is a collective, so it never runs inside a signal
+    handler on one rank (hazard H7): the handler only records, and ranks agree (all-reduce MAX).
     """
 
-    def __init__(self, signals=STOP_SIGNALS):
+    def __init__(self, stop_file: str | os.PathLike | None = None, signals=STOP_SIGNALS):
         self.received: int | None = None
+        self.stop_file = stop_file
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -152,7 +165,10 @@ class StopFlag:
         self.received = signum
 
     def should_stop(self) -> bool:
-        return any_true(self.received is not None)
+        local = self.received is not None
+        if self.stop_file is not None and rank() == 0:
+            local = local or os.path.exists(self.stop_file)
+        return any_true(local)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -32,6 +32,7 @@ from .model import flops
 from .progress import Progress
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
+STOP_FILE = "STOP"  # touched by slurm/pretrain.sh when Slurm signals the batch shell
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -139,6 +140,11 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool) 
         if ds.get(key, "auto") not in ("auto", value):
             raise UserError(f"{path}: {key} is {ds[key]}, but the run config gives {value}; set it to \"auto\"")
         ds[key] = value
+    zero = ds.get("zero_optimization", {})
+    if zero.get("zero_hpz_partition_size") == "auto":
+        # ZeRO++ hierarchical partitioning: a secondary copy of the weights within each node, so the
+        # per-micro-step all-gather stays on NVLink. "auto" = the processes of one node.
+        zero["zero_hpz_partition_size"] = dist.local_world_size()
     ds["bf16"] = {"enabled": dtype == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == "fp16"}
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
@@ -230,6 +236,7 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir or "runs/train")
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
         dist.barrier()
 
         from .model.adapters import DTYPES, build_model, count_parameters, load_llama_config
@@ -395,7 +402,7 @@ class Trainer:
 
     def run(self) -> int:
         cfg, plan = self.cfg, self.plan
-        stop = dist.StopFlag()
+        stop = dist.StopFlag(self.run_dir / STOP_FILE)
         bar = Progress("train", total=plan.max_steps, unit="step", enabled=dist.is_main())
         bar.update(self.start_step)
         step, bad_in_row, code = self.start_step, 0, EXIT_DONE
@@ -437,7 +444,7 @@ class Trainer:
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     last_eval = self._eval_and_log(step)
                 if stop.should_stop():
-                    self.logger.say(f"stop signal received: saving at step {step} and exiting")
+                    self.logger.say(f"stop requested (signal or {STOP_FILE} file): saving at step {step} and exiting")
                     self.save(step, "signal")
                     code = EXIT_STOPPED
                     break

@@ -290,6 +290,18 @@ def _plan_diff(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "the plan differs"
 
 
+def prepare(cfg: PreprocessConfig) -> dict:
+    """Check everything and create the output folder with its plan, without tokenizing.
+
+    Run once before submitting an array of tasks: the tasks then find the plan in place instead of
+    racing to create it, and a wrong flag fails here instead of in every task.
+    """
+    fp = spmio.fingerprint(spmio.model_path(cfg.tokenizer))
+    plan = make_plan(cfg, resolve_inputs(cfg.inputs), fp)
+    _prepare_output(cfg, plan)
+    return plan
+
+
 def run_task(cfg: PreprocessConfig) -> dict:
     """Tokenize this task's groups (all of them when num_tasks is 1). Returns what it did."""
     model = spmio.model_path(cfg.tokenizer)

@@ -91,15 +91,8 @@ def build_model(cfg: TrainConfig, orig_vocab: int, new_vocab: int, dtype: torch.
         raise UserError(f"vocabulary mismatch: the base model has {config.vocab_size:,} rows, the merged "
                         f"tokenizer's base had {orig_vocab:,} pieces (wrong base model or tokenizer?)")
     model, keep_alive = build_base(cfg, config, dtype, zero3_ds_config)
-    zero_init = None
-    if keep_alive is not None:
-        import deepspeed
-
-        def zero_init():
-            return deepspeed.zero.Init(config_dict_or_path=zero3_ds_config)
-    model.config.use_cache = False  # no KV cache in training; it also conflicts with checkpointing
     extend_vocab(model, orig_vocab, new_vocab, cfg.new_row_init, cfg.new_row_std, subword_ids, cfg.seed,
-                 train_base=cfg.embeddings == "full", zero_init=zero_init)
+                 train_base=cfg.embeddings == "full")
     if cfg.gradient_checkpointing:
         # Non-reentrant: the reentrant variant loses gradients when the inputs of a checkpointed block do
         # not require grad, which is the case with a frozen base (hazard H9).

@@ -13,7 +13,7 @@ ZeRO-3 a partitioned weight has shape 0 (hazard H1).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,13 +126,14 @@ def _gathered(params: list[nn.Parameter]):
 
 def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: InitMethod = "mean",
                  std: float = 0.02, subword_ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
-                 train_base: bool = False, zero_init: Callable[[], Any] | None = None) -> None:
+                 train_base: bool = False) -> None:
     """Replace a LLaMA model's embed_tokens and lm_head by split modules of ``new_vocab`` rows.
 
     Works on a full model and on one partitioned by ZeRO-3: the original weight Parameter is reused as
-    the frozen part (its partition untouched, so the old rows stay bit-identical), the initial values
-    of the new rows are computed from the gathered original rows identically on every rank, and
-    ``zero_init`` (a ``deepspeed.zero.Init`` factory) partitions the new parameters as they are made.
+    the frozen part (its partition untouched, so the old rows stay bit-identical), and the initial
+    values of the new rows are computed from the gathered original rows identically on every rank.
+    The new rows are ordinary parameters until ``deepspeed.initialize`` partitions them; a second
+    ``zero.Init`` here would re-create ZeRO++'s hierarchical groups, which DeepSpeed refuses.
     """
     if new_vocab < orig_vocab:
         raise ValueError(f"new vocabulary {new_vocab} is smaller than the original {orig_vocab}")
@@ -149,9 +150,8 @@ def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: Init
     with _gathered([emb.weight] + ([head.weight] if head is not None else [])):
         e_new = new_row_values(emb.weight, n_new, method, std, subword_ids, gen)
         h_new = new_row_values(head.weight, n_new, method, std, subword_ids, gen) if head is not None else None
-    with (zero_init() if zero_init else contextlib.nullcontext()):
-        model.set_input_embeddings(SplitEmbedding(emb.weight, e_new, orig_vocab, new_vocab,
-                                                  getattr(emb, "padding_idx", None), train_base))
-        if head is not None:
-            model.set_output_embeddings(SplitLMHead(head.weight, h_new, orig_vocab, new_vocab, train_base))
+    model.set_input_embeddings(SplitEmbedding(emb.weight, e_new, orig_vocab, new_vocab,
+                                              getattr(emb, "padding_idx", None), train_base))
+    if head is not None:
+        model.set_output_embeddings(SplitLMHead(head.weight, h_new, orig_vocab, new_vocab, train_base))
     model.config.vocab_size = new_vocab

@@ -1,0 +1,1 @@
+"""Launchers: submitit (Python / `cllama submit`); the Slurm scripts live in slurm/."""
