@@ -119,6 +119,14 @@ def cmd_submit(args: argparse.Namespace) -> None:
             print(f"{job.job_id}: {job.results()}")
 
 
+def cmd_export_adapter(args: argparse.Namespace) -> None:
+    from .export import export_adapter
+
+    m = export_adapter(args.run, args.out, args.step)
+    print(f"wrote {args.out}: step {m['step']}, {m['trained_parameters']:,} trained parameters (LoRA + "
+          f"{m['new_vocab'] - m['orig_vocab']:,} new rows in embed_tokens and lm_head), tokenizer beside it")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -167,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
     sb.epilog = "Flags after a lone -- go to the trainer / preprocessor."
     sb.set_defaults(func=cmd_submit)
+
+    ex = sub.add_parser("export", help="export a run").add_subparsers(dest="action", required=True)
+    ea = ex.add_parser("adapter", help="a PEFT adapter (LoRA + new embedding rows) with the merged tokenizer")
+    ea.add_argument("--run", required=True, help="the run folder (output_dir of the training)")
+    ea.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    ea.add_argument("--out", required=True, help="output folder")
+    ea.set_defaults(func=cmd_export_adapter)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")

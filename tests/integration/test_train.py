@@ -207,3 +207,41 @@ def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_pat
     assert "do not match this run" in proc.stderr and "vocab size: shards 1,000, tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_exported_adapter_loads_with_stock_peft_and_reproduces_the_engine(reference, tiny_model_dir, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cllama_dist.config import TrainConfig, build
+    from cllama_dist.model.adapters import build_model
+
+    run = reference[0]
+    out = tmp_path / "adapter"
+    proc = subprocess.run(["cllama", "export", "adapter", "--run", str(run), "--out", str(out)], capture_output=True,
+                          text=True, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "cllama_export.json").read_text())
+    state = json.loads((run / "checkpoints" / f"step-{STEPS:08d}" / "trainer_state.json").read_text())
+    assert meta["step"] == STEPS and meta["tokenizer_sha256"] == state["tokenizer_sha256"]
+    # The file holds the trained parameters alone, in fp32 (plus the safetensors header).
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert 4 * meta["trained_parameters"] < size < 4 * meta["trained_parameters"] + 20_000
+    orig, new = state["orig_vocab"], state["new_vocab"]
+    assert meta["trained_parameters"] == 2 * (new - orig) * 64 + 16_384  # new rows in both matrices + LoRA
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_rows = base.get_input_embeddings().weight.detach().clone()
+    base.resize_token_embeddings(new, mean_resizing=False)
+    stock = PeftModel.from_pretrained(base, out).eval()
+    cfg = build(TrainConfig, state["config"])
+    ours, _ = build_model(cfg, orig, new, torch.float32)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step-{STEPS:08d}",
+                                                       exclude_frozen_parameters=True)
+    assert not ours.load_state_dict(trained, strict=False).unexpected_keys
+    ids = torch.randint(0, new, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours.eval()(ids).logits, atol=1e-5)
+    merged = stock.merge_and_unload()
+    assert torch.equal(merged.get_input_embeddings().weight[:orig], base_rows)  # old rows are the base's

@@ -1,0 +1,106 @@
+"""Export a training run: a PEFT adapter that stock PEFT loads, with the new embedding rows inside it.
+
+    cllama export adapter --run runs/7b [--step 1000] --out out/adapter
+
+What trained is read from the ZeRO checkpoint itself (DeepSpeed's fp32 reconstruction of the
+partitions, on the CPU, no GPU or process group): only the trainable tensors, so the adapter can never be
+PEFT's "40-byte empty adapter" of a save made without gathering (hazard H5), and its size is the trained
+parameters' alone.
+
+The new rows go in PEFT's own trainable-tokens format (``trainable_token_indices`` in adapter_config.json,
+``token_adapter.trainable_tokens_delta`` tensors holding the rows' values): stock
+``PeftModel.from_pretrained(base_resized_to_len_tokenizer, DIR)`` restores them into embed_tokens and
+lm_head. This format stores the n_new x H rows only; ``save_embedding_layers`` would store the whole
+V' x H matrices of which the first V rows are the base's unchanged rows. With ``embeddings: full`` every
+row trained, so the indices cover the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__, checkpoint
+from .config import TrainConfig, build
+from .errors import UserError
+
+EMB_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "merge_report.json")
+
+
+def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
+    found = checkpoint.complete(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N with trainer_state.json); "
+                        "train first, or point --run at the run folder")
+    if step is None:
+        return found[-1]
+    for p in found:
+        if p.name == checkpoint.step_name(step):
+            return p
+    raise UserError(f"{run_dir} has no complete checkpoint at step {step}; it has "
+                    f"{', '.join(p.name for p in found)}")
+
+
+def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
+    empty = [k for k, v in sd.items() if v.numel() == 0]
+    if empty or not sd:
+        raise UserError(f"{ckpt} holds empty tensors ({empty[:3]}...): a save without gathering (hazard H5)")
+    return sd
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None) -> dict:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    ckpt = pick_checkpoint(run_dir, step)
+    state = checkpoint.read_state(ckpt)
+    cfg: TrainConfig = build(TrainConfig, state["config"])
+    orig, new = state["orig_vocab"], state["new_vocab"]
+    sd = trained_tensors(ckpt)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if ".lora_" in key:
+            tensors[key.replace(".default.weight", ".weight")] = value.contiguous()
+    for prefix, target in (("base_model.model.model.embed_tokens.", EMB_KEY), ("base_model.model.lm_head.", HEAD_KEY)):
+        rows = sd.get(prefix + "weight_new")
+        if rows is None or rows.shape[0] != new - orig:
+            raise UserError(f"{ckpt}: {prefix}weight_new missing or not {new - orig} rows")
+        if state["embeddings"] == "full":
+            rows = torch.cat([sd[prefix + "weight_base"], rows])
+        tensors[target] = rows.contiguous()
+    indices = list(range(0 if state["embeddings"] == "full" else orig, new))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path=cfg.model or None,
+                      trainable_token_indices={"embed_tokens": indices, "lm_head": indices})
+    lora.save_pretrained(str(out))
+    tok_dir = Path(cfg.tokenizer)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy(tok_dir / name, out / name)
+    meta = {"tool": f"cllama-dist {__version__}", "run": str(run_dir), "checkpoint": str(ckpt), "step": state["step"],
+            "base_model": cfg.model or "built from model_config", "model_config": cfg.model_config or None,
+            "orig_vocab": orig, "new_vocab": new, "embeddings": state["embeddings"],
+            "tokenizer_sha256": state["tokenizer_sha256"],
+            "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
+    (out / "cllama_export.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    (out / "README.md").write_text(
+        f"# LoRA adapter + {new - orig:,} new embedding rows (cllama-dist)\n\n"
+        f"Step {state['step']} of `{run_dir}`. Base: `{meta['base_model']}`, vocabulary {orig:,} -> {new:,}.\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
+        "tok = AutoTokenizer.from_pretrained(ADAPTER_DIR)\nbase = AutoModelForCausalLM.from_pretrained(BASE)\n"
+        "base.resize_token_embeddings(len(tok))  # rows are restored from the adapter\n"
+        "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n"
+        "cllama_export.json records the tokenizer fingerprint and the training config.\n")
+    return meta
