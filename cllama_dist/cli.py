@@ -127,6 +127,14 @@ def cmd_export_adapter(args: argparse.Namespace) -> None:
           f"{m['new_vocab'] - m['orig_vocab']:,} new rows in embed_tokens and lm_head), tokenizer beside it")
 
 
+def cmd_export_merged(args: argparse.Namespace) -> None:
+    from .export import export_merged
+
+    m = export_merged(args.base, args.adapter, args.out, args.dtype)
+    print(f"wrote {m['out']}: {m['shards']} shard(s), vocab_size {m['vocab_size']:,}, {m['lora_modules']} LoRA modules "
+          f"merged, {m['dtype']}; tokenizer beside it")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -182,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     ea.add_argument("--out", required=True, help="output folder")
     ea.set_defaults(func=cmd_export_adapter)
+    em = ex.add_parser("merged", help="a full Hugging Face model: base + adapter, merged shard by shard")
+    em.add_argument("--base", required=True, help="the base model folder (safetensors)")
+    em.add_argument("--adapter", required=True, help="a folder from `cllama export adapter`")
+    em.add_argument("--out", required=True, help="output folder")
+    em.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights dtype (default bf16)")
+    em.set_defaults(func=cmd_export_merged)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")

@@ -104,3 +104,92 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
         "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n"
         "cllama_export.json records the tokenizer fingerprint and the training config.\n")
     return meta
+
+
+def _base_shards(base: Path) -> list[str]:
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (base / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise UserError(f"{base} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
+
+
+def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "bf16") -> dict:
+    """Merge an exported adapter into its base, one weight shard at a time (never the whole model twice).
+
+    Each LoRA target becomes W + (alpha / r) B A; embed_tokens and lm_head grow to len(tokenizer) with the
+    adapter's rows; every other tensor is copied. The base's sharding is kept; config.vocab_size is the
+    new vocabulary; the tokenizer is written beside the weights.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from .model.adapters import DTYPES
+    from .tokenizer import spm
+
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    meta_path = adapter / "cllama_export.json"
+    if not meta_path.is_file():
+        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` (no cllama_export.json)")
+    meta = json.loads(meta_path.read_text())
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    fp = spm.fingerprint(adapter / "tokenizer.model")
+    if fp["sha256"] != meta["tokenizer_sha256"]:
+        raise UserError(f"the tokenizer in {adapter} (sha256 {fp['sha256'][:16]}...) is not the one the adapter was "
+                        f"trained with ({meta['tokenizer_sha256'][:16]}...)")
+    config = AutoConfig.from_pretrained(base)
+    orig, new = meta["orig_vocab"], meta["new_vocab"]
+    if config.vocab_size != orig:
+        raise UserError(f"base {base} has a vocabulary of {config.vocab_size:,} rows; the adapter extends one of "
+                        f"{orig:,} (another base model?)")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    scale = acfg["lora_alpha"] / acfg["r"]
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if ".lora_" in key:
+            module, kind = key.split(".lora_")
+            lora.setdefault(module.removeprefix("base_model.model."), {})[kind.split(".")[0]] = value
+    rows = {"model.embed_tokens.weight": tensors[EMB_KEY], "lm_head.weight": tensors[HEAD_KEY]}
+    indices = torch.tensor(acfg["trainable_token_indices"]["embed_tokens"])
+    torch_dtype = DTYPES[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    shards = _base_shards(base)
+    weight_map, used = {}, set()
+    for i, shard in enumerate(shards):
+        merged = {}
+        with safe_open(str(base / shard), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).float()
+                module = name.removesuffix(".weight")
+                if module in lora:
+                    if t.shape[1] != lora[module]["A"].shape[1]:
+                        raise UserError(f"{name}: base shape {tuple(t.shape)} does not fit the adapter's LoRA "
+                                        f"{tuple(lora[module]['A'].shape)} (another architecture?)")
+                    t = t + scale * (lora[module]["B"].float() @ lora[module]["A"].float())
+                    used.add(module)
+                elif name in rows:
+                    grown = torch.cat([t, torch.zeros(new - t.shape[0], t.shape[1])])
+                    grown[indices] = rows[name].float()
+                    t = grown
+                    used.add(name)
+                merged[name] = t.to(torch_dtype).contiguous()
+        name_out = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(merged, str(out / name_out), metadata={"format": "pt"})
+        weight_map.update({k: name_out for k in merged})
+        del merged
+    missing = (set(lora) | set(rows)) - used
+    if missing:
+        raise UserError(f"the base has no tensor for {sorted(missing)[:3]}... of the adapter (another architecture?)")
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    config.vocab_size = new
+    config.dtype = torch_dtype
+    config.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (adapter / name).is_file():
+            shutil.copy(adapter / name, out / name)
+    if (base / "generation_config.json").is_file():
+        shutil.copy(base / "generation_config.json", out / "generation_config.json")
+    return {"out": str(out), "shards": len(shards), "vocab_size": new, "lora_modules": len(lora), "dtype": dtype}

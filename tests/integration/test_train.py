@@ -209,7 +209,7 @@ def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_pat
     assert not (out / "checkpoints").exists()
 
 
-def test_exported_adapter_loads_with_stock_peft_and_reproduces_the_engine(reference, tiny_model_dir, tmp_path):
+def test_export_adapter_and_merged_model_load_with_stock_libraries(reference, tiny_model_dir, tiny_base, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -245,3 +245,33 @@ def test_exported_adapter_loads_with_stock_peft_and_reproduces_the_engine(refere
         assert torch.allclose(stock(ids).logits, ours.eval()(ids).logits, atol=1e-5)
     merged = stock.merge_and_unload()
     assert torch.equal(merged.get_input_embeddings().weight[:orig], base_rows)  # old rows are the base's
+
+    # The merged Hugging Face model: stock transformers loads it and computes the adapter's logits.
+    from transformers import AutoTokenizer
+
+    from cllama_dist.export import export_merged
+    from cllama_dist.errors import UserError
+
+    merged_dir = tmp_path / "merged"
+    export_merged(tiny_model_dir, out, merged_dir, dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert hf.config.vocab_size == new == len(AutoTokenizer.from_pretrained(merged_dir))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, stock(ids).logits, atol=1e-5)
+    assert torch.equal(hf.get_input_embeddings().weight[:orig], base_rows)
+
+    # Bad input, each refused naming both sides.
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        from cllama_dist.export import export_adapter
+        export_adapter(tmp_path / "no_run", tmp_path / "x")
+    wrong = tmp_path / "wrong_vocab"
+    AutoModelForCausalLM.from_config(base.config.__class__(**{**base.config.to_dict(), "vocab_size": 999})).save_pretrained(wrong)
+    with pytest.raises(UserError, match="vocabulary of 999 rows; the adapter extends one of 1,000"):
+        export_merged(wrong, out, tmp_path / "m2")
+    import shutil
+
+    other_tok = tmp_path / "other_tok_adapter"
+    shutil.copytree(out, other_tok)
+    shutil.copy(tiny_base / "tokenizer.model", other_tok / "tokenizer.model")
+    with pytest.raises(UserError, match="is not the one the adapter was trained with"):
+        export_merged(tiny_model_dir, other_tok, tmp_path / "m3")
