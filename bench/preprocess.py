@@ -27,21 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from common import repeat_to_size
+
 BLOCK = 512
 
 
 def build_corpus(fixtures: Path, out: Path, mb: int) -> Path:
-    if out.is_file() and out.stat().st_size >= mb * 1_000_000:
-        return out
     lines = [p for l in (fixtures / "zh_open_mix.jsonl").read_text(encoding="utf-8").splitlines()
              for p in json.loads(l)["text"].split("\n") if p.strip()]
-    data = ("\n".join(lines) + "\n").encode("utf-8")
-    with open(out, "wb") as f:
-        n = 0
-        while n < mb * 1_000_000:
-            f.write(data)
-            n += len(data)
-    return out
+    return repeat_to_size(("\n".join(lines) + "\n").encode("utf-8"), out, mb)
 
 
 # --- the three pipelines (each runs in a child process: `bench/preprocess.py --child NAME ...`) -----

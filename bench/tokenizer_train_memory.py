@@ -18,17 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import repeat_to_size
+
 
 def build_corpus(src: Path, out: Path, mb: int) -> Path:
-    if out.is_file() and out.stat().st_size >= mb * 1_000_000:
-        return out
-    data = src.read_bytes()
-    with open(out, "wb") as f:
-        written = 0
-        while written < mb * 1_000_000:
-            f.write(data)
-            written += len(data)
-    return out
+    return repeat_to_size(src.read_bytes(), out, mb)
 
 
 def main() -> None:

@@ -136,12 +136,17 @@ def load(engine, path: Path, universal: bool) -> dict[str, Any]:
     """Load trainable weights and optimizer state; restore this rank's RNG when the world size is the same."""
     state = read_state(path)
     load_dir = universal_path(path) if universal else path
+    # DeepSpeed's universal loader copies group 0's hyperparameters into every param group; the groups'
+    # own settings (here: lr and weight decay of the embedding rows) are put back after the load.
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     loaded, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
     if loaded is None:
         raise UserError(f"DeepSpeed could not load {load_dir}")
     if universal:
         _unshare_adam_steps(engine.optimizer)
+        for group, own in zip(engine.optimizer.param_groups, settings):
+            group.update(own)
     rng = path / f"rng-rank{dist.rank()}.pt"
     if not universal and rng.is_file():
         saved = torch.load(rng, weights_only=False)

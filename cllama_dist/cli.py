@@ -97,18 +97,14 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from .launch.submit import submit_preprocess, submit_train
 
-    rest = list(args.rest)
+    rest = (["--config", args.config] if args.config else []) + list(args.rest)
     if args.what == "train":
-        if args.config:
-            rest = ["--config", args.config, *rest]
         job = submit_train(rest, nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
                            time=args.time, cpus_per_task=args.cpus, device=args.device,
                            procs_per_node=args.procs_per_node, folder=args.folder, local=args.local)
         print(f"submitted training job {job.job_id}; logs: {args.folder}/{job.job_id}_*_log.out")
         jobs = [job]
     else:
-        if args.config:
-            rest = ["--config", args.config, *rest]
         array, final = submit_preprocess(rest, tasks=args.tasks, cpus=args.cpus, partition=args.partition,
                                          time=args.time, folder=args.folder, local=args.local)
         print(f"submitted {len(array)} preprocessing tasks ({array[0].job_id.split('_')[0]}) and finalize job "

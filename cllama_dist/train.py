@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
 
 def dry_run(cfg: TrainConfig) -> None:
     from cllama_dist.model.adapters import dry_run as count
-    from cllama_dist.model.flops import Arch, flops_per_token
     from cllama_dist.model.adapters import load_llama_config
+    from cllama_dist.model.flops import run_flops
 
     new_vocab = cfg.extended_vocab
     if cfg.tokenizer:
@@ -50,10 +50,8 @@ def dry_run(cfg: TrainConfig) -> None:
     print(f"dry run: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size:,} -> {new_vocab:,}, LoRA r {cfg.lora_rank} on {', '.join(cfg.lora_targets)}")
     for mode, c in count(cfg, new_vocab).items():
-        arch = Arch.from_config(config)
-        arch = Arch(arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, new_vocab)
-        head_rows = new_vocab if mode == "full" else new_vocab - config.vocab_size
-        f = flops_per_token(arch, cfg.block_size or 512, c.lora, head_rows, cfg.gradient_checkpointing)
+        f = run_flops(config, config.vocab_size, new_vocab, mode, cfg.block_size or 512, c.lora,
+                      cfg.gradient_checkpointing)
         print(f"  embeddings: {mode:8s} total {c.total:,}  LoRA {c.lora:,}  new rows {c.new_rows:,}  "
               f"trainable {c.trainable:,} ({100 * c.share:.2f}%)  optimizer state "
               f"{c.optimizer_bytes(mixed) / 2**30:.2f} GiB ({'fp32 master + ' if mixed else ''}AdamW moments)  "

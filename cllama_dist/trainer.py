@@ -276,31 +276,23 @@ class Trainer:
 
         import deepspeed
 
-        groups = _param_groups(model, cfg)
-        self._group_settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.start_step = 0
         if self.resume_from:
             if universal:
                 checkpoint.convert_to_universal(self.resume_from)
             checkpoint.load(self.engine, self.resume_from, universal)
-            # A universal load copies group 0's hyperparameters into every group; ours differ per group
-            # (no weight decay and their own learning rate for embedding rows).
-            for g, settings in zip(self.engine.optimizer.param_groups, self._group_settings):
-                g.update(settings)
             self.start_step = self.resume_state["step"]
 
-        arch = flops.Arch.from_config(llama)
-        arch = flops.Arch(arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, self.new_vocab)
-        head_rows = self.new_vocab if cfg.embeddings == "full" else self.new_vocab - self.orig_vocab
-        self.flops = flops.flops_per_token(arch, block, self.counts.lora, head_rows, cfg.gradient_checkpointing)
+        self.flops = flops.run_flops(llama, self.orig_vocab, self.new_vocab, cfg.embeddings, block, self.counts.lora,
+                                     cfg.gradient_checkpointing)
         peak = cfg.peak_tflops or (flops.peak_tflops(torch.cuda.get_device_name()) if self.device.startswith("cuda") else 0.0)
         self.peak_flops = peak * 1e12
         self.logger = Logger(self.run_dir, cfg.tensorboard, self.start_step if self.resume_from else -1)
         if dist.is_main():
             self._write_run_files()
-        self._announce(zero3)
+        self._announce()
 
     def _check_resumable(self, state: dict) -> None:
         mine = {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.fingerprint["sha256"],
@@ -316,7 +308,7 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False, allow_unicode=True))
         (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
-    def _announce(self, zero3: bool) -> None:
+    def _announce(self) -> None:
         c, say = self.counts, self.logger.say
         say(f"cllama train: {self.plan.describe()}")
         say(f"  vocabulary {self.orig_vocab:,} -> {self.new_vocab:,} ({self.cfg.embeddings}, init {self.cfg.new_row_init}); "
@@ -454,7 +446,8 @@ class Trainer:
             else:
                 if last_eval is None or last_eval != step:
                     self._eval_and_log(step)
-                if not checkpoint.complete(self.run_dir) or checkpoint.complete(self.run_dir)[-1].name != checkpoint.step_name(step):
+                saved = checkpoint.complete(self.run_dir)
+                if not saved or saved[-1].name != checkpoint.step_name(step):
                     self.save(step, "end")
         finally:
             bar.close()

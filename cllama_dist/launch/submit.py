@@ -81,7 +81,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.argv, self.device))
 
 
-def _executor(folder: str, local: bool, name: str) -> submitit.AutoExecutor:
+def _executor(folder: str, local: bool) -> submitit.AutoExecutor:
     Path(folder).mkdir(parents=True, exist_ok=True)
     return submitit.AutoExecutor(folder=folder, cluster="local" if local else None, slurm_max_num_timeout=100)
 
@@ -92,7 +92,7 @@ def submit_train(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 8, pa
                  signal_delay_s: int = 300, slurm_extra: dict | None = None) -> submitit.Job:
     """Submit the trainer: ``procs_per_node`` tasks per node (default: one per GPU; one on CPU)."""
     procs = procs_per_node or (gpus_per_node if device == "gpu" else 1)
-    ex = _executor(folder, local, "cllama-train")
+    ex = _executor(folder, local)
     params = dict(name="cllama-train", nodes=nodes, tasks_per_node=procs, timeout_min=minutes(time),
                   cpus_per_task=cpus_per_task)
     if device == "gpu":
@@ -131,7 +131,7 @@ def submit_preprocess(argv: Sequence[str], tasks: int, cpus: int = 16, partition
     argv = list(argv)
     if main(["preprocess", "prepare", *argv, "--num-tasks", str(tasks), "--task-id", "0"]):
         raise UserError("preprocess prepare failed (see the message above)")
-    ex = _executor(folder, local, "cllama-preprocess")
+    ex = _executor(folder, local)
     params = dict(name="cllama-preprocess", nodes=1, tasks_per_node=1, cpus_per_task=cpus, timeout_min=minutes(time))
     if partition and not local:
         params["slurm_partition"] = partition

@@ -26,6 +26,7 @@ Attention is counted in full, not halved for the causal mask, as both convention
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -70,6 +71,15 @@ def flops_per_token(arch: Arch, seq_len: int, lora_params: int, trainable_head_r
         actual += 2 * n_layers + attention
     conventional = 6 * n + 12 * arch.layers * arch.hidden * seq_len
     return {"actual": float(actual), "conventional": float(conventional)}
+
+
+def run_flops(config, orig_vocab: int, new_vocab: int, embeddings: str, seq_len: int, lora_params: int,
+              checkpointing: bool) -> dict[str, float]:
+    """``flops_per_token`` for a run: the model config's shape at the extended vocabulary, with the lm_head
+    rows that train under ``embeddings`` (all of them for "full", the appended ones for "new-rows")."""
+    arch = dataclasses.replace(Arch.from_config(config), vocab=new_vocab)
+    head_rows = new_vocab if embeddings == "full" else new_vocab - orig_vocab
+    return flops_per_token(arch, seq_len, lora_params, head_rows, checkpointing)
 
 
 # Dense bf16 peak of one device, TFLOP/s (vendor datasheets, without sparsity).
