@@ -7,6 +7,9 @@
     cllama preprocess finalize --output shards/
     cllama train            --config configs/llama-7b.yaml --dry-run
     torchrun --nproc_per_node 2 -m cllama_dist.train --config run.yaml   (or: deepspeed cllama_dist/train.py ...)
+    cllama export adapter   --run runs/7b --out out/adapter
+    cllama export merged    --base llama-7b/ --adapter out/adapter --out out/merged-7b
+    cllama eval             --model llama-7b/ --adapter out/adapter --inputs heldout.jsonl --generate
     cllama demo
 
 Every subcommand takes ``--config FILE.yaml``; flags override its values. Problems with the input are
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import (MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args,
+from .config import (EvalConfig, MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args,
                      load_yaml)
 from .errors import UserError
 
@@ -131,6 +134,12 @@ def cmd_export_merged(args: argparse.Namespace) -> None:
           f"merged, {m['dtype']}; tokenizer beside it")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval import evaluate, format_result
+
+    print(format_result(evaluate(_cfg(args))))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -192,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--out", required=True, help="output folder")
     em.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights dtype (default bf16)")
     em.set_defaults(func=cmd_export_merged)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per character of a model (base, merged, or base + "
+                                     "adapter) on held-out text or shards; --generate samples continuations")
+    _with_config(ev, EvalConfig)
+    ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
     d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")

@@ -155,6 +155,54 @@ class ReportConfig(CorpusConfig):
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluation.
+
+DEFAULT_PROMPTS = ["中国的首都是", "人工智能是", "从前有一座山，山里有"]
+
+
+@dataclass
+class EvalConfig(CorpusConfig):
+    model: str = doc("The model: a Hugging Face folder (a base model, or a merged one from `cllama export merged`).", "")
+    adapter: str = doc(
+        "An adapter folder from `cllama export adapter`, loaded with stock PEFT on top of --model (the base it "
+        "was trained from, resized to the adapter's tokenizer).", "")
+    tokenizer: str = doc(
+        "Tokenizer folder or .model (default: the adapter's, else the model folder's). Must be the one the "
+        "model was trained with.", "")
+    shards: str = doc(
+        "Evaluate on a shard folder from `cllama preprocess` instead of text (loss and perplexity only: "
+        "shards hold tokens, so bits per character need --inputs text).", "")
+    split: Literal["validation", "train"] = doc("Which split of --shards.", "validation")
+    block_size: int = doc(
+        "Window length in tokens. Text longer than a window is cut into consecutive windows that predict "
+        "every token exactly once (capped at the model's max_position_embeddings).", 1024)
+    batch_size: int = doc("Windows per forward pass.", 4)
+    max_documents: int = doc("Stop after this many documents (text) or blocks (shards); 0: all.", 0)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc("Weights dtype; auto: bf16 on a GPU, fp32 on the CPU.", "auto")
+    device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
+    generate: bool = doc("Also sample continuations of --prompts and report generation speed (tokens/s).", False)
+    prompts: list[str] = doc("Prompts for --generate.", DEFAULT_PROMPTS, aliases=["--prompt"])
+    max_new_tokens: int = doc("Tokens generated per prompt.", 48)
+    temperature: float = doc("Sampling temperature for --generate; 0: greedy.", 0.7)
+    top_p: float = doc("Nucleus sampling threshold for --generate.", 0.9)
+    seed: int = doc("Seed of the sampling.", 0)
+    json_out: str = doc("Write the figures (and generations) as JSON to this path.", "")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise UserError("--model is required (a Hugging Face model folder)")
+        if bool(self.inputs) == bool(self.shards):
+            raise UserError("give either --inputs (text: bits per character) or --shards (tokens), not both or neither")
+        if self.block_size < 2:
+            raise UserError(f"block_size must be at least 2, got {self.block_size}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("batch_size and max_new_tokens must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError(f"temperature must be >= 0 and top_p within (0, 1]; got {self.temperature}, {self.top_p}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Offline preprocessing.
 
 

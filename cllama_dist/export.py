@@ -106,6 +106,33 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
     return meta
 
 
+def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokenizer: str | Path | None = None):
+    """The adapter's metadata and PEFT config, after checking it fits this base and this tokenizer.
+
+    Refused, naming both sides: a folder that is not our export, a base whose vocabulary is not the one the
+    adapter extends, a tokenizer (the adapter's own copy, or the one given) that is not the one it trained with.
+    """
+    from .tokenizer import spm
+
+    adapter = Path(adapter)
+    meta_path = adapter / "cllama_export.json"
+    if not meta_path.is_file() or not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` "
+                        "(no cllama_export.json / adapter_config.json)")
+    meta = json.loads(meta_path.read_text())
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    tok = Path(tokenizer) if tokenizer else adapter / "tokenizer.model"
+    fp = spm.fingerprint(tok)
+    if fp["sha256"] != meta["tokenizer_sha256"]:
+        raise UserError(f"the tokenizer {tok} (sha256 {fp['sha256'][:16]}..., {fp['vocab_size']:,} pieces) is not "
+                        f"the one the adapter {adapter} was trained with (sha256 {meta['tokenizer_sha256'][:16]}..., "
+                        f"{meta['new_vocab']:,} pieces)")
+    if base_vocab != meta["orig_vocab"]:
+        raise UserError(f"base {base} has a vocabulary of {base_vocab:,} rows; the adapter {adapter} extends one of "
+                        f"{meta['orig_vocab']:,} (another base model?)")
+    return meta, acfg
+
+
 def _base_shards(base: Path) -> list[str]:
     index = base / "model.safetensors.index.json"
     if index.is_file():
@@ -127,23 +154,11 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     from transformers import AutoConfig
 
     from .model.adapters import DTYPES
-    from .tokenizer import spm
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    meta_path = adapter / "cllama_export.json"
-    if not meta_path.is_file():
-        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` (no cllama_export.json)")
-    meta = json.loads(meta_path.read_text())
-    acfg = json.loads((adapter / "adapter_config.json").read_text())
-    fp = spm.fingerprint(adapter / "tokenizer.model")
-    if fp["sha256"] != meta["tokenizer_sha256"]:
-        raise UserError(f"the tokenizer in {adapter} (sha256 {fp['sha256'][:16]}...) is not the one the adapter was "
-                        f"trained with ({meta['tokenizer_sha256'][:16]}...)")
     config = AutoConfig.from_pretrained(base)
+    meta, acfg = read_adapter(adapter, base, config.vocab_size)
     orig, new = meta["orig_vocab"], meta["new_vocab"]
-    if config.vocab_size != orig:
-        raise UserError(f"base {base} has a vocabulary of {config.vocab_size:,} rows; the adapter extends one of "
-                        f"{orig:,} (another base model?)")
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     scale = acfg["lora_alpha"] / acfg["r"]
     lora: dict[str, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,291 @@
+"""Evaluate a model on held-out text: loss, perplexity, and bits per character.
+
+    cllama eval --model BASE [--adapter ADAPTER] --inputs heldout.jsonl [--generate]
+    cllama eval --model MERGED --shards shards/ [--split validation]
+
+Token perplexity depends on the tokenizer: a tokenizer that cuts the same text into half as many tokens
+makes each token harder to predict, so the base LLaMA and the extended model cannot be compared by it.
+Bits per character can: the summed negative log-likelihood of a text, in bits, divided by its length in
+characters, is the cost of encoding that text under the model whatever the tokenization. Bits per UTF-8
+byte are reported too (the unit of byte-level models and of compression tables).
+
+How the text is scored: each document is encoded on its own as [BOS] + tokens (no EOS), and every one
+of its tokens is predicted exactly once, given everything before it in its window. A document longer
+than a window continues in the next one, which starts with the previous window's last token; so the
+sum of the token losses is -log p(document) under the model, to within the context cut at window edges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EvalConfig, to_dict
+from .errors import UserError
+from .progress import Progress
+
+LN2 = math.log(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+
+class Tokenizer:
+    """A SentencePiece tokenizer (tokenizer.model), or a Hugging Face one where a folder has no .model."""
+
+    def __init__(self, path: Path):
+        from .tokenizer import spm
+
+        self.path = path
+        model_file = path if path.is_file() else path / spm.MODEL_FILE
+        if model_file.is_file():
+            self.sp = spm.processor(model_file)
+            self.hf = None
+            self.size = self.sp.get_piece_size()
+            self.bos_id = self.sp.bos_id()
+            self.fingerprint = spm.fingerprint(model_file)
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                self.hf = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"no tokenizer in {path} (neither tokenizer.model nor a Hugging Face tokenizer): "
+                                f"{exc}") from None
+            self.sp = None
+            self.size = len(self.hf)
+            self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
+            self.fingerprint = None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.sp is not None:
+            return self.sp.encode(texts)
+        return [self.hf.encode(t, add_special_tokens=False) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids, skip_special_tokens=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device on this machine")
+    return torch.device(name)
+
+
+def load(cfg: EvalConfig):
+    """(model, tokenizer, description) for a model folder, optionally with an adapter on top."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model.adapters import DTYPES
+
+    device = pick_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {cfg.model} is not a Hugging Face model folder: {exc}") from None
+    tok_path = Path(cfg.tokenizer or cfg.adapter or cfg.model)
+    tokenizer = Tokenizer(tok_path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    what = f"{cfg.model}"
+    if cfg.adapter:
+        from peft import PeftModel
+
+        from .export import read_adapter
+
+        meta, _ = read_adapter(cfg.adapter, cfg.model, config.vocab_size,
+                               tokenizer=tokenizer.path if cfg.tokenizer else None)
+        model.resize_token_embeddings(meta["new_vocab"])  # PEFT restores the new rows from the adapter
+        try:
+            model = PeftModel.from_pretrained(model, cfg.adapter)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"the adapter {cfg.adapter} does not fit the base {cfg.model} (another architecture?): "
+                            f"{str(exc).splitlines()[0]}") from None
+        what += f" + adapter {cfg.adapter}"
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.size > rows:
+        raise UserError(f"the tokenizer {tok_path} has {tokenizer.size:,} pieces but the model {cfg.model} has "
+                        f"{rows:,} embedding rows: a merged tokenizer with the base model? Pass the adapter "
+                        "(--adapter) or the merged model")
+    model.to(device).eval()
+    return model, tokenizer, what, device
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring.
+
+
+@dataclass
+class Totals:
+    nll: float = 0.0  # nats, summed over predicted tokens
+    tokens: int = 0  # predicted tokens
+    documents: int = 0
+    chars: int = 0
+    bytes: int = 0
+
+    def figures(self) -> dict:
+        if self.tokens == 0:
+            raise UserError("nothing to evaluate: no tokens")
+        loss = self.nll / self.tokens
+        out = {"documents": self.documents, "tokens": self.tokens, "loss": loss,
+               "perplexity": math.exp(min(loss, 700.0)), "characters": self.chars or None, "bytes": self.bytes or None,
+               "bits_per_char": None, "bits_per_byte": None, "tokens_per_char": None}
+        if self.chars:
+            bits = self.nll / LN2
+            out.update(bits_per_char=bits / self.chars, bits_per_byte=bits / self.bytes,
+                       tokens_per_char=self.tokens / self.chars)
+        return out
+
+
+def windows(ids: list[int], bos: int, block: int) -> list[list[int]]:
+    """Windows of at most `block` tokens over [BOS] + ids that predict each of `ids` exactly once.
+
+    Window k holds stream[k(block-1) : k(block-1) + block]: consecutive windows share one token, the last
+    of one being the first (context only) of the next.
+    """
+    stream = ([bos] if bos >= 0 else []) + ids
+    step = block - 1
+    return [stream[s:s + block] for s in range(0, max(len(stream) - 1, 1), step) if len(stream[s:s + block]) > 1]
+
+
+@torch.no_grad()
+def score(model, batch: list[list[int]], device: torch.device) -> float:
+    """Summed negative log-likelihood (nats) of every token but the first of each window."""
+    n = max(len(w) for w in batch)
+    x = torch.zeros(len(batch), n, dtype=torch.long)
+    mask = torch.zeros(len(batch), n, dtype=torch.long)
+    for i, w in enumerate(batch):
+        x[i, :len(w)] = torch.tensor(w)
+        mask[i, :len(w)] = 1
+    x, mask = x.to(device), mask.to(device)
+    logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+    target = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum").item()
+
+
+def eval_text(model, tokenizer: Tokenizer, cfg: EvalConfig, block: int, device: torch.device) -> Totals:
+    from .data.corpus import RecordReader, resolve_inputs
+
+    reader = RecordReader(cfg.text_field, cfg.strict)
+    t = Totals()
+    pending: list[list[int]] = []
+    with Progress("eval", unit="tok") as bar:
+        for src in resolve_inputs(cfg.inputs):
+            for doc in reader.read(src):
+                ids = tokenizer.encode([doc.text])[0]
+                if not ids:
+                    continue
+                t.documents += 1
+                t.chars += len(doc.text)
+                t.bytes += len(doc.text.encode("utf-8"))
+                t.tokens += len(ids)
+                pending.extend(windows(ids, tokenizer.bos_id, block))
+                while len(pending) >= cfg.batch_size:
+                    batch, pending = pending[:cfg.batch_size], pending[cfg.batch_size:]
+                    t.nll += score(model, batch, device)
+                    bar.update(sum(len(w) - 1 for w in batch))
+                if cfg.max_documents and t.documents >= cfg.max_documents:
+                    break
+            if cfg.max_documents and t.documents >= cfg.max_documents:
+                break
+        if pending:
+            t.nll += score(model, pending, device)
+            bar.update(sum(len(w) - 1 for w in pending))
+    if t.documents == 0:
+        raise UserError(f"no usable document in {cfg.inputs}")
+    if reader.skipped:
+        print(f"eval: skipped {dict(reader.skipped)}")
+    return t
+
+
+def eval_shards(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device) -> Totals:
+    from .data.loader import TokenBlocks
+    from .data.shards import check_manifest, load_manifest
+
+    manifest = load_manifest(cfg.shards)
+    if tokenizer.fingerprint is None:
+        raise UserError("--shards needs a SentencePiece tokenizer (tokenizer.model) to check the shards against")
+    check_manifest(manifest, tokenizer.fingerprint, manifest["block_size"], where=cfg.shards)
+    if cfg.split not in manifest["splits"] or not manifest["splits"][cfg.split]["sequences"]:
+        raise UserError(f"{cfg.shards} has no {cfg.split} split; it has {sorted(manifest['splits'])} (--split)")
+    blocks = TokenBlocks(cfg.shards, manifest, cfg.split)
+    n = len(blocks) if not cfg.max_documents else min(len(blocks), cfg.max_documents)
+    t = Totals(documents=n)
+    import numpy as np
+
+    with Progress("eval", total=n, unit="blocks") as bar:
+        for start in range(0, n, cfg.batch_size):
+            rows = blocks.take(np.arange(start, min(start + cfg.batch_size, n))).astype(np.int64)
+            t.nll += score(model, [list(r) for r in rows], device)
+            t.tokens += rows.shape[0] * (rows.shape[1] - 1)
+            bar.update(rows.shape[0])
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation.
+
+
+@torch.no_grad()
+def generate(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device) -> list[dict]:
+    torch.manual_seed(cfg.seed)
+    out = []
+    for prompt in cfg.prompts:
+        ids = tokenizer.encode([prompt])[0]
+        if tokenizer.bos_id >= 0:
+            ids = [tokenizer.bos_id] + ids
+        x = torch.tensor([ids], device=device)
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.temperature > 0 else \
+            dict(do_sample=False)
+        t0 = time.perf_counter()
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=cfg.max_new_tokens,
+                           min_new_tokens=cfg.max_new_tokens, use_cache=True, pad_token_id=0, **sampling)
+        seconds = time.perf_counter() - t0
+        new = y[0, len(ids):].tolist()
+        out.append({"prompt": prompt, "continuation": tokenizer.decode(new), "new_tokens": len(new),
+                    "seconds": seconds, "tokens_per_second": len(new) / seconds})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    model, tokenizer, what, device = load(cfg)
+    max_pos = getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size
+    block = min(cfg.block_size, max_pos)
+    t0 = time.time()
+    totals = eval_text(model, tokenizer, cfg, block, device) if cfg.inputs else eval_shards(model, tokenizer, cfg, device)
+    result = {"model": what, "tokenizer": str(tokenizer.path), "vocab_size": tokenizer.size,
+              "data": cfg.shards or cfg.inputs, "block_size": block, **totals.figures(),
+              "seconds": round(time.time() - t0, 2), "device": str(device)}
+    if cfg.generate:
+        result["generations"] = generate(model, tokenizer, cfg, device)
+    result["config"] = to_dict(cfg)
+    if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"model      {r['model']}", f"tokenizer  {r['tokenizer']} ({r['vocab_size']:,} pieces)",
+             f"data       {r['documents']:,} {'documents' if r['characters'] else 'blocks'}, {r['tokens']:,} tokens "
+             f"predicted, window {r['block_size']}",
+             f"loss       {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"]
+    if r["bits_per_char"] is not None:
+        lines.append(f"bits/char  {r['bits_per_char']:.4f}   bits/byte {r['bits_per_byte']:.4f}   "
+                     f"tokens/char {r['tokens_per_char']:.3f}   ({r['characters']:,} characters)")
+    for g in r.get("generations", []):
+        lines.append(f"generate   {g['prompt']}|{g['continuation']}  ({g['new_tokens']} tokens, "
+                     f"{g['tokens_per_second']:.1f} tokens/s)")
+    return "\n".join(lines)
