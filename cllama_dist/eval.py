@@ -103,7 +103,7 @@ def load(cfg: EvalConfig):
 
         meta, _ = read_adapter(cfg.adapter, cfg.model, config.vocab_size,
                                tokenizer=tokenizer.path if cfg.tokenizer else None)
-        model.resize_token_embeddings(meta["new_vocab"])  # PEFT restores the new rows from the adapter
+        model.resize_token_embeddings(meta["new_vocab"], mean_resizing=False)  # PEFT restores the new rows from the adapter
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter)
         except (RuntimeError, ValueError, KeyError) as exc:

@@ -33,7 +33,7 @@ from .progress import Progress
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
 STOP_FILE = "STOP"  # touched by slurm/pretrain.sh when Slurm signals the batch shell
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from . import PROJECT_ROOT  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

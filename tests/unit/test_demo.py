@@ -1,21 +1,55 @@
 import json
 
-from cllama_dist.demo import run_demo
+import pytest
+
+from cllama_dist.demo import STAGES, Stages, run_demo
+from cllama_dist.errors import UserError
 
 
 def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
-    summary = run_demo(out=str(tmp_path / "demo"))
+    summary = run_demo(out=str(tmp_path / "demo"), until="shards")
+    assert list(summary) == list(STAGES[:6])
     assert summary["merge"]["new_vocab_size"] == summary["merge"]["orig_vocab_size"] + summary["merge"]["added"]
     assert summary["report"]["tokens_per_char_after"] * 2 < summary["report"]["tokens_per_char_before"]
     held = (tmp_path / "demo" / "corpus" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
     train = (tmp_path / "demo" / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert not set(held) & set(train)
-    assert summary["shards"]["train"]["sequences"] > 0
+    assert summary["shards"]["train_sequences"] > 0 and summary["shards"]["validation_sequences"] > 0
     from cllama_dist.data.shards import load_manifest
 
-    assert load_manifest(summary["shards"]["train"]["folder"])["tokenizer"]["vocab_size"] == summary["merge"]["new_vocab_size"]
+    assert load_manifest(summary["shards"]["folder"])["tokenizer"]["vocab_size"] == summary["merge"]["new_vocab_size"]
     capsys.readouterr()
-    run_demo(out=str(tmp_path / "demo"))
+    run_demo(out=str(tmp_path / "demo"), until="shards")
     out = capsys.readouterr().out
-    assert out.count("reusing") == 6
+    assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]
+
+
+def test_demo_refuses_unknown_stage_and_bad_steps(tmp_path):
+    with pytest.raises(UserError, match="not a stage; the stages are corpus, base"):
+        run_demo(out=str(tmp_path), until="training")
+    with pytest.raises(UserError, match="--steps must be at least 1"):
+        run_demo(out=str(tmp_path), steps=0)
+
+
+def test_a_resumable_stage_keeps_unfinished_work_unless_its_inputs_changed(tmp_path, capsys):
+    calls = []
+
+    def work(folder):
+        calls.append(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")))
+        (folder / f"part{len(calls)}").write_text("x")
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed half-way
+        return {"parts": len(calls)}
+
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path, False, 1).run("train", {"k": 1}, work, resumable=True)
+    assert Stages(tmp_path, False, 1).run("train", {"k": 1}, work, resumable=True)["parts"] == 2
+    assert calls[1] == ["part1"]  # the second attempt found the first one's work
+    assert "resuming the unfinished stage" in capsys.readouterr().out
+    # Finished: reused as is. New inputs: started afresh. --force: started afresh.
+    assert Stages(tmp_path, False, 1).run("train", {"k": 1}, work, resumable=True)["parts"] == 2
+    assert Stages(tmp_path, False, 1).run("train", {"k": 2}, work, resumable=True)["parts"] == 3
+    assert calls[2] == []
+    assert Stages(tmp_path, True, 1).run("train", {"k": 2}, work, resumable=True)["parts"] == 4
+    assert calls[3] == []

@@ -1,0 +1,81 @@
+"""The README's main command, start to finish: `cllama demo`, killed during training, then completed and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from . import launch
+
+pytestmark = pytest.mark.integration
+
+STEPS = 20  # the demo's default is 60; fewer keeps CI short and still shows the loss falling
+
+
+def demo(out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["cllama", "demo", "--out", str(out), "--steps", str(STEPS), *extra], capture_output=True,
+                          text=True, env=launch.env(), timeout=timeout)
+
+
+def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
+    out = tmp_path / "demo"
+    # 1. Killed (launcher, workers and all) once the training stage has a checkpoint.
+    proc = subprocess.Popen(["cllama", "demo", "--out", str(out), "--steps", str(STEPS)], env=launch.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "train" / "run" / "checkpoints" / "step-00000005" / "trainer_state.json"
+    end = time.time() + 600
+    while not first.is_file():
+        assert proc.poll() is None, f"the demo ended (exit {proc.returncode}) before its first checkpoint"
+        assert time.time() < end, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:  # the deepspeed launcher puts workers in the same session; kill any stragglers too
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+    # 2. Run again: finished stages reused, training resumed from its checkpoint, the rest completed.
+    done = demo(out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("reusing") == 7  # corpus ... model
+    assert "train: resuming the unfinished stage" in done.stdout
+    assert "resumed from" in done.stdout and "at step " in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export",
+                             "eval", "generate"]
+    rep, ev, tr = summary["report"], summary["eval"], summary["train"]
+    assert rep["tokens_per_char_after"] * 2 < rep["tokens_per_char_before"]
+    assert tr["losses"]["steps"] == STEPS and tr["losses"]["last"] < tr["losses"]["first"]
+    assert ev["merged"]["bits_per_char"] < ev["base"]["bits_per_char"]
+    assert ev["merged"]["bits_per_char"] == pytest.approx(ev["base+adapter"]["bits_per_char"], rel=1e-4)
+    assert ev["merged"]["tokens_per_char"] * 2 < ev["base"]["tokens_per_char"]
+    # Every step logged once, the resumed ones after the kept ones.
+    steps = [json.loads(l)["step"] for l in (out / "train" / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["type"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+    for line in ("tokens / character", "training loss", "bits / character", "artefacts", "merged model"):
+        assert line in done.stdout
+    gens = json.loads(Path(summary["generate"]["file"]).read_text())
+    assert len(gens) == 3 and all(g["continuation"] for g in gens)
+
+    # 3. The artefacts load with stock libraries.
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = summary["export"]["merged"]
+    assert AutoModelForCausalLM.from_pretrained(merged).config.vocab_size == len(AutoTokenizer.from_pretrained(merged))
+    assert PeftConfig.from_pretrained(summary["export"]["adapter"]).r == 8
+
+    # 4. A third run reuses everything.
+    again = demo(out)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 11
+    assert json.loads((out / "summary.json").read_text()) == summary
