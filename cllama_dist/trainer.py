@@ -141,6 +141,10 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool) 
             raise UserError(f"{path}: {key} is {ds[key]}, but the run config gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3 and plan.world == 1 and cfg.single_process_zero2:
+        zero["stage"] = 2
+        for key in [k for k in zero if k.startswith(("stage3_", "zero_hpz", "zero_quantized"))]:
+            del zero[key]  # ZeRO-3-only settings
     if zero.get("zero_hpz_partition_size") == "auto":
         # ZeRO++ hierarchical partitioning: a secondary copy of the weights within each node, so the
         # per-micro-step all-gather stays on NVLink. "auto" = the processes of one node.
@@ -268,7 +272,12 @@ class Trainer:
 
         self.dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.startswith("cuda") else "fp32")
         self.ds_config = deepspeed_config(cfg, self.plan, self.dtype, universal)
-        zero3 = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if self.resume_state and self.resume_state.get("zero_stage", stage) != stage:
+            # DeepSpeed lays out ZeRO-2 and ZeRO-3 checkpoints differently; its loaders read only their own.
+            raise UserError(f"cannot resume {self.resume_from}: it was saved under ZeRO-{self.resume_state['zero_stage']}, "
+                            f"this run is ZeRO-{stage} (keep the DeepSpeed config and single_process_zero2 of the run)")
+        zero3 = stage == 3
         sub = subword_ids(report, cfg, self.orig_vocab, self.new_vocab) if cfg.new_row_init == "subword" else None
         model, self._keep_alive = build_model(cfg, self.orig_vocab, self.new_vocab, DTYPES[self.dtype],
                                               self.ds_config if zero3 else None, sub)
@@ -387,6 +396,7 @@ class Trainer:
         state = {"global_batch": self.plan.global_batch, "samples_consumed": step * self.plan.global_batch,
                  "tokenizer_sha256": self.fingerprint["sha256"], "orig_vocab": self.orig_vocab,
                  "new_vocab": self.new_vocab, "embeddings": self.cfg.embeddings, "block_size": self.plan.block,
+                 "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0),
                  "reason": reason, "config": to_dict(self.cfg), "time": time.time()}
         path = checkpoint.save(self.engine, self.run_dir, step, state, self.cfg.keep_last)
         self.logger.say(f"saved checkpoint {path} ({reason})")

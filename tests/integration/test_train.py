@@ -209,6 +209,19 @@ def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_pat
     assert not (out / "checkpoints").exists()
 
 
+def test_a_checkpoint_of_another_zero_stage_is_refused(setup, reference):
+    import shutil
+
+    cfg, out = configure(setup, "stage_change", single_process_zero2=True)
+    shutil.copytree(reference[0] / "checkpoints", out / "checkpoints")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = subprocess.run([sys.executable, str(launch.TRAIN), "--config", str(cfg)], env=launch.env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saved under ZeRO-3, this run is ZeRO-2" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
+
+
 def test_export_adapter_and_merged_model_load_with_stock_libraries(reference, tiny_model_dir, tiny_base, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from peft import PeftModel

@@ -118,6 +118,16 @@ def test_deepspeed_config_is_filled_from_the_run_config(tmp_path):
         deepspeed_config(cfg(deepspeed_config=str(tmp_path / "none.json")), plan, "fp32", False)
 
 
+def test_single_process_zero2_applies_to_one_process_only():
+    one = Plan(world=1, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
+    two = Plan(world=2, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
+    on = cfg(single_process_zero2=True)
+    z = deepspeed_config(on, one, "bf16", False)["zero_optimization"]
+    assert z["stage"] == 2 and not [k for k in z if k.startswith("stage3_")] and z["overlap_comm"]
+    assert deepspeed_config(on, two, "bf16", False)["zero_optimization"]["stage"] == 3
+    assert deepspeed_config(cfg(), one, "bf16", False)["zero_optimization"]["stage"] == 3  # off by default
+
+
 def test_config_checks_at_start_up():
     with pytest.raises(UserError, match="model_config"):
         TrainConfig()
