@@ -333,7 +333,7 @@ class TrainConfig:
     single_process_zero2: bool = doc(
         "With one process, run a ZeRO-3 config as ZeRO-2: a single process's one partition is the whole model, "
         "so ZeRO-3 saves no memory there but still gathers and releases every layer's weights in each forward, "
-        "backward and recomputation (tiny model on the CPU: 5x the steps/s; on a GPU: to be measured by "
+        "backward and recomputation (tiny model on the CPU: 2-6x the steps/s; on a GPU: to be measured by "
         "bench/train_throughput.py). Off by default until the GPU numbers justify it. A checkpoint resumes "
         "only under the ZeRO stage it was saved with.", False)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
