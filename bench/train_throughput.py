@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -231,12 +230,6 @@ def worker(args: argparse.Namespace) -> int:
 # The orchestrator.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_inputs(work: Path) -> tuple[dict, str, dict[int, str]]:
     """A tiny LLaMA config, a merged tokenizer and shards at two lengths, built from the shipped corpus."""
     import sentencepiece as spmlib
@@ -407,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         args.variant = args.worker
         return worker(args)
+
+    from cllama_dist.distributed import free_port
 
     t_start = time.time()
     out = Path(args.out)

@@ -313,11 +313,9 @@ def build_base_model(folder: Path, tokenizer_dir: str, steps: int = BASE_PRETRAI
 
 def launcher_command(config: Path, nproc: int) -> list[str]:
     """The deepspeed launcher on this machine's processes; DS_ACCELERATOR=cpu is set by the caller without CUDA."""
-    import socket
+    from .distributed import free_port
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     head = [shutil.which("deepspeed")] if shutil.which("deepspeed") else [sys.executable, "-m", "deepspeed.launcher.runner"]
     return [*head, "--num_gpus", str(nproc), "--master_port", str(port),
             str(PROJECT_ROOT / "cllama_dist" / "train.py"), "--config", str(config)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import subprocess
 from typing import Any
 
@@ -22,6 +23,13 @@ import torch.distributed as dist
 
 # SIGTERM: preemption and scancel; SIGUSR1: Slurm's --signal=USR1@T warning; SIGUSR2: submitit's.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous port of a job started here (demo, tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def first_node_addr(nodelist: str) -> str:

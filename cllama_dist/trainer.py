@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, distributed as dist
+from . import PROJECT_ROOT, checkpoint, distributed as dist
 from .config import TrainConfig, to_dict
 from .data.loader import GlobalOrder, TokenBlocks, eval_batches, step_positions
 from .data.shards import check_manifest, load_manifest, verify_shards
@@ -33,7 +33,6 @@ from .progress import Progress
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
 STOP_FILE = "STOP"  # touched by slurm/pretrain.sh when Slurm signals the batch shell
-from . import PROJECT_ROOT  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from cllama_dist.distributed import free_port  # noqa: F401  (tests call launch.free_port)
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "cllama_dist" / "train.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
