@@ -356,12 +356,10 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
         raise UserError(f"training failed (exit {code}); the whole log is {log}. Its end:\n{tail}")
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    train = {}
-    for r in records:  # a resumed run may log a step twice; the last record wins
-        if r.get("type") == "train" and not r.get("skipped"):
-            train[r["step"]] = r["loss"]
-    evals = [r for r in records if r.get("type") == "eval"]
+    from .trainer import read_metrics
+
+    train = {r["step"]: r["loss"] for r in read_metrics(run, "train") if not r.get("skipped")}
+    evals = read_metrics(run, "eval")
     return {"run": str(run), "log": str(log), "config": str(config),
             "losses": {"first": train[min(train)], "last": train[max(train)], "steps": max(train)},
             "validation_loss": evals[-1]["loss"] if evals else float("nan")}

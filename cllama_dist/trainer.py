@@ -181,6 +181,24 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
 # Logging
 
 
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (of one type: "train" or "eval"), in order; [] before the first.
+
+    Each step appears once: on resume the Logger drops the records past the checkpoint. A last line still
+    being written by a live run is left out.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return [r for r in records if kind is None or r.get("type") == kind]
+
+
 class Logger:
     """Rank 0 only: metrics.jsonl, TensorBoard events and console lines."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -95,16 +94,9 @@ def _state(pid: int) -> str:
 
 
 def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return []
-    recs = []
-    for line in p.read_text().splitlines():
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written as we read
-            break
-    return [r for r in recs if kind is None or r["type"] == kind]
+    from cllama_dist.trainer import read_metrics
+
+    return read_metrics(run_dir, kind)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
