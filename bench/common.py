@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def repeat_to_size(data: bytes, out: Path, mb: int) -> Path:
@@ -15,3 +19,16 @@ def repeat_to_size(data: bytes, out: Path, mb: int) -> Path:
             f.write(data)
             written += len(data)
     return out
+
+
+def commit() -> str:
+    """The commit a benchmark measured: short hash, "+uncommitted" when tracked files differ from it."""
+    if os.environ.get("CLLAMA_COMMIT"):  # the device machine gets a copy of the tree without .git
+        return os.environ["CLLAMA_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"

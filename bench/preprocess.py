@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import repeat_to_size
+from common import commit, repeat_to_size
 
 BLOCK = 512
 
@@ -185,8 +185,7 @@ def main() -> None:
         for r in res.values():
             print(json.dumps(r), flush=True)
             rows.append(r)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; cores used: {args.cores}; commit {commit}; "
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; cores used: {args.cores}; commit {commit()}; "
           f"{time.strftime('%Y-%m-%d')}; block size {BLOCK}")
     print("| corpus MB | pipeline | MB/s | tokens/s | peak RSS MB | vs reference | share of ceiling | stream = SentencePiece |")
     print("|---|---|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import repeat_to_size
+from common import commit, repeat_to_size
 
 
 def build_corpus(src: Path, out: Path, mb: int) -> Path:
@@ -59,9 +59,8 @@ def main() -> None:
                         "sentences_sampled": report["sentences_sampled"],
                         "seconds_sampling": report["seconds_sampling"], "seconds_training": report["seconds_training"]})
         print(json.dumps(results[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-          f"commit {commit}; {time.strftime('%Y-%m-%d')}")
+          f"commit {commit()}; {time.strftime('%Y-%m-%d')}")
     print("| corpus MB | sentences seen | sampled | peak RSS MB | sampling s | training s |")
     print("|---|---|---|---|---|---|")
     for r in results:

@@ -48,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import commit  # noqa: E402  (a sibling module: benchmarks run as `python bench/NAME.py`)
+
 MODEL_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
 MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -282,18 +284,6 @@ def environment(device: str) -> dict:
         env["cpu"] = platform.processor() or platform.machine()
         env["cores"] = os.cpu_count()
     return env
-
-
-def commit() -> str:
-    if os.environ.get("CLLAMA_COMMIT"):  # the device machine gets a copy of the tree without .git
-        return os.environ["CLLAMA_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+uncommitted" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def summarise(raw: dict, spec: dict, peak_tflops: float) -> dict:
