@@ -25,6 +25,7 @@ from pathlib import Path
 from . import __version__
 from .config import (EvalConfig, MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args,
                      load_yaml)
+from .demo import DEMO_STEPS, STAGES
 from .errors import UserError
 
 
@@ -141,10 +142,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DEMO_STEPS, run_demo
+    from .demo import run_demo
 
-    steps = DEMO_STEPS if args.steps is None else args.steps
-    run_demo(out=args.out, base_tokenizer=args.base_tokenizer, force=args.force, steps=steps, until=args.until)
+    run_demo(out=args.out, base_tokenizer=args.base_tokenizer, force=args.force, steps=args.steps, until=args.until)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,10 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base-tokenizer", default=None,
                    help="a real base SentencePiece model (e.g. LLaMA's tokenizer.model); default: build one")
     d.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
-    d.add_argument("--steps", type=int, default=None, help="training steps of the 2-process ZeRO-3 stage (default 60)")
-    d.add_argument("--until", default=None, metavar="STAGE",
-                   help="stop after this stage (corpus, base, tokenizer, merge, report, shards, model, train, "
-                        "export, eval, generate)")
+    d.add_argument("--steps", type=int, default=DEMO_STEPS,
+                   help=f"training steps of the 2-process ZeRO-3 stage (default {DEMO_STEPS})")
+    d.add_argument("--until", default=None, metavar="STAGE", help=f"stop after this stage ({', '.join(STAGES)})")
     d.set_defaults(func=cmd_demo)
     return p
 

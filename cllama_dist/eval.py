@@ -17,6 +17,7 @@ sum of the token losses is -log p(document) under the model, to within the conte
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -49,7 +50,7 @@ class Tokenizer:
             self.hf = None
             self.size = self.sp.get_piece_size()
             self.bos_id = self.sp.bos_id()
-            self.fingerprint = spm.fingerprint(model_file)
+            self.model_file = model_file
         else:
             from transformers import AutoTokenizer
 
@@ -61,7 +62,14 @@ class Tokenizer:
             self.sp = None
             self.size = len(self.hf)
             self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
-            self.fingerprint = None
+            self.model_file = None
+
+    @functools.cached_property
+    def fingerprint(self) -> dict | None:
+        """What shards are checked against (hashing the file: only computed when shards are evaluated)."""
+        from .tokenizer import spm
+
+        return spm.fingerprint(self.model_file) if self.model_file is not None else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.sp is not None:
