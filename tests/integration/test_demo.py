@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .. import golden
 from . import launch
 
 pytestmark = pytest.mark.integration
@@ -64,6 +65,13 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
     assert steps == list(range(1, STEPS + 1))
     for line in ("tokens / character", "training loss", "bits / character", "artefacts", "merged model"):
         assert line in done.stdout
+    # The summary's figures against those recorded at 1900eb9 (before the demo became a recipe).
+    golden.check("demo_summary", {
+        "tokens_per_char": [rep["tokens_per_char_before"], rep["tokens_per_char_after"]],
+        "vocab": [summary["merge"]["orig_vocab_size"], summary["merge"]["new_vocab_size"]],
+        "train_sequences": summary["shards"]["train_sequences"],
+        "loss": [tr["losses"]["first"], tr["losses"]["last"], tr["validation_loss"]],
+        "bits_per_char": {k: ev[k]["bits_per_char"] for k in ("base", "base+adapter", "merged")}}, rel=1e-4)
     gens = json.loads(Path(summary["generate"]["file"]).read_text())
     assert len(gens) == 3 and all(g["continuation"] for g in gens)
 

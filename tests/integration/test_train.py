@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .. import golden
 from . import launch
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,24 @@ def test_reference_run_trains_logs_and_checkpoints(reference):
     assert list((out / "tb").iterdir()), "no TensorBoard events"
     assert "2 processes x micro-batch 2 x accumulation 2 = 8 sequences x 64 tokens = 512 tokens per step" in proc.stdout
     assert "G conventional (6N + 12LHs)" in proc.stdout
+    # The curve itself, against the figures recorded at 1900eb9 (before the trainer became components).
+    golden.check("train_reference", {"train": losses, "eval": {e["step"]: e["loss"] for e in evals}}, abs=1e-5)
+
+
+def test_universal_resume_of_a_reference_checkpoint_on_one_process(setup, reference):
+    """The reference's step-4 checkpoint (2 processes) resumed on 1 process: a deterministic 2 -> 1 curve."""
+    import shutil
+
+    cfg, out = configure(setup, "universal")
+    shutil.copytree(reference[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+    proc = launch.run(cfg, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and (out / "checkpoints" / "step-00000004.universal").is_dir()
+    got = launch.losses(out)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(reference[1][step], abs=1e-5), step
+    golden.check("train_universal_2to1", {"train": got}, abs=1e-5)
 
 
 def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):

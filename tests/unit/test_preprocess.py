@@ -18,6 +18,7 @@ from cllama_dist.data.shards import check_manifest, load_manifest, shard_tokens,
 from cllama_dist.errors import UserError
 from cllama_dist.tokenizer.spm import fingerprint
 
+from .. import golden
 from ..conftest import write_jsonl
 
 BLOCK = 64
@@ -78,6 +79,9 @@ def test_token_stream_equals_direct_encoding(tiny_merged, corpus, tmp_path):
             assert t.shape == (shard["sequences"], BLOCK) and t.dtype == np.uint16
     verify_shards(out, m, checksums=True)
     assert m["tokenizer"] == fingerprint(tiny_merged)
+    # The shard bytes themselves, against those recorded at 1900eb9.
+    golden.check("preprocess_shards", {"shards": folder_digest(out), "sequences": {
+        k: m["splits"][k]["sequences"] for k in ("train", "validation")}})
 
 
 def test_single_group_is_the_stream_prefix(tiny_merged, corpus, tmp_path):
