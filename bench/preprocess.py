@@ -86,7 +86,7 @@ def run_ceiling(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
 
 
 def run_ours(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
-    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.config import PreprocessConfig
     from cllama_dist.data.preprocess import preprocess
 
     out = Path(work) / "ours_out"

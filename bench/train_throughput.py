@@ -52,10 +52,7 @@ from common import commit  # noqa: E402  (a sibling module: benchmarks run as `p
 
 MODEL_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
-MODEL_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 BASE = ("ours-new-rows", "ours-full", "reference")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_SPEEDUP, TARGET_MEMORY_CUT, TARGET_MFU = 1.25, 0.25, 0.45
 
 
@@ -98,24 +95,34 @@ def peak_memory(device: str) -> dict:
 
 
 def train_config(spec: dict, overrides: dict):
-    from cllama_dist.config import TrainConfig, build
+    """The run config of every variant (``overrides``: dotted keys, or the flat keys of earlier versions)."""
+    from cllama_dist.config import build
+    from cllama_dist.model.config import LLAMA_PROJECTIONS
+    from cllama_dist.trainer.config import TrainConfig
 
-    values = dict(model_config=spec["model_config"], tokenizer=spec["tokenizer"], data=spec["data"],
-                  output_dir=spec["run_dir"], block_size=spec["seq"], embeddings="new-rows",
-                  lora_rank=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"], lora_dropout=0.05,
-                  lora_targets=LORA_TARGETS, micro_batch_size=spec["micro_batch"], global_batch_size=spec["micro_batch"],
-                  max_steps=spec["warmup"] + spec["steps"], lr=2e-4, warmup_steps=1, dtype=spec["dtype"],
-                  gradient_checkpointing=True, attn_implementation=spec["attn"], tensorboard=False,
-                  log_every=10**6, eval_every=0, save_every=0, resume="", adam_betas=[0.9, 0.95])
-    values.update(overrides)
-    return build(TrainConfig, values)
+    values = {"output_dir": spec["run_dir"],
+              "model": {"config": spec["model_config"], "tokenizer": spec["tokenizer"], "embeddings": "new-rows",
+                        "gradient_checkpointing": True, "attn_implementation": spec["attn"]},
+              "lora": {"rank": spec["lora_rank"], "alpha": 2 * spec["lora_rank"], "dropout": 0.05,
+                       "targets": LLAMA_PROJECTIONS},
+              "data": {"path": spec["data"], "block_size": spec["seq"], "micro_batch_size": spec["micro_batch"],
+                       "global_batch_size": spec["micro_batch"]},
+              "optim": {"max_steps": spec["warmup"] + spec["steps"], "lr": 2e-4, "warmup_steps": 1,
+                        "adam_betas": [0.9, 0.95]},
+              "engine": {"dtype": spec["dtype"]},
+              "checkpoint": {"save_every": 0, "resume": ""},
+              "validation": {"every": 0},
+              "logging": {"tensorboard": False, "log_every": 10**6}}
+    return build(TrainConfig, {**values, **overrides})
 
 
 def run_ours(spec: dict, overrides: dict) -> dict:
     import torch
 
     from cllama_dist import distributed as dist
-    from cllama_dist.trainer import Trainer
+    from cllama_dist.trainer import engine as engines
+    from cllama_dist.trainer.loop import Trainer
+    from cllama_dist.trainer.plan import lr_factor
 
     cfg = train_config(spec, overrides)
     t0 = time.perf_counter()
@@ -123,8 +130,8 @@ def run_ours(spec: dict, overrides: dict) -> dict:
     setup_s = time.perf_counter() - t0
     device = trainer.device
     times, losses = [], []
-    for step in range(cfg.max_steps):
-        trainer._set_lr(step)
+    for step in range(cfg.optim.max_steps):
+        engines.set_lr(trainer.engine, lr_factor(step, cfg.optim, cfg.optim.max_steps))
         _sync(device)
         t = time.perf_counter()
         loss = trainer.train_step(step)
@@ -135,7 +142,7 @@ def run_ours(spec: dict, overrides: dict) -> dict:
     out = {"setup_s": setup_s, "step_times_s": times, "losses": losses, "device": device,
            "trainable": trainer.counts.trainable, "lora_params": trainer.counts.lora,
            "flops_per_token": trainer.flops, "optimizer_state_bytes": optimizer_state_bytes(trainer.engine),
-           "embeddings": cfg.embeddings, "deepspeed_config": trainer.ds_config, **peak_memory(device)}
+           "embeddings": cfg.model.embeddings, "deepspeed_config": trainer.ds_config, **peak_memory(device)}
     dist.barrier()
     return out
 
@@ -151,20 +158,22 @@ def run_reference(spec: dict) -> dict:
     from cllama_dist.data.loader import TokenBlocks
     from cllama_dist.data.shards import load_manifest
     from cllama_dist.model import flops
+    from cllama_dist.model.config import LLAMA_PROJECTIONS
     from cllama_dist.tokenizer import spm
-    from cllama_dist.trainer import Plan, deepspeed_config
+    from cllama_dist.trainer.engine import resolve as deepspeed_config
+    from cllama_dist.trainer.plan import Plan
 
     # The ZeRO-3 config exactly as the file gives it (the single-process ZeRO-2 option is ours, not the reference's).
-    cfg = train_config(spec, {"single_process_zero2": False})
+    cfg = train_config(spec, {"engine.single_process_zero2": False})
     device = dist.init()
     t0 = time.perf_counter()
-    plan = Plan.make(cfg, 1, spec["seq"], 10**6)
+    plan = Plan.make(cfg.data, cfg.optim.max_steps, 1, spec["seq"], 10**6)
     ds = deepspeed_config(cfg, plan, spec["dtype"], universal=False)
     cuda = device.startswith("cuda")
     args = TrainingArguments(
-        output_dir=spec["run_dir"], per_device_train_batch_size=cfg.micro_batch_size, gradient_accumulation_steps=1,
-        max_steps=cfg.max_steps, learning_rate=cfg.lr, warmup_steps=1, lr_scheduler_type="cosine", weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=cfg.clip_grad, bf16=spec["dtype"] == "bf16",
+        output_dir=spec["run_dir"], per_device_train_batch_size=cfg.data.micro_batch_size, gradient_accumulation_steps=1,
+        max_steps=cfg.optim.max_steps, learning_rate=cfg.optim.lr, warmup_steps=1, lr_scheduler_type="cosine",
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=cfg.optim.clip_grad, bf16=spec["dtype"] == "bf16",
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, deepspeed=ds,
         logging_steps=10**6, save_strategy="no", report_to=[], remove_unused_columns=False, seed=0,
         dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True)
@@ -175,8 +184,8 @@ def run_reference(spec: dict) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
     model = LlamaForCausalLM(config).to(dtype)
     model.resize_token_embeddings(new_vocab)  # the paper's way: one matrix per module, every row trainable
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LORA_TARGETS, modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=LLAMA_PROJECTIONS, modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -237,7 +246,8 @@ def tiny_inputs(work: Path) -> tuple[dict, str, dict[int, str]]:
     import sentencepiece as spmlib
 
     from cllama_dist.assets import corpus_path
-    from cllama_dist.config import MergeConfig, PreprocessConfig, TokenizerTrainConfig
+    from cllama_dist.data.config import PreprocessConfig
+    from cllama_dist.tokenizer.config import MergeConfig, TokenizerTrainConfig
     from cllama_dist.data.preprocess import preprocess
     from cllama_dist.tokenizer.base import build_base_tokenizer
     from cllama_dist.tokenizer.merge import merge
@@ -255,7 +265,9 @@ def tiny_inputs(work: Path) -> tuple[dict, str, dict[int, str]]:
                                         block_size=seq, validation_fraction=0.0, workers=1, overwrite=True))
         shards[seq] = str(out)
     vocab = spmlib.SentencePieceProcessor(model_file=str(work / "base" / "tokenizer.model")).get_piece_size()
-    return {**MODEL_TINY, "vocab_size": vocab}, str(work / "merged"), shards
+    from cllama_dist.model.presets import TINY
+
+    return {**TINY, "vocab_size": vocab}, str(work / "merged"), shards
 
 
 def environment(device: str) -> dict:
@@ -391,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         args.variant = args.worker
         return worker(args)
 
-    from cllama_dist.distributed import free_port
+    from cllama_dist.launch.local import single_process_env
 
     t_start = time.time()
     out = Path(args.out)
@@ -445,11 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": dtype, "attn": args.attn, "run_dir": run_dir, "variants": variants}
                 spec_path, result_path = Path(run_dir) / "spec.json", Path(run_dir) / "result.json"
                 spec_path.write_text(json.dumps(spec))
-                env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
-                           PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-                if args.device == "cpu":
-                    env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+                env = single_process_env(cpu=args.device == "cpu")
                 log = out / f"{name}-{seq}.log"
                 print(f"== {name}, sequence {seq} ...", flush=True)
                 t0 = time.time()

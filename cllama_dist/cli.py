@@ -1,4 +1,4 @@
-"""The `cllama` command: one subcommand per stage.
+"""The `cllama` command: one subcommand per stage. It parses, calls the stage API (stages.py), prints.
 
     cllama tokenizer train  --corpus corpus/ --out out/chinese_sp --vocab-size 20000
     cllama tokenizer merge  --base llama/tokenizer.model --add out/chinese_sp.model --out out/merged
@@ -10,239 +10,267 @@
     cllama export adapter   --run runs/7b --out out/adapter
     cllama export merged    --base llama-7b/ --adapter out/adapter --out out/merged-7b
     cllama eval             --model llama-7b/ --adapter out/adapter --inputs heldout.jsonl --generate
+    cllama submit train     --config run.yaml --nodes 2 -- --optim.lr 1e-4
     cllama demo
 
-Every subcommand takes ``--config FILE.yaml``; flags override its values. Problems with the input are
-reported as one line naming the file and the problem (exit status 2).
+Every subcommand takes ``--config FILE.yaml``; flags override its values (dotted flags such as
+``--optim.lr`` reach nested keys). Problems with the input are reported as one line naming the file and
+the problem (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from . import __version__
-from .config import (EvalConfig, MergeConfig, PreprocessConfig, ReportConfig, TokenizerTrainConfig, add_arguments, from_args,
-                     load_yaml)
-from .demo import DEMO_STEPS, STAGES
+from . import __version__, stages
+from .config import add_flags, flag_values, load, load_yaml, normalise_flags
+from .data.config import FinalizeConfig, PreprocessConfig
 from .errors import UserError
+from .eval.config import EvalConfig
+from .export.config import ExportAdapterConfig, ExportMergedConfig
+from .launch.config import SubmitConfig
+from .recipes.demo.config import DemoConfig
+from .tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
+from .trainer.config import TrainConfig
 
 
-def _with_config(parser: argparse.ArgumentParser, cls: type) -> None:
-    parser.add_argument("--config", help="YAML file with this stage's settings; flags override it")
-    add_arguments(parser, cls)
-    parser.set_defaults(_cls=cls)
+# ------------------------------------------------------------------------------ what each command prints
 
 
-def _cfg(args: argparse.Namespace):
-    base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return from_args(args._cls, args, base)
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from .tokenizer.train import train
-
-    r = train(_cfg(args))
+def _print_tokenizer_train(cfg: TokenizerTrainConfig, r: dict) -> None:
     print(f"wrote {r['model']} ({r['config']['vocab_size']:,} pieces) from {r['sentences_sampled']:,} sampled "
           f"of {r['sentences_seen']:,} sentences in {r['documents_seen']:,} documents; report: "
           f"{r['model'][:-len('.model')]}.report.json")
 
 
-def cmd_tokenizer_merge(args: argparse.Namespace) -> None:
-    from .tokenizer.merge import merge
-
-    cfg = _cfg(args)
-    r = merge(cfg)
+def _print_merge(cfg: MergeConfig, r: dict) -> None:
     print(f"merged {r['orig_vocab_size']:,} + {r['added']:,} new pieces = {r['new_vocab_size']:,} "
           f"({r['overlap']:,} already present) -> {cfg.out}")
     for note in r["notes"]:
         print(f"note: {note}")
 
 
-def cmd_tokenizer_report(args: argparse.Namespace) -> None:
-    from .tokenizer.report import format_table, report
+def _print_report(cfg: ReportConfig, r: dict) -> None:
+    from .tokenizer.report import format_table
 
-    cfg = _cfg(args)
-    print(format_table(report(cfg)))
+    print(format_table(r))
     if cfg.json_out:
         print(f"\nJSON: {cfg.json_out}")
 
 
-def cmd_preprocess(args: argparse.Namespace) -> None:
-    from .data.preprocess import finalize, prepare, preprocess
-
-    if args.action == "finalize":
-        output = args.output or (load_yaml(args.config).get("output") if args.config else None)
-        if not output:
-            raise UserError("finalize needs --output (the shards folder)")
-        args.output = output
-        m = finalize(output, verify=True)
-    elif args.action == "prepare":
-        cfg = _cfg(args)
-        plan = prepare(cfg)
-        print(f"{cfg.output}: {len(plan['groups'])} shard groups over {cfg.num_tasks} task(s), "
-              f"{len(plan['chunks'])} input chunks; ready for the tasks")
-        return
-    else:
-        cfg = _cfg(args)
-        m = preprocess(cfg)
-        if m is None:
-            print(f"task {cfg.task_id} of {cfg.num_tasks} done; after all tasks: "
-                  f"cllama preprocess finalize --output {cfg.output}")
-            return
+def _print_manifest(output: str, m: dict) -> None:
     t, v = m["splits"]["train"], m["splits"]["validation"]
     print(f"{m['totals']['documents']:,} documents -> {t['sequences']:,} train + {v['sequences']:,} validation "
           f"sequences of {m['block_size']} tokens ({m['dtype']}), {len(t['shards']) + len(v['shards'])} shards; "
           f"skipped: { {k: c for k, c in m['skipped'].items() if c} or 'none'}; manifest: "
-          f"{Path(args.output) / 'manifest.json'}")
+          f"{Path(output) / 'manifest.json'}")
 
 
-def cmd_submit(args: argparse.Namespace) -> None:
-    from .launch.submit import submit_preprocess, submit_train
-
-    rest = (["--config", args.config] if args.config else []) + list(args.rest)
-    if args.what == "train":
-        job = submit_train(rest, nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
-                           time=args.time, cpus_per_task=args.cpus, device=args.device,
-                           procs_per_node=args.procs_per_node, folder=args.folder, local=args.local)
-        print(f"submitted training job {job.job_id}; logs: {args.folder}/{job.job_id}_*_log.out")
-        jobs = [job]
-    else:
-        array, final = submit_preprocess(rest, tasks=args.tasks, cpus=args.cpus, partition=args.partition,
-                                         time=args.time, folder=args.folder, local=args.local)
-        print(f"submitted {len(array)} preprocessing tasks ({array[0].job_id.split('_')[0]}) and finalize job "
-              f"{final.job_id}; logs: {args.folder}/")
-        jobs = [*array, final]
-    if args.wait:
-        for job in jobs:
-            print(f"{job.job_id}: {job.results()}")
+def _print_dry_run(cfg: TrainConfig, r: dict) -> None:
+    print(f"dry run: {r['layers']} layers, hidden {r['hidden']}, vocabulary {r['orig_vocab']:,} -> {r['new_vocab']:,}, "
+          f"{r['lora']}")
+    mixed = r["mixed_precision"]
+    for mode, m in r["modes"].items():
+        c, f = m["counts"], m["flops"]
+        print(f"  embeddings: {mode:8s} total {c.total:,}  LoRA {c.lora:,}  new rows {c.new_rows:,}  "
+              f"trainable {c.trainable:,} ({100 * c.share:.2f}%)  optimizer state "
+              f"{c.optimizer_bytes(mixed) / 2**30:.2f} GiB ({'fp32 master + ' if mixed else ''}AdamW moments)  "
+              f"FLOPs/token at {r['block']}: {f['actual'] / 1e9:.2f} G computed, "
+              f"{f['conventional'] / 1e9:.2f} G conventional 6N")
 
 
-def cmd_export_adapter(args: argparse.Namespace) -> None:
-    from .export import export_adapter
-
-    m = export_adapter(args.run, args.out, args.step)
-    print(f"wrote {args.out}: step {m['step']}, {m['trained_parameters']:,} trained parameters (LoRA + "
+def _print_export_adapter(cfg: ExportAdapterConfig, m: dict) -> None:
+    print(f"wrote {cfg.out}: step {m['step']}, {m['trained_parameters']:,} trained parameters (LoRA + "
           f"{m['new_vocab'] - m['orig_vocab']:,} new rows in embed_tokens and lm_head), tokenizer beside it")
 
 
-def cmd_export_merged(args: argparse.Namespace) -> None:
-    from .export import export_merged
-
-    m = export_merged(args.base, args.adapter, args.out, args.dtype)
-    print(f"wrote {m['out']}: {m['shards']} shard(s), vocab_size {m['vocab_size']:,}, {m['lora_modules']} LoRA modules "
-          f"merged, {m['dtype']}; tokenizer beside it")
+def _print_export_merged(cfg: ExportMergedConfig, m: dict) -> None:
+    print(f"wrote {m['out']}: {m['shards']} shard(s), vocab_size {m['vocab_size']:,}, {m['lora_modules']} LoRA "
+          f"modules merged, {m['dtype']}; tokenizer beside it")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import evaluate, format_result
+def _print_eval(cfg: EvalConfig, r: dict) -> None:
+    from .eval.run import format_result
 
-    print(format_result(evaluate(_cfg(args))))
+    print(format_result(r))
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+# ------------------------------------------------------------------------------ commands
 
-    run_demo(out=args.out, base_tokenizer=args.base_tokenizer, force=args.force, steps=args.steps, until=args.until)
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    config: type
+    help: str
+    run: Callable[[Any, argparse.Namespace], int | None]
+
+
+def quiet_library_warnings() -> None:
+    # Deprecation notices from inside torch.distributed and transformers, once per collective call: they
+    # drown the training log and are nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated",
+                            category=FutureWarning)
+
+
+def _simple(stage: Callable, printer: Callable) -> Callable[[Any, argparse.Namespace], None]:
+    def run(cfg, args):
+        printer(cfg, stage(cfg))
+    return run
+
+
+def _preprocess(cfg: PreprocessConfig, args: argparse.Namespace) -> None:
+    if args.action == "prepare":
+        plan = stages.preprocess_prepare(cfg)
+        from .data.preprocess import resolve_task
+
+        print(f"{cfg.output}: {len(plan['groups'])} shard groups over {resolve_task(cfg).num_tasks} task(s), "
+              f"{len(plan['chunks'])} input chunks; ready for the tasks")
+        return
+    m = stages.preprocess(cfg)
+    if m is None:
+        from .data.preprocess import resolve_task
+
+        task = resolve_task(cfg)
+        print(f"task {task.task_id} of {task.num_tasks} done; after all tasks: "
+              f"cllama preprocess finalize --output {cfg.output}")
+        return
+    _print_manifest(cfg.output, m)
+
+
+def _train(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        _print_dry_run(cfg, stages.dry_run(cfg))
+        return 0
+    return stages.train(cfg)
+
+
+def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
+    from .launch.submit import submit_preprocess, submit_train
+
+    # The job's own settings: its YAML (--config) and the flags after a lone --, parsed by the stage's parser.
+    stage_cls = TrainConfig if args.what == "train" else PreprocessConfig
+    stage_parser = argparse.ArgumentParser(prog=f"cllama submit {args.what} ... --")
+    add_flags(stage_parser, stage_cls)
+    values, origins = flag_values(stage_parser.parse_args(args.rest), stage_cls)
+    cfg = load(stage_cls, args.config, values, origins)
+    if args.what == "train":
+        jobs = [submit_train(cfg, job)]
+        print(f"submitted training job {jobs[0].job_id}; logs: {job.folder}/{jobs[0].job_id}_*_log.out")
+    else:
+        array, final = submit_preprocess(cfg, job)
+        print(f"submitted {len(array)} preprocessing tasks ({array[0].job_id.split('_')[0]}) and finalize job "
+              f"{final.job_id}; logs: {job.folder}/")
+        jobs = [*array, final]
+    if job.wait:
+        for j in jobs:
+            print(f"{j.job_id}: {j.results()}")
+
+
+COMMANDS = [
+    Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model on a corpus (streamed, sampled)",
+            _simple(stages.tokenizer_train, _print_tokenizer_train)),
+    Command(("tokenizer", "merge"), MergeConfig, "append a model's new pieces to a base tokenizer, keeping base ids",
+            _simple(stages.merge, _print_merge)),
+    Command(("tokenizer", "report"), ReportConfig, "compare tokenizers on a corpus", _simple(stages.report, _print_report)),
+    Command(("preprocess",), PreprocessConfig, "tokenize a corpus into packed Arrow shards (offline, CPU)", _preprocess),
+    Command(("train",), TrainConfig, "train LoRA + new embedding rows (one process of a job; start several with "
+                                     "torchrun / deepspeed / srun)", _train),
+    Command(("export", "adapter"), ExportAdapterConfig, "a PEFT adapter (LoRA + new embedding rows) with the merged "
+                                                        "tokenizer", _simple(stages.export_adapter, _print_export_adapter)),
+    Command(("export", "merged"), ExportMergedConfig, "a full Hugging Face model: base + adapter, merged shard by shard",
+            _simple(stages.export_merged, _print_export_merged)),
+    Command(("eval",), EvalConfig, "loss, perplexity and bits per character of a model (base, merged, or base + "
+                                   "adapter) on held-out text or shards; --generate samples continuations",
+            _simple(stages.evaluate, _print_eval)),
+    Command(("submit",), SubmitConfig, "submit training or preprocessing through submitit (Slurm or local)", _submit),
+    Command(("demo",), DemoConfig, "run the whole pipeline on the shipped corpus (CPU, tiny model)",
+            _simple(stages.demo, lambda cfg, r: None)),
+]
+
+
+def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None:
+    if words == ("preprocess",):
+        p.add_argument("action", nargs="?", choices=["prepare", "finalize"],
+                       help="prepare: check the flags and create the output folder's plan (before an array of "
+                            "tasks); finalize: check and join the tasks' output into manifest.json")
+    elif words == ("train",):
+        p.add_argument("--dry-run", action="store_true",
+                       help="build the model on the meta device from its config and print parameter counts")
+        p.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
+    elif words == ("submit",):
+        p.add_argument("what", choices=["train", "preprocess"])
+        p.epilog = "Flags after a lone -- go to the trainer / preprocessor (their --help lists them)."
+    elif words == ("demo",):
+        from .recipes.demo.recipe import STAGE_NAMES
+
+        p.epilog = f"Stages: {', '.join(STAGE_NAMES)}."
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cllama", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"cllama-dist {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-
-    tok = sub.add_parser("tokenizer", help="the vocabulary stage").add_subparsers(dest="action", required=True)
-    t = tok.add_parser("train", help="train a SentencePiece model on a corpus (streamed, sampled)")
-    _with_config(t, TokenizerTrainConfig)
-    t.set_defaults(func=cmd_tokenizer_train)
-    m = tok.add_parser("merge", help="append a model's new pieces to a base tokenizer, keeping base ids")
-    _with_config(m, MergeConfig)
-    m.set_defaults(func=cmd_tokenizer_merge)
-    r = tok.add_parser("report", help="compare tokenizers on a corpus")
-    _with_config(r, ReportConfig)
-    r.set_defaults(func=cmd_tokenizer_report)
-
-    pp = sub.add_parser("preprocess", help="tokenize a corpus into packed Arrow shards (offline, CPU)")
-    pp.add_argument("action", nargs="?", choices=["prepare", "finalize"],
-                    help="prepare: check the flags and create the output folder's plan (before an array of "
-                         "tasks); finalize: check and join the tasks' output into manifest.json")
-    _with_config(pp, PreprocessConfig)
-    pp.set_defaults(func=cmd_preprocess)
-
-    sub.add_parser("train", add_help=False,
-                   help="train LoRA + new embedding rows (one process; start it with deepspeed/torchrun/srun); "
-                        "`cllama train --help` lists its flags")
-    sb = sub.add_parser("submit", help="submit training or preprocessing through submitit (Slurm or local)")
-    sb.add_argument("what", choices=["train", "preprocess"])
-    sb.add_argument("--config", help="the stage's YAML config")
-    sb.add_argument("--nodes", type=int, default=1, help="nodes (train; default 1)")
-    sb.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; one process each (default 8)")
-    sb.add_argument("--procs-per-node", type=int, default=None, help="processes per node (default: GPUs, or 1 on CPU)")
-    sb.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="cpu: gloo, no GPUs requested")
-    sb.add_argument("--tasks", type=int, default=1, help="array tasks (preprocess)")
-    sb.add_argument("--cpus", type=int, default=8, help="CPU cores per task (default 8)")
-    sb.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
-    sb.add_argument("--time", default="24:00:00", help="time limit of one attempt (minutes, HH:MM:SS, D-HH:MM:SS)")
-    sb.add_argument("--folder", default="runs/submitit", help="submitit's folder: pickles and logs")
-    sb.add_argument("--local", action="store_true", help="run on this machine (submitit's local executor)")
-    sb.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
-    sb.epilog = "Flags after a lone -- go to the trainer / preprocessor."
-    sb.set_defaults(func=cmd_submit)
-
-    ex = sub.add_parser("export", help="export a run").add_subparsers(dest="action", required=True)
-    ea = ex.add_parser("adapter", help="a PEFT adapter (LoRA + new embedding rows) with the merged tokenizer")
-    ea.add_argument("--run", required=True, help="the run folder (output_dir of the training)")
-    ea.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-    ea.add_argument("--out", required=True, help="output folder")
-    ea.set_defaults(func=cmd_export_adapter)
-    em = ex.add_parser("merged", help="a full Hugging Face model: base + adapter, merged shard by shard")
-    em.add_argument("--base", required=True, help="the base model folder (safetensors)")
-    em.add_argument("--adapter", required=True, help="a folder from `cllama export adapter`")
-    em.add_argument("--out", required=True, help="output folder")
-    em.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weights dtype (default bf16)")
-    em.set_defaults(func=cmd_export_merged)
-
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per character of a model (base, merged, or base + "
-                                     "adapter) on held-out text or shards; --generate samples continuations")
-    _with_config(ev, EvalConfig)
-    ev.set_defaults(func=cmd_eval)
-
-    d = sub.add_parser("demo", help="run the whole pipeline on the shipped corpus (CPU, tiny model)")
-    d.add_argument("--out", default="runs/demo", help="folder for every artefact (default: runs/demo)")
-    d.add_argument("--base-tokenizer", default=None,
-                   help="a real base SentencePiece model (e.g. LLaMA's tokenizer.model); default: build one")
-    d.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
-    d.add_argument("--steps", type=int, default=DEMO_STEPS,
-                   help=f"training steps of the 2-process ZeRO-3 stage (default {DEMO_STEPS})")
-    d.add_argument("--until", default=None, metavar="STAGE", help=f"stop after this stage ({', '.join(STAGES)})")
-    d.set_defaults(func=cmd_demo)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        parent = sub
+        if len(cmd.words) == 2:
+            if cmd.words[0] not in groups:
+                helps = {"tokenizer": "the vocabulary stage", "export": "export a run"}
+                groups[cmd.words[0]] = sub.add_parser(cmd.words[0], help=helps[cmd.words[0]]).add_subparsers(
+                    dest="action", required=True)
+            parent = groups[cmd.words[0]]
+        sp = parent.add_parser(cmd.words[-1], help=cmd.help, description=cmd.help)
+        sp.add_argument("--config", help="YAML file with this stage's settings; flags override it")
+        _extra_arguments(cmd.words, sp)
+        add_flags(sp, cmd.config)
+        sp.set_defaults(_command=cmd)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        # One process of a training job (launched by deepspeed / torchrun / srun, or alone on one device);
-        # its flags are TrainConfig's, parsed by the trainer's own entry point.
-        from .train import main as train_main
+def _config(cmd: Command, args: argparse.Namespace):
+    if cmd.words == ("preprocess",) and args.action == "finalize":
+        # finalize needs only the output folder: from the flag, or from the preprocessing YAML.
+        output = getattr(args, "output", None) or (load_yaml(args.config).get("output") if args.config else None)
+        return FinalizeConfig(output=output or "")
+    if cmd.words == ("submit",):
+        values, origins = flag_values(args, SubmitConfig)
+        return load(SubmitConfig, None, values, origins)  # --config is the job's, read in _submit
+    values, origins = flag_values(args, cmd.config)
+    return load(cmd.config, args.config, values, origins)
 
-        return train_main(argv[1:])
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     rest: list[str] = []
     if argv[:1] == ["submit"] and "--" in argv:  # what follows a lone -- belongs to the job, not to submit
         cut = argv.index("--")
-        argv, rest = argv[:cut], argv[cut + 1:]
+        argv, rest = argv[:cut], normalise_flags(argv[cut + 1:])
+    argv = normalise_flags(argv)
     args = build_parser().parse_args(argv)
     args.rest = rest
+    cmd: Command = args._command
+    name = "cllama " + " ".join(cmd.words)
+    quiet_library_warnings()
     try:
-        args.func(args)
+        cfg = _config(cmd, args)
+        if cmd.words == ("preprocess",) and args.action == "finalize":
+            _print_manifest(cfg.output, stages.preprocess_finalize(cfg))
+            return 0
+        code = cmd.run(cfg, args)
     except UserError as exc:
-        print(f"cllama: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cllama: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":

@@ -1,450 +1,327 @@
-"""Typed, validated configuration for every stage.
+"""Typed configuration: how every stage's settings are declared, loaded, checked and written back.
 
-Each stage has one dataclass. Every field carries its documentation in ``metadata["help"]``; the same
-text becomes the command-line help, so a flag and its YAML key never drift apart. ``__post_init__``
-checks values at start-up, not at step 1000.
+Each stage's config is a dataclass built from small sections, each defined beside the code it configures
+(``trainer/config.py``, ``data/config.py``, ``model/config.py``, ...). A field is declared once, with
+``option()``: its type annotation, its default and its help text. That one declaration gives
 
-A config can be loaded from YAML (``load_config``) and overridden by command-line flags
-(``add_arguments`` / ``from_args``); the resolved config is written next to the stage's outputs.
+- the YAML key (nested: ``optim: {lr: 2e-4}``), and the flag (``--optim.lr``; plus the flat flag and YAML
+  key that earlier versions used, e.g. ``--lr`` / ``lr:``, where ``legacy=`` names it);
+- the help text of the flag, so a flag and its key never drift apart;
+- the check of every value against the declared type, wherever it comes from (YAML, a flag, Python).
+
+Why a small module of our own instead of pydantic, tyro or OmegaConf: the values users write in YAML are
+the problem to solve (PyYAML 1.1 reads ``2e-4`` as a string, ``no`` as false, ``Full`` as a string), and
+we want exactly this policy: numbers written as strings become numbers, booleans are true/false only, a
+``Literal`` accepts exactly its choices, a list given one string takes it as one element, and every
+error is one line naming the file, the key and the value. pydantic's lax mode turns ``"no"``/``"off"``
+into false (the quirk we must refuse) and its strict mode refuses ``"2e-4"``; tyro and jsonargparse
+are flag parsers first, and OmegaConf structured configs do not coerce ``"2e-4"`` into a float. The
+dataclasses stay plain (picklable for submitit, printable, ``dataclasses.replace`` works), and
+the rules below fit in one file with a table test (tests/unit/test_config.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterator, Literal, Union
 
 from .errors import UserError
 
+# A filesystem path, kept as a string ("" means unset). Declared as PathStr so that a list, a number or a
+# mapping given for a path is refused, and "~" is expanded.
+PathStr = Annotated[str, "path"]
 
-def doc(help: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with its documentation attached."""
+__all__ = ["PathStr", "Section", "option", "ConfigError", "check", "coerce", "build", "load", "load_yaml",
+           "add_flags", "normalise_flags", "flag_values", "from_sources", "to_dict", "dump_yaml", "Literal"]
+
+
+class ConfigError(UserError):
+    """A bad value, raised with the key it belongs to; ``build`` adds the section path and the source."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.message = key, message
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless condition holds: for range checks in ``Section.validate``."""
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, legacy: str | None = None,
+           aliases: tuple[str, ...] | list[str] = (), flag: bool = True) -> Any:
+    """A config field with its help text.
+
+    legacy: the flat name this setting had before the config was nested (``lr`` for ``optim.lr``): the flag
+        ``--lr`` and the top-level YAML key ``lr:`` keep working, and so do checkpoints that recorded it.
+    aliases: further flags (``--out``).
+    flag: False for settings that only make sense in YAML or Python.
+    """
+    meta = {"help": help, "legacy": legacy, "aliases": tuple(aliases), "flag": flag}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Section:
+    """Base of every config dataclass: values are coerced to their declared types, then ``validate`` runs.
+
+    This runs on every construction (from YAML, flags, ``dataclasses.replace`` or plain Python), so a
+    config object that exists is a checked one. Subclasses put their range checks in ``validate``.
+    """
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.init:
+                setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range and consistency checks; raise with ``check(...)`` naming the key."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Corpus reading, shared by the tokenizer trainer, the report and the preprocessor.
+# Coercion: one value against one declared type.
+
+_hint_cache: dict[type, dict[str, Any]] = {}
 
 
-@dataclass
-class CorpusConfig:
-    inputs: list[str] = doc(
-        "Corpus files, folders (searched recursively) or glob patterns: .txt (a line a document), "
-        ".jsonl (a JSON object a line), .parquet; each optionally .gz or .zst.",
-        default=[],
-        aliases=["--corpus", "--input"],
-    )
-    text_field: str = doc("Name of the text field in .jsonl objects and the text column in .parquet files.", "text")
-    strict: bool = doc(
-        "Fail on the first bad record (invalid UTF-8, malformed JSON, missing text field), naming file "
-        "and line, instead of skipping and counting it.",
-        False,
-    )
-
-    def __post_init__(self) -> None:
-        if not self.text_field:
-            raise UserError("text_field must not be empty")
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _hint_cache:
+        _hint_cache[cls] = typing.get_type_hints(cls, include_extras=True)
+    return _hint_cache[cls]
 
 
-# --------------------------------------------------------------------------------------------------
-# Vocabulary stage.
+def _describe(value: Any) -> str:
+    kind = type(value).__name__
+    return f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({kind})"
 
 
-@dataclass
-class TokenizerTrainConfig(CorpusConfig):
-    output: str = doc(
-        "Output prefix: writes PREFIX.model, PREFIX.vocab and PREFIX.report.json.", "chinese_sp",
-        aliases=["--out", "--model-prefix"],
-    )
-    vocab_size: int = doc("Number of pieces of the new tokenizer (the paper: 20,000).", 20000)
-    model_type: Literal["bpe", "unigram"] = doc(
-        "SentencePiece algorithm. The paper's released chinese_sp.model is unigram; BPE is the default "
-        "because the merged tokenizer runs LLaMA's BPE algorithm, under which unigram-trained pieces are "
-        "often unreachable (measured on the fixture corpus: 2,315 of 18,507 added unigram pieces "
-        "against 12 of 18,466 BPE pieces), and BPE compresses held-out text slightly better.",
-        "bpe",
-    )
-    character_coverage: float = doc("Share of characters covered by the vocabulary (the paper: 0.9995).", 0.9995)
-    normalization: str = doc(
-        "SentencePiece normalization rule. 'identity' (LLaMA's) by default: the merged tokenizer keeps the "
-        "base's normalizer, so pieces learned under another rule may never match real text (the paper's "
-        "model used nmt_nfkc, which learns ',' where Chinese text has '，').",
-        "identity",
-    )
-    split_digits: bool = doc(
-        "Split numbers into single digits, as LLaMA does. Off in the paper's model, whose multi-digit "
-        "pieces then break LLaMA's digit convention after the merge (hazard H12).",
-        False,
-    )
-    sample_sentences: int = doc(
-        "Size of the seeded reservoir sample of sentences fed to SentencePiece. Memory is bounded by "
-        "this and max_sentence_chars, never by the corpus size.",
-        2_000_000,
-    )
-    max_sentence_chars: int = doc(
-        "Longer lines are cut at sentence punctuation, then hard, to at most this many characters.", 1000
-    )
-    threads: int = doc("SentencePiece training threads (0: all cores).", 0)
-    seed: int = doc("Seed of the sentence sample and of SentencePiece's random generator.", 42)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.vocab_size < 10:
-            raise UserError(f"vocab_size must be at least 10, got {self.vocab_size}")
-        if not 0.9 <= self.character_coverage <= 1.0:
-            raise UserError(f"character_coverage must be within [0.9, 1.0], got {self.character_coverage}")
-        if self.sample_sentences < 1:
-            raise UserError(f"sample_sentences must be positive, got {self.sample_sentences}")
-        if self.max_sentence_chars < 16:
-            raise UserError(f"max_sentence_chars must be at least 16, got {self.max_sentence_chars}")
-        if self.threads < 0:
-            raise UserError(f"threads must be >= 0, got {self.threads}")
-
-
-@dataclass
-class MergeConfig:
-    base: str = doc("The base SentencePiece model (LLaMA's tokenizer.model), or a folder holding tokenizer.model.", "")
-    add: str = doc("The SentencePiece model whose pieces are added (e.g. the 20K Chinese model).", "")
-    out: str = doc("Output folder: tokenizer.model, Hugging Face tokenizer files, merge_report.json.", "")
-    new_piece_score: Literal["paper", "below-base"] = doc(
-        "Score of appended pieces. 'paper': 0, as the paper's script did (above every BPE piece of "
-        "LLaMA, so BPE merges them first). 'below-base': decreasing scores under the lowest base "
-        "score, so base merges win ties; gives different encodings from the published tokenizer.",
-        "paper",
-    )
-    drop_multi_digit: bool = doc(
-        "Do not add pieces containing two or more consecutive digits, keeping LLaMA's one-digit "
-        "convention (hazard H12). Off by default: the published tokenizer keeps them.",
-        False,
-    )
-    overwrite: bool = doc("Replace an existing output folder.", False)
-
-    def __post_init__(self) -> None:
-        for name in ("base", "add", "out"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required")
-
-
-@dataclass
-class ReportConfig(CorpusConfig):
-    tokenizers: list[str] = doc(
-        "Tokenizers to compare (SentencePiece .model files or folders holding tokenizer.model); the "
-        "first is the reference for ratios, and a later one whose first pieces equal it is analysed "
-        "as its extension.",
-        default=[],
-        aliases=["--tokenizer"],
-    )
-    json_out: str = doc("Write the figures as JSON to this path.", "")
-    threads: int = doc("Encoding threads (0: all cores).", 0)
-    max_documents: int = doc("Stop after this many documents (0: all).", 0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.tokenizers:
-            raise UserError("give at least one --tokenizers")
-        if not self.inputs:
-            raise UserError("give the corpus with --inputs")
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation.
-
-DEFAULT_PROMPTS = ["中国的首都是", "人工智能是", "从前有一座山，山里有"]
-
-
-@dataclass
-class EvalConfig(CorpusConfig):
-    model: str = doc("The model: a Hugging Face folder (a base model, or a merged one from `cllama export merged`).", "")
-    adapter: str = doc(
-        "An adapter folder from `cllama export adapter`, loaded with stock PEFT on top of --model (the base it "
-        "was trained from, resized to the adapter's tokenizer).", "")
-    tokenizer: str = doc(
-        "Tokenizer folder or .model (default: the adapter's, else the model folder's). Must be the one the "
-        "model was trained with.", "")
-    shards: str = doc(
-        "Evaluate on a shard folder from `cllama preprocess` instead of text (loss and perplexity only: "
-        "shards hold tokens, so bits per character need --inputs text).", "")
-    split: Literal["validation", "train"] = doc("Which split of --shards.", "validation")
-    block_size: int = doc(
-        "Window length in tokens. Text longer than a window is cut into consecutive windows that predict "
-        "every token exactly once (capped at the model's max_position_embeddings).", 1024)
-    batch_size: int = doc("Windows per forward pass.", 4)
-    max_documents: int = doc("Stop after this many documents (text) or blocks (shards); 0: all.", 0)
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc("Weights dtype; auto: bf16 on a GPU, fp32 on the CPU.", "auto")
-    device: str = doc("auto, cpu, cuda or cuda:N.", "auto")
-    generate: bool = doc("Also sample continuations of --prompts and report generation speed (tokens/s).", False)
-    prompts: list[str] = doc("Prompts for --generate.", DEFAULT_PROMPTS, aliases=["--prompt"])
-    max_new_tokens: int = doc("Tokens generated per prompt.", 48)
-    temperature: float = doc("Sampling temperature for --generate; 0: greedy.", 0.7)
-    top_p: float = doc("Nucleus sampling threshold for --generate.", 0.9)
-    seed: int = doc("Seed of the sampling.", 0)
-    json_out: str = doc("Write the figures (and generations) as JSON to this path.", "")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.model:
-            raise UserError("--model is required (a Hugging Face model folder)")
-        if bool(self.inputs) == bool(self.shards):
-            raise UserError("give either --inputs (text: bits per character) or --shards (tokens), not both or neither")
-        if self.block_size < 2:
-            raise UserError(f"block_size must be at least 2, got {self.block_size}")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("batch_size and max_new_tokens must be positive")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"temperature must be >= 0 and top_p within (0, 1]; got {self.temperature}, {self.top_p}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Offline preprocessing.
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else default
-
-
-@dataclass
-class PreprocessConfig(CorpusConfig):
-    tokenizer: str = doc("The merged tokenizer folder (holding tokenizer.model) or a SentencePiece .model file.", "")
-    output: str = doc("Output folder for the Arrow shards and manifest.json.", "", aliases=["--out"])
-    block_size: int = doc("Tokens per training sequence; documents are packed across boundaries.", 512)
-    add_bos: bool = doc("Put BOS before every document (the paper's v1 and v2).", True)
-    add_eos: bool = doc("Put EOS after every document (the paper's v2).", False)
-    validation_fraction: float = doc(
-        "Share of documents sent to the validation split, chosen by a keyed hash of each document's text "
-        "(so the same document always lands in the same split, whatever the order or the task split).",
-        0.01,
-    )
-    seed: int = doc("Key of the split hash.", 0)
-    shard_size_mb: float = doc(
-        "Target size of one train shard, in MB of output; shard boundaries are planned from input sizes, "
-        "so they do not depend on workers or tasks.",
-        256.0,
-    )
-    chunk_mb: float = doc(
-        "Input bytes one worker tokenizes at a time (plain .txt/.jsonl are cut by byte range; a compressed "
-        "file is one chunk, streamed). Bounds memory per worker together with batch_docs.",
-        16.0,
-    )
-    batch_docs: int = doc("Documents encoded per SentencePiece call inside a worker.", 1000)
-    workers: int = doc("Worker processes (0: all cores).", 0)
-    num_tasks: int = doc("Number of tasks sharing the input (default: SLURM_ARRAY_TASK_COUNT or 1).", 0)
-    task_id: int = doc("This task's index, 0-based (default: SLURM_ARRAY_TASK_ID or 0).", -1)
-    record_boundaries: bool = doc(
-        "Also store, per sequence, the offsets where a document starts (column doc_starts), so that a "
-        "trainer can mask attention across documents.",
-        False,
-    )
-    max_doc_chars: int = doc("Skip (and count) documents longer than this many characters (0: no limit).", 10_000_000)
-    overwrite: bool = doc("Delete an existing output folder made with other settings instead of refusing.", False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.tokenizer:
-            raise UserError("--tokenizer is required (the merged tokenizer folder)")
-        if not self.output:
-            raise UserError("--output is required")
-        if self.block_size < 2:
-            raise UserError(f"block_size must be at least 2, got {self.block_size}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise UserError(f"validation_fraction must be within [0, 1), got {self.validation_fraction}")
-        if self.shard_size_mb <= 0 or self.chunk_mb <= 0:
-            raise UserError("shard_size_mb and chunk_mb must be positive")
-        if self.num_tasks <= 0:
-            self.num_tasks = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
-        if self.task_id < 0:
-            self.task_id = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
-        if not 0 <= self.task_id < self.num_tasks:
-            raise UserError(f"task_id {self.task_id} is outside 0..{self.num_tasks - 1} (num_tasks {self.num_tasks})")
-        if self.workers < 0:
-            raise UserError(f"workers must be >= 0, got {self.workers}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Training.
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class TrainConfig:
-    # What to train on.
-    model: str = doc(
-        "Base model: a Hugging Face folder (config.json + weights). Leave empty and set model_config to "
-        "build a LLaMA-architecture model with random weights (tests, demo, benchmarks, dry runs).", "")
-    model_config: dict = doc(
-        "LlamaConfig fields (hidden_size, num_hidden_layers, ..., vocab_size = the base vocabulary) for a "
-        "model built from scratch; YAML only. Ignored when model is set.", {})
-    tokenizer: str = doc("The merged tokenizer folder (from `cllama tokenizer merge`).", "")
-    data: str = doc("The preprocessor's output folder (Arrow shards + manifest.json).", "")
-    output_dir: str = doc("Run folder: resolved config, metrics, TensorBoard events, checkpoints.", "",
-                          aliases=["--out"])
-    extended_vocab: int = doc(
-        "Expected size of the extended vocabulary, len(tokenizer) (the paper: 49,953). With a tokenizer it "
-        "is a check; without one (dry runs) it is the size used. 0: take len(tokenizer).", 0)
-    block_size: int = doc("Sequence length; must equal the shards' block size (0: take it from the manifest).", 0)
-    # Vocabulary extension.
-    embeddings: Literal["new-rows", "full"] = doc(
-        "What of embed_tokens and lm_head trains. new-rows: only the appended rows, held as their own "
-        "parameters (old rows bit-identical, optimizer state for new rows only). full: both whole matrices, "
-        "the paper's choice, for comparison.", "new-rows")
-    new_row_init: Literal["mean", "subword", "normal"] = doc(
-        "Initial value of appended rows: mean of the old rows; subword = mean of the base rows of the pieces "
-        "the base tokenizer splits the new piece into (needs the base tokenizer named in the merge report); "
-        "normal = N(0, new_row_std), the paper's.", "mean")
-    new_row_std: float = doc("Standard deviation of the normal initialisation.", 0.02)
-    # LoRA.
-    lora_rank: int = doc("LoRA rank (the paper: 8; its v2: 64).", 8)
-    lora_alpha: float = doc("LoRA alpha (the paper: 32; its v2: 128).", 32.0)
-    lora_dropout: float = doc("LoRA dropout (the paper: 0.05).", 0.05)
-    lora_targets: list[str] = doc("Modules that get LoRA adapters.", LORA_TARGETS)
-    # Optimisation.
-    micro_batch_size: int = doc("Sequences per process per forward pass.", 1)
-    grad_accum: int = doc("Gradient accumulation steps (ignored when global_batch_size is set).", 1)
-    global_batch_size: int = doc(
-        "Sequences per optimizer step over all processes; fixes grad_accum = global / (micro x processes), "
-        "so the same run resumes on another number of processes with the same batches (0: use grad_accum).", 0)
-    max_steps: int = doc("Optimizer steps to train (0: one pass over the train split).", 0)
-    lr: float = doc("Peak learning rate of LoRA weights (the paper: 2e-4).", 2e-4)
-    embedding_lr: float = doc("Peak learning rate of the embedding rows (0: same as lr).", 0.0)
-    weight_decay: float = doc("AdamW weight decay on LoRA weights; never applied to embedding rows.", 0.0)
-    adam_betas: list[float] = doc("AdamW betas.", [0.9, 0.95])
-    adam_eps: float = doc("AdamW epsilon.", 1e-8)
-    warmup_steps: int = doc("Linear warm-up steps.", 0)
-    warmup_ratio: float = doc("Warm-up as a share of max_steps (used when warmup_steps is 0).", 0.05)
-    min_lr_ratio: float = doc("Cosine decay ends at this share of the peak learning rate.", 0.1)
-    clip_grad: float = doc("Gradient norm clipping (0: off).", 1.0)
-    # Engine.
-    deepspeed_config: str = doc(
-        "DeepSpeed JSON (deepspeed_configs/zero3.json, zero3_offload.json, zero2.json); its \"auto\" "
-        "values are filled from this config.", "deepspeed_configs/zero3.json", aliases=["--ds-config"])
-    deepspeed_overrides: dict = doc(
-        "Settings merged into the DeepSpeed JSON (nested mappings merge key by key); YAML only. The tiny "
-        "CPU configs set zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are "
-        "partitioned too.", {})
-    single_process_zero2: bool = doc(
-        "With one process, run a ZeRO-3 config as ZeRO-2: a single process's one partition is the whole model, "
-        "so ZeRO-3 saves no memory there but still gathers and releases every layer's weights in each forward, "
-        "backward and recomputation (tiny model on the CPU: 2-6x the steps/s; on a GPU: to be measured by "
-        "bench/train_throughput.py). Off by default until the GPU numbers justify it. A checkpoint resumes "
-        "only under the ZeRO stage it was saved with.", False)
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = doc(
-        "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.", "auto")
-    gradient_checkpointing: bool = doc("Recompute activations in the backward pass (non-reentrant).", True)
-    attn_implementation: str = doc("transformers attention kernel: sdpa, eager, flash_attention_2.", "sdpa")
-    # Evaluation, logging, checkpoints.
-    eval_every: int = doc("Evaluate on the validation split every N steps (0: only at the end).", 0)
-    eval_sequences: int = doc(
-        "Evaluate on the first N validation sequences (0: the whole split); the same N sequences whatever the "
-        "number of processes.", 0)
-    log_every: int = doc("Log metrics every N steps.", 10)
-    save_every: int = doc("Save a checkpoint every N steps (0: only at the end and on a signal).", 0)
-    keep_last: int = doc("Complete checkpoints to keep (older ones are deleted).", 2)
-    resume: str = doc("'auto' (the newest complete checkpoint in the run folder, if any), a checkpoint "
-                      "folder, or '' to start fresh (refused if the run folder already has checkpoints).", "auto")
-    max_nonfinite_steps: int = doc(
-        "Stop after this many steps in a row with a non-finite loss (each is skipped), saving the last "
-        "good state.", 3)
-    peak_tflops: float = doc("Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).", 0.0)
-    tensorboard: bool = doc("Write TensorBoard events to OUTPUT_DIR/tb.", True)
-    seed: int = doc("Seed of the data order, the new-row initialisation and LoRA initialisation.", 0)
-    fault_nonfinite_steps: list[int] = doc(
-        "Testing aid: steps (numbered from 1, as logged) whose last micro-batch loss is replaced by NaN, to "
-        "exercise the non-finite handling.", [])
-
-    def __post_init__(self) -> None:
-        if not self.model and not self.model_config:
-            raise UserError("set model (a Hugging Face folder) or model_config (to build one from a config)")
-        for name in ("micro_batch_size", "grad_accum", "lora_rank", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("extended_vocab", "block_size", "max_steps", "global_batch_size", "eval_every", "save_every", "warmup_steps",
-                     "eval_sequences", "max_nonfinite_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.embedding_lr < 0:
-            raise UserError("lr must be positive and embedding_lr non-negative")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
-        if len(self.adam_betas) != 2:
-            raise UserError(f"adam_betas needs two values, got {self.adam_betas}")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
-            raise UserError("lora_targets must name at least one module")
-
-
-# --------------------------------------------------------------------------------------------------
-# Generic glue: dataclass <-> argparse <-> YAML.
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+def _optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+        if len(args) < len(typing.get_args(tp)) and len(args) == 1:
+            return args[0], True
+    return tp, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field. Defaults are left as None so that YAML values survive."""
-    hints = typing.get_type_hints(cls)
+def _is_path(tp: Any) -> bool:
+    return typing.get_origin(tp) is Annotated and "path" in typing.get_args(tp)[1:]
+
+
+def _number(value: Any, key: str, whole: bool) -> int | float:
+    what = "a whole number" if whole else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected {what}, got {value!r} (true/false)")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if whole and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise ConfigError(key, f"expected {what}, got {_describe(value)}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(key, f"expected {what}, got {_describe(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"expected a finite number, got {value!r}")
+    if whole:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(key, f"expected a whole number, got {value!r}")
+            value = int(value)
+        return value
+    return float(value)
+
+
+def coerce(value: Any, tp: Any, key: str = "") -> Any:
+    """``value`` checked against (and converted to) the declared type ``tp``; ConfigError names ``key``.
+
+    The rules, in the order users meet them:
+    - int / float: numbers, and strings that read as numbers ("2e-4", "1000", "1e4" for an int); a float
+      for an int only when whole; never true/false; never inf/nan.
+    - bool: true or false only. The string "no" (a quoted YAML value) is refused, not read as true.
+    - str: a string only (a number is refused: quote it); PathStr: a string or path, "~" expanded.
+    - Literal: exactly one of the choices (the error lists them, and suggests a near match).
+    - list[T]: a list or tuple, each element checked; a single value is taken as a one-element list.
+    - dict: a mapping (a flag may give it as a YAML/JSON string).
+    - a Section: a mapping, built field by field (unknown keys refused); an instance is kept.
+    - Optional[T]: None, or a T.
+    """
+    tp, optional = _optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(key, "a value is required (got null/None)")
+    if tp is Any:
+        return value
+    if _is_path(tp):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a path, got {_describe(value)}")
+        return os.path.expanduser(value) if value.startswith("~") else value
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        hint = " (write true or false, without quotes)" if isinstance(value, str) else ""
+        raise ConfigError(key, f"expected true or false, got {_describe(value)}{hint}")
+    if tp is int or tp is float:
+        return _number(value, key, whole=tp is int)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {_describe(value)} (quote it)")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[choices.index(value)]):
+            return value
+        shown = ", ".join(repr(c) for c in choices)
+        near = difflib.get_close_matches(str(value).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+        guess = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(key, f"{value!r} is not one of {shown}{guess}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, dict):
+            raise ConfigError(key, f"expected a list, got a mapping {value!r}")
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            import yaml
+
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(key, f"expected a mapping, got text that is not YAML/JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return build(tp, value, prefix=key)
+        raise ConfigError(key, f"expected a mapping of {tp.__name__} settings, got {_describe(value)}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return coerce(value, alt, key)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError(key, " or ".join(errors))
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(key, f"unsupported value {_describe(value)} for type {tp!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a config from a nested mapping (YAML + flags), with the source of each value for messages.
+
+
+def _legacy_names(cls: type, prefix: str = "") -> dict[str, str]:
+    """Flat legacy name -> dotted key, over a config and its sections."""
+    out: dict[str, str] = {}
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
-        tp = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        )
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{help_text} (default: {default!r})"}
-        origin = typing.get_origin(tp)
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-        elif origin is list:
-            # Repeatable and multi-valued: `--tokenizer A --tokenizer B` and `--tokenizers A B` both work.
-            kwargs["nargs"] = "+"
-            kwargs["action"] = "extend"
-            kwargs["type"] = typing.get_args(tp)[0]
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        else:  # nested dataclasses and mappings come from YAML only
-            continue
-        parser.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), **kwargs)
+        dotted = f"{prefix}{f.name}"
+        tp, _ = _optional(hints[f.name])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(_legacy_names(tp, dotted + "."))
+        elif f.metadata.get("legacy") and prefix:
+            out[f.metadata["legacy"]] = dotted
+    return out
 
 
-def build(cls: type, values: dict[str, Any]) -> Any:
-    """Build a dataclass from a mapping, refusing unknown keys with the list of known ones."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} setting(s) {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
+def nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Put flat legacy keys (``lr``) and dotted keys (``optim.lr``) of a mapping where they belong."""
+    legacy = _legacy_names(cls)
+    hints = _hints(cls)
+    top = {f.name for f in dataclasses.fields(cls)}
+    sections = {n for n in top if dataclasses.is_dataclass(_optional(hints[n])[0])}
+    out: dict[str, Any] = {}
     for key, value in values.items():
-        tp = _unwrap_optional(hints[key])
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            value = build(tp, value)
-        kwargs[key] = value
+        # A legacy flat key may share its name with a section (``model: /path`` was the model folder,
+        # ``model:`` is now the model section): a plain value there is the legacy setting.
+        if key in legacy and (key not in top or (key in sections and not isinstance(value, dict))):
+            key = legacy[key]
+        parts = key.split(".") if isinstance(key, str) and key not in top else [key]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "is set both as a value and as a section")
+        last = parts[-1]
+        value = copy.deepcopy(value)  # never alias (and later mutate) the caller's mappings
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = {**node[last], **value}
+        else:
+            node[last] = value
+    return out
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "", source: str = "",
+          origins: dict[str, str] | None = None) -> Any:
+    """Build the dataclass ``cls`` from a (possibly nested) mapping, checking every value.
+
+    ``source`` names where the values came from (a YAML file); ``origins`` maps dotted keys to the flag
+    that set them, so an error names the flag instead. Messages read ``SOURCE: KEY: problem``.
+    """
+    if not prefix:
+        values = nest(cls, values)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
     try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise UserError(f"{cls.__name__}: {exc}") from None
+        for key in values:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+                guess = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"{prefix}.{key}" if prefix else str(key),
+                                  f"unknown setting{guess}; the settings here are {', '.join(known)}")
+        for name, f in known.items():  # sections not mentioned are built here, so their errors carry their path
+            tp, _ = _optional(hints[name])
+            if name not in values and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                values = {**values, name: {}}
+        for key, value in values.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            tp, _ = _optional(hints[key])
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+                kwargs[key] = build(tp, value, prefix=dotted, source=source, origins=origins)
+            else:
+                kwargs[key] = coerce(value, hints[key], dotted)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            dotted = f"{prefix}.{exc.key}" if prefix and exc.key else (exc.key or prefix)
+            raise ConfigError(dotted, exc.message) from None
+        except TypeError as exc:  # a required field without a value
+            raise ConfigError(prefix, f"{cls.__name__}: {exc}") from None
+    except ConfigError as exc:
+        if prefix:  # the outermost build adds the source
+            raise
+        flag = (origins or {}).get(exc.key)
+        if flag:  # the flag names the key already
+            raise UserError(f"{flag}: {exc.message}") from None
+        raise UserError(f"{source}: {exc}" if source else str(exc)) from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -455,22 +332,128 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+        raise UserError(f"config file {p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {p}: {exc.strerror}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping at the top level")
+        raise UserError(f"config file {p} must hold a mapping at the top level, not {type(data).__name__}")
     return data
 
 
-def from_args(cls: type, args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
-    """YAML values (``base``) overridden by every flag the user actually gave."""
-    values = dict(base or {})
+def load(cls: type, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+         origins: dict[str, str] | None = None) -> Any:
+    """A config from a YAML file (optional) with dotted-key overrides applied on top."""
+    values = nest(cls, load_yaml(path)) if path else {}
+    for key, value in (overrides or {}).items():
+        node = values
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return build(cls, values, source=str(path) if path else "", origins=origins)
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags: one per leaf field, dotted for sections (--optim.lr), plus the legacy flat names (--lr).
+
+
+def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, type]]:
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
+        if not f.init:
+            continue
+        tp, _ = _optional(hints[f.name])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name], cls
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "required"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per leaf setting. Defaults stay None, so that only flags actually given override YAML."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dotted, f, tp, owner in _leaves(cls):
+        if dotted in skip or not f.metadata.get("flag", True):
+            continue
+        section = dotted.rpartition(".")[0]
+        target: Any = parser
+        if section:
+            if section not in groups:
+                doc = (owner.__doc__ or "").strip().split("\n")[0]
+                groups[section] = parser.add_argument_group(f"{section}", doc)
+            target = groups[section]
+        names = [f"--{dotted.replace('_', '-')}"]  # flags spelled with _ are read as - (normalise_flags)
+        if f.metadata.get("legacy"):
+            names.append(f"--{f.metadata['legacy'].replace('_', '-')}")
+        names += [a for a in f.metadata.get("aliases", ()) if a not in names]
+        base, _ = _optional(tp)
+        if typing.get_origin(base) is Annotated and not _is_path(base):
+            base = typing.get_args(base)[0]
+        help_text = f.metadata.get("help", "")
+        if typing.get_origin(base) is Literal:
+            help_text += f" One of: {', '.join(str(c) for c in typing.get_args(base))}."
+        kwargs: dict[str, Any] = {"dest": dotted, "default": None,
+                                  "help": f"{help_text} (default: {_default_text(f)})".replace("%", "%%")}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) in (list, tuple) or base in (list, tuple):
+            kwargs.update(nargs="+", action="extend", metavar="VALUE")
+        else:
+            kwargs["metavar"] = "PATH" if _is_path(base) else ("{" + ",".join(map(str, typing.get_args(base))) + "}"
+                                                                 if typing.get_origin(base) is Literal else "VALUE")
+        target.add_argument(*names, **kwargs)
+
+
+def normalise_flags(argv: list[str]) -> list[str]:
+    """``--optim.warmup_steps 5`` reads as ``--optim.warmup-steps 5``: YAML keys are spelled with underscores,
+    flags with hyphens, and users copy one into the other."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and a != "--":
+            name, eq, value = a.partition("=")
+            a = name.replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
+def flag_values(args: argparse.Namespace, cls: type) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings the user gave as flags (dotted keys), and for each the flag, for error messages."""
+    values, origins = {}, {}
+    for dotted, f, _, _ in _leaves(cls):
+        v = getattr(args, dotted, None)
         if v is not None:
-            values[f.name] = v
-    return build(cls, values)
+            values[dotted] = v
+            origins[dotted] = f"--{dotted.replace('_', '-')}"
+    return values, origins
+
+
+def from_sources(cls: type, args: argparse.Namespace, config_path: str | None = None) -> Any:
+    """YAML (``config_path``) overridden by every flag actually given."""
+    values, origins = flag_values(args, cls)
+    return load(cls, config_path, values, origins)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing back.
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested mapping (JSON/YAML-able) of a config."""
     return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

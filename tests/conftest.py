@@ -42,7 +42,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zh_model(tmp_path_factory) -> Path:
     """A small Chinese SentencePiece model trained on the shipped corpus."""
-    from cllama_dist.config import TokenizerTrainConfig
+    from cllama_dist.tokenizer.config import TokenizerTrainConfig
     from cllama_dist.tokenizer.train import train
 
     out = tmp_path_factory.mktemp("zh")
@@ -52,7 +52,7 @@ def tiny_zh_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_merged(tmp_path_factory, tiny_base, tiny_zh_model) -> Path:
-    from cllama_dist.config import MergeConfig
+    from cllama_dist.tokenizer.config import MergeConfig
     from cllama_dist.tokenizer.merge import merge
 
     out = tmp_path_factory.mktemp("merged") / "tok"
@@ -69,8 +69,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 # Training fixtures: a tiny LLaMA whose vocabulary is the tiny base tokenizer's, and shards of the
 # shipped corpus made with the merged tokenizer.
 
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+from cllama_dist.model.presets import TINY as TINY_LLAMA  # noqa: E402  (defined once, shared with bench/)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +89,7 @@ def tiny_model_dir(tmp_path_factory, tiny_base) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, tiny_merged) -> Path:
-    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.config import PreprocessConfig
     from cllama_dist.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("shards") / "shards"

@@ -27,6 +27,7 @@ This module must not import torch: it runs on CPU nodes and must start fast.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config import PreprocessConfig, to_dict
+from .config import PreprocessConfig
 from ..errors import UserError
 from ..progress import Progress
 from ..tokenizer import spm as spmio
@@ -113,6 +114,20 @@ def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
         "groups": groups,
         "settings": _settings(cfg, fp),
     }
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") and v.lstrip("-").isdigit() else default
+
+
+def resolve_task(cfg: PreprocessConfig) -> PreprocessConfig:
+    """num_tasks / task_id with Slurm's array variables as defaults (SLURM_ARRAY_TASK_COUNT, _ID - _MIN)."""
+    num = cfg.num_tasks or _env_int("SLURM_ARRAY_TASK_COUNT", 1)
+    task = cfg.task_id if cfg.task_id >= 0 else _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+    if not 0 <= task < num:
+        raise UserError(f"task_id {task} is outside 0..{num - 1} (num_tasks {num})")
+    return dataclasses.replace(cfg, num_tasks=num, task_id=task)
 
 
 def task_groups(n_groups: int, num_tasks: int, task_id: int) -> range:
@@ -296,6 +311,7 @@ def prepare(cfg: PreprocessConfig) -> dict:
     Run once before submitting an array of tasks: the tasks then find the plan in place instead of
     racing to create it, and a wrong flag fails here instead of in every task.
     """
+    cfg = resolve_task(cfg)
     fp = spmio.fingerprint(spmio.model_path(cfg.tokenizer))
     plan = make_plan(cfg, resolve_inputs(cfg.inputs), fp)
     _prepare_output(cfg, plan)
@@ -304,6 +320,7 @@ def prepare(cfg: PreprocessConfig) -> dict:
 
 def run_task(cfg: PreprocessConfig) -> dict:
     """Tokenize this task's groups (all of them when num_tasks is 1). Returns what it did."""
+    cfg = resolve_task(cfg)
     model = spmio.model_path(cfg.tokenizer)
     fp = spmio.fingerprint(model)
     sources = resolve_inputs(cfg.inputs)
@@ -475,7 +492,8 @@ def finalize(output: str, verify: bool = True) -> dict:
 
 def preprocess(cfg: PreprocessConfig) -> dict | None:
     """Run this task; finalize as well when it is the only task."""
-    result = run_task(cfg)
+    cfg = resolve_task(cfg)
+    run_task(cfg)
     if cfg.num_tasks == 1:
         return finalize(cfg.output, verify=False)
     return None

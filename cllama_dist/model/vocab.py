@@ -1,13 +1,16 @@
 """Extend embed_tokens and the untied lm_head from V to V' rows, keeping the V original rows frozen.
 
-Freezing old rows with a gradient mask is fragile (hazard H3): gradients are sharded under ZeRO-3,
-and AdamW's weight decay moves masked rows anyway. So the split is structural: each matrix becomes a
-frozen parameter holding rows [0, V) and a trainable parameter holding only rows [V, V'). The
+Freezing old rows with a gradient mask is fragile: gradients are sharded under ZeRO-3, and AdamW's
+weight decay moves masked rows anyway (docs/hazards.md, H3). So the split is structural: each matrix
+becomes a frozen parameter holding rows [0, V) and a trainable parameter holding only rows [V, V'). The
 optimizer then holds state for the new rows alone (for 7B: 2 x 17,953 x 4,096 = 147M parameters
 instead of 2 x 49,953 x 4,096 = 409M), and the old rows cannot move: nothing can update them.
 
 Vocabulary sizes always come from config and tokenizer metadata, never from a weight's shape: under
-ZeRO-3 a partitioned weight has shape 0 (hazard H1).
+ZeRO-3 a partitioned weight has shape 0 (H1).
+
+The names of the two parameters are this module's contract with the optimizer groups, the parameter
+counts and the export: they use ``BASE_ROWS`` / ``NEW_ROWS`` and ``is_embedding_param``, never literals.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 InitMethod = Literal["mean", "subword", "normal"]
+
+BASE_ROWS = "weight_base"  # rows [0, V): the base model's, frozen (trainable only with embeddings: full)
+NEW_ROWS = "weight_new"    # rows [V, V'): the appended rows, always trainable
+
+
+def is_embedding_param(name: str) -> bool:
+    """Whether a (qualified) parameter name is one of the split embedding / lm_head matrices."""
+    return name.rsplit(".", 1)[-1] in (BASE_ROWS, NEW_ROWS)
+
+
+def is_new_rows(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == NEW_ROWS
 
 
 def _as_param(t: torch.Tensor, trainable: bool) -> nn.Parameter:
@@ -40,7 +55,7 @@ class SplitEmbedding(nn.Module):
     def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, orig_vocab: int | None = None,
                  new_vocab: int | None = None, padding_idx: int | None = None, train_base: bool = False):
         super().__init__()
-        # Sizes are passed in because a partitioned weight has shape 0 (hazard H1).
+        # Sizes are passed in because a partitioned weight has shape 0 under ZeRO-3.
         self.orig_vocab = int(orig_vocab if orig_vocab is not None else base.shape[0])
         self.new_vocab = int(new_vocab if new_vocab is not None else self.orig_vocab + new_rows.shape[0])
         self.padding_idx = padding_idx
@@ -140,7 +155,8 @@ def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: Init
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None and head.weight is emb.weight:
-        raise ValueError("tied embeddings: LLaMA's lm_head is untied (hazard H4); this model ties them")
+        raise ValueError("tied embeddings: LLaMA's lm_head is untied, and the new rows must be appended to both "
+                         "matrices; this model ties them")
     # ds_shape is the full shape of a partitioned weight; shape is right for an ordinary one.
     rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
     if rows != orig_vocab:

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from ..config import MergeConfig, to_dict
+from ..config import to_dict
+from .config import MergeConfig
 from ..errors import UserError
 from . import spm as spmio
 

@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ReportConfig, to_dict
+from ..config import to_dict
+from .config import ReportConfig
 from ..data.corpus import RecordReader, resolve_inputs
 from ..errors import UserError
 from . import spm as spmio

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..config import TokenizerTrainConfig, to_dict
+from ..config import to_dict
+from .config import TokenizerTrainConfig
 from ..data.corpus import RecordReader, resolve_inputs
 from ..errors import UserError
 from ..progress import Progress

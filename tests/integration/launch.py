@@ -1,4 +1,8 @@
-"""Launch the trainer as real processes (torchrun or the deepspeed launcher) on the CPU, over gloo."""
+"""Launch the trainer as real processes (torchrun or the deepspeed launcher) on the CPU, over gloo.
+
+The commands and environment are the package's own (cllama_dist/launch/local.py, which the demo and the
+benchmarks use too); what is here is what only tests need: waiting for a step, killing a whole job.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,16 @@ from pathlib import Path
 import yaml
 
 from cllama_dist.distributed import free_port  # noqa: F401  (tests call launch.free_port)
+from cllama_dist.launch import local
+from cllama_dist.trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "cllama_dist" / "train.py"
+TRAIN = local.TRAIN_SCRIPT
+FAULTY = Path(__file__).with_name("fault_train.py")
 
 
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+def env(nproc: int = 2) -> dict[str, str]:
+    return local.environment(cpu=True, nproc=nproc)
 
 
 def write_config(path: Path, **values) -> Path:
@@ -31,27 +34,26 @@ def write_config(path: Path, **values) -> Path:
 
 
 def command(config: Path, nproc: int, launcher: str = "torchrun", script: Path = TRAIN, extra=()) -> list[str]:
-    port = str(free_port())
-    if launcher == "torchrun":
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", port]
-    elif launcher == "deepspeed":
-        head = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port]
-    else:
-        raise ValueError(launcher)
-    return [*head, str(script), "--config", str(config), *extra]
+    return local.command(["--config", str(config), *extra], nproc, launcher=launcher, script=script)
 
 
-def run(config: Path, nproc: int = 2, launcher: str = "torchrun", timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(command(config, nproc, launcher, **kw), env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run(config: Path, nproc: int = 2, launcher: str = "torchrun", timeout: float = 600, env_extra=None,
+        **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(command(config, nproc, launcher, **kw), env={**env(nproc), **(env_extra or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start(config: Path, nproc: int = 2, log: Path | None = None, **kw) -> subprocess.Popen:
     """Start in its own process group, so that a test can signal or kill every process of the job."""
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(command(config, nproc, **kw), env=env(), stdout=out, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command(config, nproc, **kw), env=env(nproc), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def single(config: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """One trainer process without a launcher (the way a refused input is seen fastest)."""
+    return subprocess.run([sys.executable, str(TRAIN), "--config", str(config), *extra], env=env(1),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def workers(proc: subprocess.Popen) -> list[int]:
@@ -94,8 +96,6 @@ def _state(pid: int) -> str:
 
 
 def metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
-    from cllama_dist.trainer import read_metrics
-
     return read_metrics(run_dir, kind)
 
 

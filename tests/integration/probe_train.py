@@ -12,9 +12,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from cllama_dist import distributed as dist  # noqa: E402
-from cllama_dist.config import TrainConfig, from_args, load_yaml  # noqa: E402
-from cllama_dist.train import parser  # noqa: E402
-from cllama_dist.trainer import Trainer  # noqa: E402
+from cllama_dist.config import load  # noqa: E402
+from cllama_dist.trainer.config import TrainConfig  # noqa: E402
+from cllama_dist.trainer.loop import Trainer  # noqa: E402
 
 
 def gather(module) -> dict:
@@ -28,8 +28,8 @@ def gather(module) -> dict:
 
 def main() -> None:
     out = sys.argv.pop()
-    args = parser().parse_args(sys.argv[1:])
-    trainer = Trainer(from_args(TrainConfig, args, load_yaml(args.config)))
+    config = sys.argv[sys.argv.index("--config") + 1]
+    trainer = Trainer(load(TrainConfig, config))
     before = gather(trainer.engine.module)
     trainable = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
     opt = trainer.engine.optimizer

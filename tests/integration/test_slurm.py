@@ -58,7 +58,7 @@ def setup(tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory):
 def configure(setup, name: str, **over) -> tuple[Path, Path]:
     model, tok, shards, root = setup
     out = root / name
-    cfg = base_config(model, tok, shards, out, max_steps=STEPS, eval_every=4, **over)
+    cfg = base_config(model, tok, shards, out, **{"optim.max_steps": STEPS, "validation.every": 4, **over})
     return launch.write_config(root / f"{name}.yaml", **cfg), out
 
 
@@ -113,11 +113,14 @@ def test_signal_mid_run_saves_requeues_and_resumes_without_replay(slurm_cluster,
 
 
 def test_submitit_launcher_over_two_nodes_with_preemption(slurm_cluster, setup, reference):
+    from cllama_dist.config import load
+    from cllama_dist.launch.config import SubmitConfig
     from cllama_dist.launch.submit import submit_train
+    from cllama_dist.trainer.config import TrainConfig
 
     cfg, out = configure(setup, "submitit")
-    job = submit_train(["--config", str(cfg)], nodes=2, device="cpu", cpus_per_task=1, time=10,
-                       folder=str(setup[3] / "submitit"))
+    job = submit_train(load(TrainConfig, cfg), SubmitConfig(nodes=2, device="cpu", cpus=1, time="10",
+                                                            folder=str(setup[3] / "submitit")))
     wait_for_step(out, 2)
     # submitit's preemption/timeout signal, to every task.
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, env=slurm_cluster)

@@ -22,11 +22,19 @@ STEPS = 10
 
 
 def base_config(tiny_model_dir, tiny_merged, tiny_shards, out: Path, **over) -> dict:
-    cfg = dict(model=str(tiny_model_dir), tokenizer=str(tiny_merged), data=str(tiny_shards), output_dir=str(out),
-               micro_batch_size=2, global_batch_size=8, max_steps=STEPS, lr=3e-3, warmup_steps=2,
-               lora_dropout=0.0, log_every=2, eval_every=5, eval_sequences=16, save_every=2, keep_last=10,
-               tensorboard=True, deepspeed_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    cfg.update(over)
+    """The tests' run config, nested as users write it; ``over`` takes dotted keys (``optim.max_steps``)."""
+    cfg = {"output_dir": str(out),
+           "model": {"path": str(tiny_model_dir), "tokenizer": str(tiny_merged)},
+           "lora": {"dropout": 0.0},
+           "data": {"path": str(tiny_shards), "micro_batch_size": 2, "global_batch_size": 8},
+           "optim": {"max_steps": STEPS, "lr": 3e-3, "warmup_steps": 2},
+           "engine": {"deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+           "checkpoint": {"save_every": 2, "keep_last": 10},
+           "validation": {"every": 5, "sequences": 16},
+           "logging": {"log_every": 2, "tensorboard": True}}
+    for key, value in over.items():
+        section, _, name = key.rpartition(".")
+        (cfg.setdefault(section, {}) if section else cfg)[name] = value
     return cfg
 
 
@@ -36,6 +44,7 @@ def setup(tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory):
 
 
 def configure(setup, name: str, **over) -> tuple[Path, Path]:
+    """Write run config NAME.yaml; ``over`` takes dotted keys: configure(setup, "x", **{"optim.max_steps": 4})."""
     model, tok, shards, root = setup
     out = root / name
     cfg = launch.write_config(root / f"{name}.yaml", **base_config(model, tok, shards, out, **over))
@@ -90,7 +99,8 @@ def test_universal_resume_of_a_reference_checkpoint_on_one_process(setup, refere
 def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    cfg, out = configure(setup, "probe", max_steps=4, save_every=0, eval_every=0, new_row_init="subword")
+    cfg, out = configure(setup, "probe", **{"optim.max_steps": 4, "checkpoint.save_every": 0, "validation.every": 0,
+                                            "model.new_row_init": "subword"})
     dump = tmp_path / "probe.pt"
     probe = Path(__file__).with_name("probe_train.py")
     proc = launch.run(cfg, script=probe, extra=[str(dump)])
@@ -132,9 +142,10 @@ def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
 def test_plain_srun_environment_and_a_model_built_from_config(setup, reference):
     """Two processes started the way `srun` starts them (SLURM_* only, no launcher), building the model
     from its config with the run's seed: the same weights as the saved base, so the same losses."""
-    from tests.conftest import TINY_LLAMA
+    from cllama_dist.model.presets import TINY
 
-    cfg, out = configure(setup, "srun", model="", model_config={"vocab_size": 1000, **TINY_LLAMA}, save_every=0)
+    cfg, out = configure(setup, "srun", **{"model.path": "", "model.config": {"vocab_size": 1000, **TINY},
+                                           "checkpoint.save_every": 0})
     env = {**launch.env(), "SLURM_NTASKS": "2", "SLURM_JOB_ID": str(launch.free_port()),
            "SLURM_JOB_NODELIST": "127.0.0.1"}
     procs = [subprocess.Popen([sys.executable, str(launch.TRAIN), "--config", str(cfg)],
@@ -147,7 +158,7 @@ def test_plain_srun_environment_and_a_model_built_from_config(setup, reference):
 
 
 def test_gradient_checkpointing_gives_the_same_losses(setup, reference):
-    cfg, out = configure(setup, "no_ckpt", gradient_checkpointing=False, save_every=0)
+    cfg, out = configure(setup, "no_ckpt", **{"model.gradient_checkpointing": False, "checkpoint.save_every": 0})
     proc = launch.run(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, got = reference[1], launch.losses(out)
@@ -199,9 +210,10 @@ def test_signal_saves_mid_run_and_resume_on_one_process_matches(setup, reference
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(setup):
-    cfg, out = configure(setup, "nonfinite", fault_nonfinite_steps=[4, 7, 8, 9], max_nonfinite_steps=3,
-                         save_every=0, eval_every=0)
-    proc = launch.run(cfg, launcher="deepspeed")
+    cfg, out = configure(setup, "nonfinite", **{"optim.max_nonfinite_steps": 3, "checkpoint.save_every": 0,
+                                                "validation.every": 0})
+    # The fault is injected by a test-only subclass of the trainer (tests/integration/fault_train.py).
+    proc = launch.run(cfg, launcher="deepspeed", script=launch.FAULTY, extra=["--fault-nonfinite-steps", "4", "7", "8", "9"])
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "step 4: non-finite loss, step skipped (1 in a row)" in proc.stdout
     assert "stopping: 3 non-finite losses in a row" in proc.stdout
@@ -213,15 +225,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(setup):
 
 def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_path):
     from cllama_dist.assets import corpus_path
-    from cllama_dist.config import PreprocessConfig
+    from cllama_dist.data.config import PreprocessConfig
     from cllama_dist.data.preprocess import preprocess
 
     other = tmp_path / "other_shards"
     preprocess(PreprocessConfig(inputs=[str(corpus_path())], tokenizer=str(tiny_base), output=str(other),
                                 block_size=64, workers=1))
-    cfg, out = configure(setup, "mismatch", data=str(other))
-    proc = subprocess.run([sys.executable, str(launch.TRAIN), "--config", str(cfg)], env=launch.env(),
-                          capture_output=True, text=True, timeout=300)
+    cfg, out = configure(setup, "mismatch", **{"data.path": str(other)})
+    proc = launch.single(cfg)
     assert proc.returncode == 2
     assert "do not match this run" in proc.stderr and "vocab size: shards 1,000, tokenizer" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -231,11 +242,10 @@ def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_pat
 def test_a_checkpoint_of_another_zero_stage_is_refused(setup, reference):
     import shutil
 
-    cfg, out = configure(setup, "stage_change", single_process_zero2=True)
+    cfg, out = configure(setup, "stage_change", **{"engine.single_process_zero2": True})
     shutil.copytree(reference[0] / "checkpoints", out / "checkpoints")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    proc = subprocess.run([sys.executable, str(launch.TRAIN), "--config", str(cfg)], env=launch.env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = launch.single(cfg)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "saved under ZeRO-3, this run is ZeRO-2" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
@@ -246,8 +256,9 @@ def test_export_adapter_and_merged_model_load_with_stock_libraries(reference, ti
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cllama_dist.config import TrainConfig, build
+    from cllama_dist.config import build
     from cllama_dist.model.adapters import build_model
+    from cllama_dist.trainer.config import TrainConfig
 
     run = reference[0]
     out = tmp_path / "adapter"
@@ -268,7 +279,7 @@ def test_export_adapter_and_merged_model_load_with_stock_libraries(reference, ti
     base.resize_token_embeddings(new, mean_resizing=False)
     stock = PeftModel.from_pretrained(base, out).eval()
     cfg = build(TrainConfig, state["config"])
-    ours, _ = build_model(cfg, orig, new, torch.float32)
+    ours, _ = build_model(cfg.model, cfg.lora, cfg.seed, orig, new, torch.float32)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step-{STEPS:08d}",
                                                        exclude_frozen_parameters=True)
     assert not ours.load_state_dict(trained, strict=False).unexpected_keys
@@ -310,7 +321,7 @@ def test_export_adapter_and_merged_model_load_with_stock_libraries(reference, ti
 
     # cllama eval: base + adapter (stock PEFT) and the merged model give the same figures on the same text.
     from cllama_dist.assets import corpus_path
-    from cllama_dist.config import EvalConfig
+    from cllama_dist.eval.config import EvalConfig
     from cllama_dist.eval import evaluate
 
     text = tmp_path / "heldout.jsonl"

@@ -5,7 +5,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from cllama_dist.config import MergeConfig, ReportConfig
+from cllama_dist.tokenizer.config import MergeConfig, ReportConfig
 from cllama_dist.tokenizer.merge import merge
 from cllama_dist.tokenizer.report import report
 

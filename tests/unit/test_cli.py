@@ -36,7 +36,7 @@ def test_errors_are_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cllama_dist.cli", "tokenizer", "train", "--corpus", str(bad),
                         "--strict", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(f"cllama: error: {bad}:1: invalid UTF-8")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"cllama tokenizer train: error: {bad}:1: invalid UTF-8")
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "cllama_dist.cli", "tokenizer", "merge", "--base",
                         str(tmp_path / "none.model"), "--add", str(bad), "--out", str(tmp_path / "o")],

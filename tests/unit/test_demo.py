@@ -2,8 +2,16 @@ import json
 
 import pytest
 
-from cllama_dist.demo import STAGES, Stages, run_demo
+from cllama_dist import stages
 from cllama_dist.errors import UserError
+from cllama_dist.recipes.demo.config import DemoConfig
+from cllama_dist.recipes.demo.recipe import STAGE_NAMES as STAGES
+from cllama_dist.recipes.demo.recipe import recipe
+from cllama_dist.recipes.runner import StageRunner as Stages
+
+
+def run_demo(**kw):
+    return stages.demo(DemoConfig(**kw))
 
 
 def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
@@ -26,10 +34,14 @@ def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
 
 
 def test_demo_refuses_unknown_stage_and_bad_steps(tmp_path):
-    with pytest.raises(UserError, match="not a stage; the stages are corpus, base"):
+    with pytest.raises(UserError, match="until: 'training': not a stage; the stages are corpus, base"):
         run_demo(out=str(tmp_path), until="training")
-    with pytest.raises(UserError, match="--steps must be at least 1"):
+    with pytest.raises(UserError, match="steps: must be at least 1"):
         run_demo(out=str(tmp_path), steps=0)
+
+
+def test_the_recipe_lists_the_stages_in_order():
+    assert [s.name for s in recipe(DemoConfig())] == list(STAGES)
 
 
 def test_a_resumable_stage_keeps_unfinished_work_unless_its_inputs_changed(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from cllama_dist.config import EvalConfig
+from cllama_dist.eval.config import EvalConfig
 from cllama_dist.errors import UserError
 from cllama_dist.eval import evaluate, windows
 

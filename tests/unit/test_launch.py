@@ -1,7 +1,7 @@
 import pytest
 
 from cllama_dist.errors import UserError
-from cllama_dist.launch.submit import minutes
+from cllama_dist.launch.config import minutes
 
 
 @pytest.mark.parametrize("text,expected", [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00:00:00", 2880),
@@ -15,7 +15,7 @@ def test_bad_time_limit_is_refused():
         minutes("tomorrow")
 
 
-def test_submit_passes_flags_after_a_lone_dash_dash_to_the_job(monkeypatch):
+def test_submit_parses_the_job_config_and_the_flags_after_a_lone_dash_dash(monkeypatch, tmp_path):
     from cllama_dist import cli
     import cllama_dist.launch.submit as submit
 
@@ -24,12 +24,20 @@ def test_submit_passes_flags_after_a_lone_dash_dash_to_the_job(monkeypatch):
     class FakeJob:
         job_id = "7"
 
-    def fake_submit_train(argv, **kw):
-        seen.update(argv=argv, **kw)
+    def fake_submit_train(cfg, job):
+        seen.update(cfg=cfg, job=job)
         return FakeJob()
 
     monkeypatch.setattr(submit, "submit_train", fake_submit_train)
-    assert cli.main(["submit", "train", "--config", "c.yaml", "--nodes", "2", "--device", "cpu", "--",
-                     "--lr", "1e-4", "--nodes"]) == 0
-    assert seen["argv"] == ["--config", "c.yaml", "--lr", "1e-4", "--nodes"]
-    assert seen["nodes"] == 2 and seen["device"] == "cpu"
+    run = tmp_path / "c.yaml"
+    run.write_text("model:\n  config: {vocab_size: 10}\noptim:\n  lr: 3e-4\n  max_steps: 5\n")
+    assert cli.main(["submit", "train", "--config", str(run), "--nodes", "2", "--device", "cpu", "--",
+                     "--lr", "1e-4", "--lora.rank", "4"]) == 0
+    # The job carries a checked config object (YAML, then the flags after --), not argv to re-parse.
+    cfg, job = seen["cfg"], seen["job"]
+    assert (cfg.optim.lr, cfg.optim.max_steps, cfg.lora.rank, cfg.model.config) == (1e-4, 5, 4, {"vocab_size": 10})
+    assert (job.nodes, job.device) == (2, "cpu")
+    # A bad job setting is refused before anything is submitted.
+    seen.clear()
+    assert cli.main(["submit", "train", "--config", str(run), "--", "--lora.rank", "zero"]) == 2
+    assert not seen

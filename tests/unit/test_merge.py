@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from cllama_dist.config import MergeConfig
+from cllama_dist.tokenizer.config import MergeConfig
 from cllama_dist.errors import UserError
 from cllama_dist.tokenizer.merge import merge
 

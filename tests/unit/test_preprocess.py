@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from cllama_dist.assets import corpus_path
-from cllama_dist.config import PreprocessConfig
+from cllama_dist.data.config import PreprocessConfig
 from cllama_dist.data.preprocess import GROUPS, Packer, finalize, preprocess, run_task, split_of
 from cllama_dist.data.shards import check_manifest, load_manifest, shard_tokens, verify_shards
 from cllama_dist.errors import UserError
@@ -152,7 +152,11 @@ def test_slurm_array_environment_defaults(monkeypatch, tiny_merged, corpus, tmp_
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
-    c = cfg(tiny_merged, corpus, tmp_path / "o")
+    from cllama_dist.data.preprocess import resolve_task
+
+    # The config keeps "unset" (0 / -1); the task resolves it from Slurm's array variables when it runs, so a
+    # config built on a login node and pickled into a job reads the job's own variables.
+    c = resolve_task(cfg(tiny_merged, corpus, tmp_path / "o"))
     assert (c.num_tasks, c.task_id) == (4, 1)
 
 

@@ -2,7 +2,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from cllama_dist.config import ReportConfig
+from cllama_dist.tokenizer.config import ReportConfig
 from cllama_dist.tokenizer.report import format_table, report, unreachable_pieces
 
 from ..conftest import write_jsonl

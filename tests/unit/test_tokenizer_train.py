@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from cllama_dist.assets import corpus_path
-from cllama_dist.config import TokenizerTrainConfig
+from cllama_dist.tokenizer.config import TokenizerTrainConfig
 from cllama_dist.errors import UserError
 from cllama_dist.tokenizer.train import Reservoir, split_sentences, train
 

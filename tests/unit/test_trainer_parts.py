@@ -8,12 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from cllama_dist import checkpoint, distributed
-from cllama_dist.config import TrainConfig
+from cllama_dist import distributed
+from cllama_dist.config import build
+from cllama_dist.data.config import DataConfig
 from cllama_dist.data.loader import GlobalOrder, eval_batches, step_positions
 from cllama_dist.errors import UserError
 from cllama_dist.model.flops import Arch, flops_per_token, peak_tflops
-from cllama_dist.trainer import Plan, deepspeed_config, lr_factor
+from cllama_dist.trainer import checkpoint
+from cllama_dist.trainer.checkpoint import Checkpointer
+from cllama_dist.trainer.config import CheckpointConfig, OptimConfig, TrainConfig
+from cllama_dist.trainer.engine import resolve as deepspeed_config
+from cllama_dist.trainer.plan import Plan, lr_factor
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
@@ -22,20 +27,22 @@ LLAMA_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40
 
 
 def cfg(**kw) -> TrainConfig:
-    return TrainConfig(model_config={"vocab_size": 100}, **kw)
+    """A run config from dotted keys (``cfg(**{"optim.lr": 1e-4})``) or the flat keys of earlier versions."""
+    return build(TrainConfig, {"model.config": {"vocab_size": 100}, **kw})
 
 
 def test_plan_derives_accumulation_from_the_global_batch():
-    p = Plan.make(cfg(micro_batch_size=2, global_batch_size=16), world=4, block=512, train_sequences=1000)
+    data = DataConfig(micro_batch_size=2, global_batch_size=16)
+    p = Plan.make(data, 0, world=4, block=512, train_sequences=1000)
     assert (p.accum, p.global_batch, p.tokens_per_step, p.max_steps) == (2, 16, 8192, 62)
-    assert Plan.make(cfg(micro_batch_size=2, global_batch_size=16), 1, 512, 1000).accum == 8
+    assert Plan.make(data, 0, 1, 512, 1000).accum == 8
     with pytest.raises(UserError, match="not a multiple"):
-        Plan.make(cfg(micro_batch_size=3, global_batch_size=16), 2, 512, 1000)
-    assert Plan.make(cfg(grad_accum=3, max_steps=7), 2, 64, 10).global_batch == 6
+        Plan.make(DataConfig(micro_batch_size=3, global_batch_size=16), 0, 2, 512, 1000)
+    assert Plan.make(DataConfig(grad_accum=3), 7, 2, 64, 10).global_batch == 6
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    c = cfg(warmup_steps=10, min_lr_ratio=0.1)
+    c = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, c, 100) == pytest.approx(0.1) and lr_factor(9, c, 100) == pytest.approx(1.0)
     assert lr_factor(10, c, 100) == pytest.approx(1.0)
     assert lr_factor(100, c, 100) == pytest.approx(0.1) and lr_factor(55, c, 100) == pytest.approx(0.55)
@@ -95,33 +102,37 @@ def test_only_complete_checkpoints_count(tmp_path):
     (root / "step-00000004.tmp").mkdir()  # a save that crashed
     (root / "step-00000006").mkdir()      # no trainer_state.json: incomplete
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-00000002"]
-    assert checkpoint.find_resume(tmp_path, "auto").name == "step-00000002"
+
+    def find(run, resume):
+        return Checkpointer(run, CheckpointConfig(resume=resume)).find_resume()
+
+    assert find(tmp_path, "auto").name == "step-00000002"
     with pytest.raises(UserError, match="already has checkpoints"):
-        checkpoint.find_resume(tmp_path, "")
+        find(tmp_path, "")
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        checkpoint.find_resume(tmp_path, str(root / "step-00000006"))
-    assert checkpoint.find_resume(tmp_path / "fresh", "auto") is None
+        find(tmp_path, str(root / "step-00000006"))
+    assert find(tmp_path / "fresh", "auto") is None
 
 
 def test_deepspeed_config_is_filled_from_the_run_config(tmp_path):
     plan = Plan(world=2, micro=2, accum=4, block=64, max_steps=10, train_sequences=100)
-    ds = deepspeed_config(cfg(clip_grad=0.5, deepspeed_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}}),
-                          plan, "bf16", universal=True)
+    ds = deepspeed_config(cfg(**{"optim.clip_grad": 0.5, "engine.deepspeed_overrides": {
+        "zero_optimization": {"stage3_param_persistence_threshold": 0}}}), plan, "bf16", universal=True)
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (16, 4, 0.5)
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["checkpoint"]["load_universal"]
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
     with pytest.raises(UserError, match="train_batch_size is 32, but the run config gives 16"):
-        deepspeed_config(cfg(deepspeed_config=str(bad)), plan, "fp32", False)
+        deepspeed_config(cfg(**{"engine.deepspeed_config": str(bad)}), plan, "fp32", False)
     with pytest.raises(UserError, match="not found"):
-        deepspeed_config(cfg(deepspeed_config=str(tmp_path / "none.json")), plan, "fp32", False)
+        deepspeed_config(cfg(**{"engine.deepspeed_config": str(tmp_path / "none.json")}), plan, "fp32", False)
 
 
 def test_single_process_zero2_applies_to_one_process_only():
     one = Plan(world=1, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
     two = Plan(world=2, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
-    on = cfg(single_process_zero2=True)
+    on = cfg(single_process_zero2=True)  # the flat key of earlier versions still reaches engine.single_process_zero2
     z = deepspeed_config(on, one, "bf16", False)["zero_optimization"]
     assert z["stage"] == 2 and not [k for k in z if k.startswith("stage3_")] and z["overlap_comm"]
     assert deepspeed_config(on, two, "bf16", False)["zero_optimization"]["stage"] == 3
@@ -129,12 +140,12 @@ def test_single_process_zero2_applies_to_one_process_only():
 
 
 def test_config_checks_at_start_up():
-    with pytest.raises(UserError, match="model_config"):
+    with pytest.raises(UserError, match="model.config"):
         TrainConfig()
-    with pytest.raises(UserError, match="micro_batch_size"):
+    with pytest.raises(UserError, match="data.micro_batch_size: must be at least 1"):
         cfg(micro_batch_size=0)
-    with pytest.raises(UserError, match="adam_betas"):
-        cfg(adam_betas=[0.9])
+    with pytest.raises(UserError, match="optim.adam_betas: needs two values"):
+        cfg(**{"optim.adam_betas": [0.9]})
 
 
 @pytest.mark.parametrize("arch,total,full_trainable", [
@@ -147,7 +158,9 @@ def test_config_checks_at_start_up():
 def test_dry_run_counts(arch, total, full_trainable):
     from cllama_dist.model.adapters import dry_run
 
-    counts = dry_run(TrainConfig(model_config=arch, lora_rank=8), new_vocab=49_953)
+    from cllama_dist.model.config import LoraConfig, ModelConfig
+
+    counts = dry_run(ModelConfig(config=arch), LoraConfig(rank=8), new_vocab=49_953)
     full, rows = counts["full"], counts["new-rows"]
     assert full.total == rows.total == total
     assert full.trainable == full_trainable

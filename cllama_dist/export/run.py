@@ -4,8 +4,8 @@
 
 What trained is read from the ZeRO checkpoint itself (DeepSpeed's fp32 reconstruction of the
 partitions, on the CPU, no GPU or process group): only the trainable tensors, so the adapter can never be
-PEFT's "40-byte empty adapter" of a save made without gathering (hazard H5), and its size is the trained
-parameters' alone.
+PEFT's "40-byte empty adapter" of a ZeRO-3 save made without gathering the partitions (PEFT #2450), and its
+size is the trained parameters' alone.
 
 The new rows go in PEFT's own trainable-tokens format (``trainable_token_indices`` in adapter_config.json,
 ``token_adapter.trainable_tokens_delta`` tensors holding the rows' values): stock
@@ -23,9 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint
-from .config import TrainConfig, build
-from .errors import UserError
+from .. import __version__
+from ..config import build
+from ..errors import UserError
+from ..model.vocab import BASE_ROWS, NEW_ROWS
+from ..trainer import checkpoint
+from ..trainer.config import TrainConfig
 
 EMB_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
@@ -37,7 +40,7 @@ def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
     if not found:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N with trainer_state.json); "
                         "train first, or point --run at the run folder")
-    if step is None:
+    if not step:  # None or 0: the newest
         return found[-1]
     for p in found:
         if p.name == checkpoint.step_name(step):
@@ -52,11 +55,12 @@ def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
     empty = [k for k, v in sd.items() if v.numel() == 0]
     if empty or not sd:
-        raise UserError(f"{ckpt} holds empty tensors ({empty[:3]}...): a save without gathering (hazard H5)")
+        raise UserError(f"{ckpt} holds empty tensors ({empty[:3]}...): a ZeRO-3 save made without gathering")
     return sd
 
 
 def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None) -> dict:
+    """Write the adapter of ``run_dir``'s newest complete checkpoint (or of ``step``) into ``out``."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -70,27 +74,27 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
         if ".lora_" in key:
             tensors[key.replace(".default.weight", ".weight")] = value.contiguous()
     for prefix, target in (("base_model.model.model.embed_tokens.", EMB_KEY), ("base_model.model.lm_head.", HEAD_KEY)):
-        rows = sd.get(prefix + "weight_new")
+        rows = sd.get(prefix + NEW_ROWS)
         if rows is None or rows.shape[0] != new - orig:
-            raise UserError(f"{ckpt}: {prefix}weight_new missing or not {new - orig} rows")
+            raise UserError(f"{ckpt}: {prefix}{NEW_ROWS} missing or not {new - orig} rows")
         if state["embeddings"] == "full":
-            rows = torch.cat([sd[prefix + "weight_base"], rows])
+            rows = torch.cat([sd[prefix + BASE_ROWS], rows])
         tensors[target] = rows.contiguous()
     indices = list(range(0 if state["embeddings"] == "full" else orig, new))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=cfg.model or None,
+    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.targets), bias="none", task_type="CAUSAL_LM",
+                      base_model_name_or_path=cfg.model.path or None,
                       trainable_token_indices={"embed_tokens": indices, "lm_head": indices})
     lora.save_pretrained(str(out))
-    tok_dir = Path(cfg.tokenizer)
+    tok_dir = Path(cfg.model.tokenizer)
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy(tok_dir / name, out / name)
     meta = {"tool": f"cllama-dist {__version__}", "run": str(run_dir), "checkpoint": str(ckpt), "step": state["step"],
-            "base_model": cfg.model or "built from model_config", "model_config": cfg.model_config or None,
+            "base_model": cfg.model.path or "built from model.config", "model_config": cfg.model.config or None,
             "orig_vocab": orig, "new_vocab": new, "embeddings": state["embeddings"],
             "tokenizer_sha256": state["tokenizer_sha256"],
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
@@ -112,7 +116,7 @@ def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokeniz
     Refused, naming both sides: a folder that is not our export, a base whose vocabulary is not the one the
     adapter extends, a tokenizer (the adapter's own copy, or the one given) that is not the one it trained with.
     """
-    from .tokenizer import spm
+    from ..tokenizer import spm
 
     adapter = Path(adapter)
     meta_path = adapter / "cllama_export.json"
@@ -153,7 +157,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from .model.adapters import DTYPES
+    from ..model.adapters import DTYPES
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     config = AutoConfig.from_pretrained(base)

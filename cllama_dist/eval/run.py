@@ -26,9 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .config import EvalConfig, to_dict
-from .errors import UserError
-from .progress import Progress
+from ..config import to_dict
+from ..errors import UserError
+from ..model.config import resolve_dtype
+from ..model.scoring import causal_nll
+from ..progress import Progress
+from .config import EvalConfig
 
 LN2 = math.log(2)
 
@@ -41,7 +44,7 @@ class Tokenizer:
     """A SentencePiece tokenizer (tokenizer.model), or a Hugging Face one where a folder has no .model."""
 
     def __init__(self, path: Path):
-        from .tokenizer import spm
+        from ..tokenizer import spm
 
         self.path = path
         model_file = path if path.is_file() else path / spm.MODEL_FILE
@@ -67,7 +70,7 @@ class Tokenizer:
     @functools.cached_property
     def fingerprint(self) -> dict | None:
         """What shards are checked against (hashing the file: only computed when shards are evaluated)."""
-        from .tokenizer import spm
+        from ..tokenizer import spm
 
         return spm.fingerprint(self.model_file) if self.model_file is not None else None
 
@@ -92,10 +95,10 @@ def load(cfg: EvalConfig):
     """(model, tokenizer, description) for a model folder, optionally with an adapter on top."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model.adapters import DTYPES
+    from ..model.adapters import DTYPES
 
     device = pick_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[resolve_dtype(cfg.dtype, device.type == "cuda")]
     try:
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as exc:
@@ -107,7 +110,7 @@ def load(cfg: EvalConfig):
     if cfg.adapter:
         from peft import PeftModel
 
-        from .export import read_adapter
+        from ..export.run import read_adapter
 
         meta, _ = read_adapter(cfg.adapter, cfg.model, config.vocab_size,
                                tokenizer=tokenizer.path if cfg.tokenizer else None)
@@ -166,22 +169,19 @@ def windows(ids: list[int], bos: int, block: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score(model, batch: list[list[int]], device: torch.device) -> float:
-    """Summed negative log-likelihood (nats) of every token but the first of each window."""
+    """Summed negative log-likelihood (nats) of every token but the first of each window (padded to one length)."""
     n = max(len(w) for w in batch)
     x = torch.zeros(len(batch), n, dtype=torch.long)
     mask = torch.zeros(len(batch), n, dtype=torch.long)
     for i, w in enumerate(batch):
         x[i, :len(w)] = torch.tensor(w)
         mask[i, :len(w)] = 1
-    x, mask = x.to(device), mask.to(device)
-    logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
-    target = x[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=-100, reduction="sum").item()
+    nll, _ = causal_nll(model, x.to(device), mask.to(device))
+    return float(nll.double().sum())
 
 
 def eval_text(model, tokenizer: Tokenizer, cfg: EvalConfig, block: int, device: torch.device) -> Totals:
-    from .data.corpus import RecordReader, resolve_inputs
+    from ..data.corpus import RecordReader, resolve_inputs
 
     reader = RecordReader(cfg.text_field, cfg.strict)
     t = Totals()
@@ -216,8 +216,8 @@ def eval_text(model, tokenizer: Tokenizer, cfg: EvalConfig, block: int, device: 
 
 
 def eval_shards(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device) -> Totals:
-    from .data.loader import TokenBlocks
-    from .data.shards import check_manifest, load_manifest
+    from ..data.loader import TokenBlocks
+    from ..data.shards import check_manifest, load_manifest
 
     manifest = load_manifest(cfg.shards)
     if tokenizer.fingerprint is None:

@@ -1,0 +1,104 @@
+"""Settings of the data stages: corpus reading, offline preprocessing, and the trainer's data section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import PathStr, Section, check, option
+
+
+@dataclass
+class CorpusConfig(Section):
+    """Corpus reading, shared by the tokenizer trainer, the report, the preprocessor and eval."""
+
+    inputs: list[PathStr] = option(
+        [], "Corpus files, folders (searched recursively) or glob patterns: .txt (a line a document), "
+            ".jsonl (a JSON object a line), .parquet; each optionally .gz or .zst.",
+        aliases=["--corpus", "--input"])
+    text_field: str = option("text", "Name of the text field in .jsonl objects and the text column in .parquet files.")
+    strict: bool = option(
+        False, "Fail on the first bad record (invalid UTF-8, malformed JSON, missing text field), naming file "
+               "and line, instead of skipping and counting it.")
+
+    def validate(self) -> None:
+        check(bool(self.text_field), "text_field", "must not be empty")
+
+
+@dataclass
+class PreprocessConfig(CorpusConfig):
+    """Offline preprocessing: a corpus into packed Arrow shards (cllama preprocess)."""
+
+    tokenizer: PathStr = option("", "The merged tokenizer folder (holding tokenizer.model) or a SentencePiece .model file.")
+    output: PathStr = option("", "Output folder for the Arrow shards and manifest.json.", aliases=["--out"])
+    block_size: int = option(512, "Tokens per training sequence; documents are packed across boundaries.")
+    add_bos: bool = option(True, "Put BOS before every document (the paper's v1 and v2).")
+    add_eos: bool = option(False, "Put EOS after every document (the paper's v2).")
+    validation_fraction: float = option(
+        0.01, "Share of documents sent to the validation split, chosen by a keyed hash of each document's text "
+              "(so the same document always lands in the same split, whatever the order or the task split).")
+    seed: int = option(0, "Key of the split hash.")
+    shard_size_mb: float = option(
+        256.0, "Target size of one train shard, in MB of output; shard boundaries are planned from input sizes, "
+               "so they do not depend on workers or tasks.")
+    chunk_mb: float = option(
+        16.0, "Input bytes one worker tokenizes at a time (plain .txt/.jsonl are cut by byte range; a compressed "
+              "file is one chunk, streamed). Bounds memory per worker together with batch_docs.")
+    batch_docs: int = option(1000, "Documents encoded per SentencePiece call inside a worker.")
+    workers: int = option(0, "Worker processes (0: all cores).")
+    num_tasks: int = option(0, "Number of tasks sharing the input (0: SLURM_ARRAY_TASK_COUNT, else 1).")
+    task_id: int = option(-1, "This task's index, 0-based (-1: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0).")
+    record_boundaries: bool = option(
+        False, "Also store, per sequence, the offsets where a document starts (column doc_starts), so that a "
+               "trainer can mask attention across documents.")
+    max_doc_chars: int = option(10_000_000, "Skip (and count) documents longer than this many characters (0: no limit).")
+    overwrite: bool = option(False, "Delete an existing output folder made with other settings instead of refusing.")
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.tokenizer), "tokenizer", "is required (the merged tokenizer folder)")
+        check(bool(self.output), "output", "is required (the shards folder to write)")
+        check(self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}")
+        check(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+              f"must be within [0, 1), got {self.validation_fraction}")
+        check(self.shard_size_mb > 0, "shard_size_mb", f"must be positive, got {self.shard_size_mb}")
+        check(self.chunk_mb > 0, "chunk_mb", f"must be positive, got {self.chunk_mb}")
+        check(self.batch_docs >= 1, "batch_docs", f"must be at least 1, got {self.batch_docs}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.num_tasks >= 0, "num_tasks", f"must be >= 0, got {self.num_tasks}")
+        check(self.max_doc_chars >= 0, "max_doc_chars", f"must be >= 0, got {self.max_doc_chars}")
+        if self.num_tasks and self.task_id >= 0:
+            check(self.task_id < self.num_tasks, "task_id",
+                  f"{self.task_id} is outside 0..{self.num_tasks - 1} (num_tasks {self.num_tasks})")
+
+
+@dataclass
+class FinalizeConfig(Section):
+    """Join the tasks' output into manifest.json (cllama preprocess finalize)."""
+
+    output: PathStr = option("", "The shards folder the tasks wrote into.", aliases=["--out"])
+    verify: bool = option(True, "Re-read every shard and check its sha256 before writing the manifest.")
+
+    def validate(self) -> None:
+        check(bool(self.output), "output", "is required (the shards folder)")
+
+
+@dataclass
+class DataConfig(Section):
+    """What the trainer reads, and how it batches it."""
+
+    path: PathStr = option("", "The preprocessor's output folder (Arrow shards + manifest.json).", legacy="data")
+    block_size: int = option(0, "Sequence length; must equal the shards' block size (0: take it from the manifest).",
+                             legacy="block_size")
+    micro_batch_size: int = option(1, "Sequences per process per forward pass.", legacy="micro_batch_size")
+    grad_accum: int = option(1, "Gradient accumulation steps (ignored when global_batch_size is set).",
+                             legacy="grad_accum")
+    global_batch_size: int = option(
+        0, "Sequences per optimizer step over all processes; fixes grad_accum = global / (micro x processes), so "
+           "the same run resumes on another number of processes with the same batches (0: use grad_accum).",
+        legacy="global_batch_size")
+
+    def validate(self) -> None:
+        check(self.block_size >= 0, "block_size", f"must be >= 0, got {self.block_size}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
+        check(self.global_batch_size >= 0, "global_batch_size", f"must be >= 0, got {self.global_batch_size}")

@@ -1,0 +1,5 @@
+"""Evaluation: loss, perplexity and bits per character of a model on text or shards (config.py, run.py)."""
+
+from .. import lazy_attributes
+
+__getattr__ = lazy_attributes(__name__, {'evaluate': 'run', 'format_result': 'run', 'Tokenizer': 'run', 'windows': 'run', 'Totals': 'run'})

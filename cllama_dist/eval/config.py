@@ -1,0 +1,54 @@
+"""Settings of ``cllama eval``: which model, which text or shards, and generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..assets import ZH_PROMPTS
+from ..config import PathStr, check, option
+from ..data.config import CorpusConfig
+
+
+@dataclass
+class EvalConfig(CorpusConfig):
+    """Loss, perplexity and bits per character of a model on held-out text or shards (cllama eval)."""
+
+    model: PathStr = option("", "The model: a Hugging Face folder (a base model, or a merged one from "
+                                "`cllama export merged`).")
+    adapter: PathStr = option(
+        "", "An adapter folder from `cllama export adapter`, loaded with stock PEFT on top of --model (the base it "
+            "was trained from, resized to the adapter's tokenizer).")
+    tokenizer: PathStr = option(
+        "", "Tokenizer folder or .model (default: the adapter's, else the model folder's). Must be the one the "
+            "model was trained with.")
+    shards: PathStr = option(
+        "", "Evaluate on a shard folder from `cllama preprocess` instead of text (loss and perplexity only: "
+            "shards hold tokens, so bits per character need --inputs text).")
+    split: Literal["validation", "train"] = option("validation", "Which split of --shards.")
+    block_size: int = option(
+        1024, "Window length in tokens. Text longer than a window is cut into consecutive windows that predict "
+              "every token exactly once (capped at the model's max_position_embeddings).")
+    batch_size: int = option(4, "Windows per forward pass.")
+    max_documents: int = option(0, "Stop after this many documents (text) or blocks (shards); 0: all.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype; auto: bf16 on a GPU, fp32 on the CPU.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    generate: bool = option(False, "Also sample continuations of --prompts and report generation speed (tokens/s).")
+    prompts: list[str] = option(ZH_PROMPTS, "Prompts for --generate.", aliases=["--prompt"])
+    max_new_tokens: int = option(48, "Tokens generated per prompt.")
+    temperature: float = option(0.7, "Sampling temperature for --generate; 0: greedy.")
+    top_p: float = option(0.9, "Nucleus sampling threshold for --generate.")
+    seed: int = option(0, "Seed of the sampling.")
+    json_out: PathStr = option("", "Write the figures (and generations) as JSON to this path.")
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.model), "model", "is required (a Hugging Face model folder)")
+        check(bool(self.inputs) != bool(self.shards), "inputs",
+              "give either --inputs (text: bits per character) or --shards (tokens), not both or neither")
+        check(self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")
+        check(self.max_documents >= 0, "max_documents", f"must be >= 0, got {self.max_documents}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be within (0, 1], got {self.top_p}")

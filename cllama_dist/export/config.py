@@ -1,0 +1,36 @@
+"""Settings of ``cllama export adapter`` and ``cllama export merged``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import PathStr, Section, check, option
+
+
+@dataclass
+class ExportAdapterConfig(Section):
+    """A PEFT adapter (LoRA + new embedding rows) from a run's checkpoint, with the merged tokenizer."""
+
+    run: PathStr = option("", "The run folder (output_dir of the training).")
+    step: int = option(0, "Checkpoint step (0: the newest complete one).")
+    out: PathStr = option("", "Output folder.")
+
+    def validate(self) -> None:
+        check(bool(self.run), "run", "is required (the run folder)")
+        check(bool(self.out), "out", "is required (the output folder)")
+        check(self.step >= 0, "step", f"must be >= 0, got {self.step}")
+
+
+@dataclass
+class ExportMergedConfig(Section):
+    """A full Hugging Face model: base + adapter, merged shard by shard."""
+
+    base: PathStr = option("", "The base model folder (safetensors).")
+    adapter: PathStr = option("", "A folder from `cllama export adapter`.")
+    out: PathStr = option("", "Output folder.")
+    dtype: Literal["bf16", "fp16", "fp32"] = option("bf16", "Weights dtype of the merged model.")
+
+    def validate(self) -> None:
+        for name in ("base", "adapter", "out"):
+            check(bool(getattr(self, name)), name, "is required")

@@ -1,0 +1,62 @@
+"""Starting the trainer's processes on this machine: the one launch helper the demo, the tests and the
+benchmarks share.
+
+    command(["--config", "run.yaml"], nproc=2, launcher="torchrun")   # the argv of a 2-process job
+    environment(cpu=True)                                               # DS_ACCELERATOR=cpu, threads, PYTHONPATH
+
+torchrun and DeepSpeed's launcher both start ``nproc`` workers with RANK/LOCAL_RANK/WORLD_SIZE set and a
+rendezvous on 127.0.0.1 at a free port; ``single_process_env`` gives one process the same variables
+without a launcher (a benchmark worker, a debugger).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal, Sequence
+
+from .. import PROJECT_ROOT
+from ..distributed import free_port
+
+TRAIN_SCRIPT = PROJECT_ROOT / "cllama_dist" / "train.py"
+Launcher = Literal["torchrun", "deepspeed"]
+
+
+def command(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun", script: str | Path = TRAIN_SCRIPT,
+            port: int | None = None) -> list[str]:
+    """The command that starts ``nproc`` processes of ``script`` (default: the trainer) with ``args``."""
+    port = port or free_port()
+    if launcher == "torchrun":
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    elif launcher == "deepspeed":
+        runner = shutil.which("deepspeed")
+        head = [runner] if runner else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        head += ["--num_gpus", str(nproc), "--master_port", str(port)]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; expected torchrun or deepspeed")
+    return [*head, str(script), *args]
+
+
+def environment(cpu: bool, nproc: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a local job: this checkout importable, unbuffered output, and on the CPU DeepSpeed's
+    CPU accelerator with the cores shared out between the processes (two processes on two cores must not
+    oversubscribe them: each would spin a thread pool of two)."""
+    env = dict(os.environ if base is None else base, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    if cpu:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def single_process_env(cpu: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+    """One process as rank 0 of a world of 1, without a launcher."""
+    env = environment(cpu, 1, base)
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env

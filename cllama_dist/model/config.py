@@ -1,0 +1,68 @@
+"""Settings of the model the trainer builds: the base, its extended vocabulary, and the LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import PathStr, Section, check, option
+
+# LLaMA's seven projections: attention q, k, v, o and the SwiGLU MLP's gate, up, down (the paper adapts all).
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig(Section):
+    """The base model, the merged tokenizer it is extended to, and what of the embeddings trains."""
+
+    path: PathStr = option(
+        "", "Base model: a Hugging Face folder (config.json + weights). Leave empty and set model.config to build a "
+            "LLaMA-architecture model with random weights (tests, demo, benchmarks, dry runs).", legacy="model")
+    config: dict = option(
+        {}, "LlamaConfig fields (hidden_size, num_hidden_layers, ..., vocab_size = the base vocabulary) for a "
+            "model built from scratch. Ignored when model.path is set.", legacy="model_config")
+    tokenizer: PathStr = option("", "The merged tokenizer folder (from `cllama tokenizer merge`).", legacy="tokenizer")
+    extended_vocab: int = option(
+        0, "Expected size of the extended vocabulary, len(tokenizer) (the paper: 49,953). With a tokenizer it is a "
+           "check; without one (dry runs) it is the size used. 0: take len(tokenizer).", legacy="extended_vocab")
+    embeddings: Literal["new-rows", "full"] = option(
+        "new-rows", "What of embed_tokens and lm_head trains. new-rows: only the appended rows, held as their own "
+                    "parameters (old rows bit-identical, optimizer state for new rows only). full: both whole "
+                    "matrices, the paper's choice, for comparison.", legacy="embeddings")
+    new_row_init: Literal["mean", "subword", "normal"] = option(
+        "mean", "Initial value of appended rows: mean of the old rows; subword = mean of the base rows of the pieces "
+                "the base tokenizer splits the new piece into (needs the base tokenizer named in the merge report); "
+                "normal = N(0, new_row_std), the paper's.", legacy="new_row_init")
+    new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.", legacy="new_row_std")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).",
+                                          legacy="gradient_checkpointing")
+    attn_implementation: str = option("sdpa", "transformers attention kernel: sdpa, eager, flash_attention_2.",
+                                      legacy="attn_implementation")
+
+    def validate(self) -> None:
+        check(bool(self.path) or bool(self.config), "path",
+              "set model.path (a Hugging Face folder) or model.config (to build one from a config)")
+        check(self.extended_vocab >= 0, "extended_vocab", f"must be >= 0, got {self.extended_vocab}")
+        check(self.new_row_std > 0, "new_row_std", f"must be positive, got {self.new_row_std}")
+
+
+@dataclass
+class LoraConfig(Section):
+    """LoRA adapters on the frozen base's projections."""
+
+    rank: int = option(8, "LoRA rank (the paper: 8; its v2: 64).", legacy="lora_rank")
+    alpha: float = option(32.0, "LoRA alpha (the paper: 32; its v2: 128).", legacy="lora_alpha")
+    dropout: float = option(0.05, "LoRA dropout (the paper: 0.05).", legacy="lora_dropout")
+    targets: list[str] = option(LLAMA_PROJECTIONS, "Modules that get LoRA adapters.", legacy="lora_targets")
+
+    def validate(self) -> None:
+        check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")
+        check(self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(bool(self.targets), "targets", "must name at least one module")
+
+
+def resolve_dtype(name: str, cuda: bool) -> str:
+    """The compute dtype a setting means: ``auto`` is bf16 on a GPU and fp32 on the CPU (where bf16 matrix
+    products are slow and tests want exact arithmetic). Used by the trainer and by eval alike."""
+    return name if name != "auto" else ("bf16" if cuda else "fp32")

@@ -1,0 +1,292 @@
+"""The demo: the whole pipeline on the shipped Chinese corpus, on a CPU, in minutes.
+
+    cllama demo [--out runs/demo] [--base-tokenizer llama/tokenizer.model] [--force] [--until STAGE]
+
+STAGES below is the recipe: each stage is reused on a re-run while its inputs are unchanged (unless
+--force); the training stage resumes an interrupted run from its last checkpoint. Every stage calls the
+same stage API as the CLI (cllama_dist/stages.py) with a config object.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from ... import PROJECT_ROOT, stages
+from ...assets import ZH_PROMPTS, corpus_path
+from ...data.config import PreprocessConfig
+from ...errors import UserError
+from ...eval.config import EvalConfig
+from ...export.config import ExportAdapterConfig, ExportMergedConfig
+from ...model.presets import DEMO as DEMO_MODEL
+from ...tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
+from ..runner import Reached, Stage, StageRunner, file_key
+from .config import DemoConfig
+
+HELD_OUT_EVERY = 8  # every 8th shipped document is held out from tokenizer and model training
+DEMO_ZH_VOCAB = 3000  # what ~150 KB of Chinese supports; the paper used 20,000 on 20 GB
+DEMO_BASE_VOCAB = 4000
+DEMO_BLOCK = 128
+DEMO_PROCS = 2
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def split_corpus(folder: Path, r: dict) -> dict:
+    """Every 8th shipped document held out from tokenizer and model training."""
+    lines = corpus_path().read_text(encoding="utf-8").splitlines()
+    train = [l for i, l in enumerate(lines) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    held = [l for i, l in enumerate(lines) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    (folder / "train.jsonl").write_text("\n".join(train) + "\n", encoding="utf-8")
+    (folder / "heldout.jsonl").write_text("\n".join(held) + "\n", encoding="utf-8")
+    return {"train": str(folder / "train.jsonl"), "heldout": str(folder / "heldout.jsonl"),
+            "train_documents": len(train), "heldout_documents": len(held)}
+
+
+def base_tokenizer(given: str):
+    """A LLaMA-style base tokenizer built offline, or the one given (--base-tokenizer)."""
+
+    def run(folder: Path, r: dict) -> dict:
+        if given:
+            from ...tokenizer import spm
+
+            proto = spm.load_proto(given, "base tokenizer")
+            spm.write_hf_folder(folder, spm.model_path(given).read_bytes(), proto)
+            return {"tokenizer": str(folder), "source": given}
+        from ...tokenizer.base import build_base_tokenizer
+
+        build_base_tokenizer(folder, vocab_size=DEMO_BASE_VOCAB)
+        return {"tokenizer": str(folder), "source": "built from Python standard-library docstrings, LLaMA trainer settings"}
+
+    return run
+
+
+def chinese_tokenizer(folder: Path, r: dict) -> dict:
+    out = stages.tokenizer_train(TokenizerTrainConfig(inputs=[r["corpus"]["train"]], output=str(folder / "zh"),
+                                                      vocab_size=DEMO_ZH_VOCAB))
+    return {"model": out["model"], "vocab_size": DEMO_ZH_VOCAB, "sentences": out["sentences_sampled"]}
+
+
+def merged_tokenizer(folder: Path, r: dict) -> dict:
+    out = stages.merge(MergeConfig(base=r["base"]["tokenizer"], add=r["tokenizer"]["model"], out=str(folder),
+                                   overwrite=True))
+    return {"tokenizer": str(folder), "orig_vocab_size": out["orig_vocab_size"],
+            "new_vocab_size": out["new_vocab_size"], "added": out["added"]}
+
+
+def tokenizer_report(folder: Path, r: dict) -> dict:
+    from ...tokenizer.report import format_table
+
+    out = stages.report(ReportConfig(tokenizers=[r["base"]["tokenizer"], r["merge"]["tokenizer"]],
+                                     inputs=[r["corpus"]["heldout"]], json_out=str(folder / "report.json")))
+    (folder / "report.txt").write_text(format_table(out) + "\n", encoding="utf-8")
+    b, e = out["tokenizers"]
+    return {"tokens_per_char_before": round(b["tokens_per_char"], 3), "tokens_per_char_after": round(e["tokens_per_char"], 3),
+            "reduction": round(e["reduction_vs_first"], 2), "table": str(folder / "report.txt")}
+
+
+def shards(folder: Path, r: dict) -> dict:
+    # 5% of the training documents' blocks form the validation split the trainer evaluates on.
+    m = stages.preprocess(PreprocessConfig(inputs=[r["corpus"]["train"]], tokenizer=r["merge"]["tokenizer"],
+                                           output=str(folder), block_size=DEMO_BLOCK, validation_fraction=0.05,
+                                           overwrite=True))
+    return {"folder": str(folder), "block_size": DEMO_BLOCK, "train_sequences": m["splits"]["train"]["sequences"],
+            "validation_sequences": m["splits"]["validation"]["sequences"], "train_tokens": m["splits"]["train"]["tokens"]}
+
+
+def base_model(folder: Path, r: dict) -> dict:
+    from .base_model import build_base_model
+
+    return build_base_model(folder, r["base"]["tokenizer"], DEMO_MODEL)
+
+
+def run_config(r: dict, steps: int) -> dict:
+    """The training stage's run config (nested, as a user's YAML would be)."""
+    every = max(steps // 4, 1)
+    return {
+        "model": {"path": r["model"]["folder"], "tokenizer": r["merge"]["tokenizer"], "new_row_init": "subword",
+                  "gradient_checkpointing": True},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"path": r["shards"]["folder"], "block_size": DEMO_BLOCK, "micro_batch_size": 4, "global_batch_size": 16},
+        "optim": {"max_steps": steps, "lr": 2e-3, "embedding_lr": 5e-3, "warmup_steps": 10},
+        "engine": {"dtype": "fp32", "deepspeed_config": str(PROJECT_ROOT / "deepspeed_configs" / "zero3.json"),
+                   # tiny weights would otherwise stay whole on every rank; partition them as a 7B's would be
+                   "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "checkpoint": {"save_every": every, "keep_last": 2},
+        "validation": {"every": every, "sequences": 64},
+        "logging": {"log_every": 10},
+    }
+
+
+def train(steps: int):
+    def run(folder: Path, r: dict) -> dict:
+        return train_stage(folder, run_config(r, steps))
+
+    return run
+
+
+def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
+    """LoRA + new rows under ZeRO-3 on ``nproc`` processes, started by DeepSpeed's launcher."""
+    import torch
+    import yaml
+
+    from ...launch.local import command, environment
+    from ...trainer.metrics import read_metrics
+
+    run = folder / "run"
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump({**run_cfg, "output_dir": str(run)}, sort_keys=False, allow_unicode=True))
+    cmd = command(["--config", str(config)], nproc, launcher="deepspeed")
+    env = environment(cpu=not torch.cuda.is_available(), nproc=nproc)
+    print("  $ " + shlex.join(cmd), flush=True)
+    log = folder / "train.log"
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            for line in proc.stdout:
+                fh.write(line)
+                # The trainer's own lines (progress, metrics, notes) are shown; DeepSpeed's INFO chatter
+                # stays in train.log.
+                if not line.startswith("[20") or "[train]" in line or "ERROR" in line:
+                    print("  | " + line.rstrip(), flush=True)
+        except KeyboardInterrupt:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint; the next demo resumes it
+            proc.wait()
+            raise
+        code = proc.wait()
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+        raise UserError(f"training failed (exit {code}); the whole log is {log}. Its end:\n{tail}")
+    losses = {rec["step"]: rec["loss"] for rec in read_metrics(run, "train") if not rec.get("skipped")}
+    evals = read_metrics(run, "eval")
+    return {"run": str(run), "log": str(log), "config": str(config),
+            "losses": {"first": losses[min(losses)], "last": losses[max(losses)], "steps": max(losses)},
+            "validation_loss": evals[-1]["loss"] if evals else float("nan")}
+
+
+def export(folder: Path, r: dict) -> dict:
+    meta = stages.export_adapter(ExportAdapterConfig(run=r["train"]["run"], out=str(folder / "adapter")))
+    merged = stages.export_merged(ExportMergedConfig(base=r["model"]["folder"], adapter=str(folder / "adapter"),
+                                                     out=str(folder / "merged"), dtype="fp32"))
+    size = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
+    return {"adapter": str(folder / "adapter"), "merged": merged["out"], "step": meta["step"],
+            "trained_parameters": meta["trained_parameters"], "adapter_bytes": size}
+
+
+def evaluate(folder: Path, r: dict) -> dict:
+    """Bits per character on held-out Chinese: the base (its own tokenizer) against base + adapter and merged."""
+    common = dict(inputs=[r["corpus"]["heldout"]], block_size=DEMO_BLOCK * 2, device="cpu", dtype="fp32")
+    runs = {"base": EvalConfig(model=r["model"]["folder"], json_out=str(folder / "base.json"), **common),
+            "base+adapter": EvalConfig(model=r["model"]["folder"], adapter=r["export"]["adapter"],
+                                       json_out=str(folder / "base+adapter.json"), **common),
+            "merged": EvalConfig(model=r["export"]["merged"], json_out=str(folder / "merged.json"), **common)}
+    keys = ("loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens_per_char", "tokens")
+    out = {}
+    for name, cfg in runs.items():
+        result = stages.evaluate(cfg)
+        out[name] = {k: result[k] for k in keys}
+    return out | {"folder": str(folder)}
+
+
+def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
+    """Reload the merged model with nothing but stock transformers, and continue a few prompts."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = r["export"]["merged"]
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    torch.manual_seed(0)
+    samples, new_tokens, seconds = [], 0, 0.0
+    for prompt in ZH_PROMPTS:
+        x = tok(prompt, return_tensors="pt")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y = model.generate(**x, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=True,
+                               temperature=0.7, top_p=0.9, pad_token_id=tok.eos_token_id)
+        seconds += time.perf_counter() - t0
+        new = y[0, x["input_ids"].shape[1]:]
+        new_tokens += len(new)
+        samples.append({"prompt": prompt, "continuation": tok.decode(new, skip_special_tokens=True)})
+        print(f"  {prompt}|{samples[-1]['continuation']}", flush=True)
+    (folder / "generations.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
+
+
+# ------------------------------------------------------------------------------ the recipe
+
+
+def recipe(cfg: DemoConfig) -> list[Stage]:
+    from .base_model import BASE_PRETRAIN_STEPS
+
+    given = cfg.base_tokenizer
+    given_key = file_key(Path(given)) if given and Path(given).is_file() else given
+    return [
+        Stage("corpus", split_corpus, lambda r: {"shipped": file_key(corpus_path())}),
+        Stage("base", base_tokenizer(given), lambda r: {"given": given_key, "vocab": DEMO_BASE_VOCAB}),
+        Stage("tokenizer", chinese_tokenizer, lambda r: {"corpus": r["corpus"], "vocab": DEMO_ZH_VOCAB}),
+        Stage("merge", merged_tokenizer, lambda r: {"base": r["base"], "zh": r["tokenizer"]}),
+        Stage("report", tokenizer_report, lambda r: {"merge": r["merge"], "heldout": r["corpus"]["heldout"]}),
+        Stage("shards", shards, lambda r: {"merge": r["merge"], "corpus": r["corpus"], "block": DEMO_BLOCK}),
+        Stage("model", base_model, lambda r: {"base": r["base"], "model": DEMO_MODEL, "steps": BASE_PRETRAIN_STEPS}),
+        Stage("train", train(cfg.steps), lambda r: {"model": r["model"], "shards": r["shards"],
+                                                    "config": run_config(r, cfg.steps)}, resumable=True),
+        Stage("export", export, lambda r: {"train": r["train"]}),
+        Stage("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"]}),
+        Stage("generate", generate, lambda r: {"export": r["export"], "prompts": ZH_PROMPTS}),
+    ]
+
+
+STAGE_NAMES = ("corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export", "eval",
+               "generate")
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run the stages (up to and including ``cfg.until``); returns every stage's result by name."""
+    if cfg.base_tokenizer and not Path(cfg.base_tokenizer).exists():
+        raise UserError(f"--base-tokenizer {cfg.base_tokenizer} not found")
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    steps = recipe(cfg)
+    runner = StageRunner(root, cfg.force, total=len(steps), until=cfg.until or None)
+    try:
+        runner.run_all(steps)
+        print_summary(runner.summary)
+    except Reached:
+        print(f"stopped after stage '{cfg.until}' (--until); run without --until to continue from here")
+    (root / "summary.json").write_text(json.dumps(runner.summary, indent=2, ensure_ascii=False) + "\n")
+    return runner.summary
+
+
+def print_summary(s: dict) -> None:
+    rep, m, tr, ev, gen = s["report"], s["merge"], s["train"], s["eval"], s["generate"]
+    loss = tr["losses"]
+    print()
+    print("cllama demo summary")
+    print(f"  tokens / character, held-out Chinese   {rep['tokens_per_char_before']} -> {rep['tokens_per_char_after']} "
+          f"({rep['reduction']}x fewer tokens; {m['orig_vocab_size']:,} -> {m['new_vocab_size']:,} pieces)")
+    print(f"  training loss (merged tokenizer)       {loss['first']:.3f} at step 1 -> {loss['last']:.3f} at step "
+          f"{loss['steps']}; validation {tr['validation_loss']:.3f}")
+    print(f"  bits / character, held-out Chinese     {ev['base']['bits_per_char']:.3f} (base model, base tokenizer) -> "
+          f"{ev['merged']['bits_per_char']:.3f} (merged model; base + adapter: {ev['base+adapter']['bits_per_char']:.3f})")
+    print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
+          f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
+    print("  artefacts")
+    ex = s["export"]
+    for label, where in (("base tokenizer", s["base"]["tokenizer"]), ("Chinese tokenizer", s["tokenizer"]["model"]),
+                         ("merged tokenizer", m["tokenizer"]), ("tokenizer report", rep["table"]),
+                         ("shards", s["shards"]["folder"]), ("base model", s["model"]["folder"]),
+                         ("training run", f"{tr['run']} (metrics.jsonl, tb/, checkpoints/)"),
+                         ("adapter (PEFT)", f"{ex['adapter']} ({ex['adapter_bytes'] / 1e6:.2f} MB)"),
+                         ("merged model", ex["merged"]), ("evaluation", ev["folder"]),
+                         ("generations", gen["file"])):
+        print(f"    {label:<18} {where}")

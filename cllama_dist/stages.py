@@ -1,0 +1,143 @@
+"""The stage API: one plain function per stage, each taking its config object.
+
+    from cllama_dist import stages
+    from cllama_dist.tokenizer.config import MergeConfig
+    stages.merge(MergeConfig(base="llama/tokenizer.model", add="zh.model", out="merged/"))
+
+The CLI (cli.py) only parses flags and YAML into these config objects and calls these functions; the
+submitit launcher pickles the config objects and calls them in the job; the demo recipe calls them in
+order. Each function imports its implementation when called, so importing this module (and starting the
+CLI) imports nothing heavy: the offline stages never import torch.
+"""
+
+from __future__ import annotations
+
+from .data.config import FinalizeConfig, PreprocessConfig
+from .eval.config import EvalConfig
+from .export.config import ExportAdapterConfig, ExportMergedConfig
+from .recipes.demo.config import DemoConfig
+from .tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
+from .trainer.config import TrainConfig
+
+# ------------------------------------------------------------------------------ the vocabulary stage
+
+
+def tokenizer_train(cfg: TokenizerTrainConfig) -> dict:
+    """Train a SentencePiece model; returns its report (also written as PREFIX.report.json)."""
+    from .tokenizer.train import train
+
+    return train(cfg)
+
+
+def merge(cfg: MergeConfig) -> dict:
+    """Merge by union into the base tokenizer, base ids unchanged; returns the merge report."""
+    from .tokenizer.merge import merge as merge_tokenizers
+
+    return merge_tokenizers(cfg)
+
+
+def report(cfg: ReportConfig) -> dict:
+    """Tokens per character, byte-fallback share and extension figures of tokenizers on a corpus."""
+    from .tokenizer.report import report as report_tokenizers
+
+    return report_tokenizers(cfg)
+
+
+# ------------------------------------------------------------------------------ offline preprocessing
+
+
+def preprocess_prepare(cfg: PreprocessConfig) -> dict:
+    """Check the settings and write the output folder's plan, before an array of tasks starts."""
+    from .data.preprocess import prepare
+
+    return prepare(cfg)
+
+
+def preprocess_task(cfg: PreprocessConfig) -> dict:
+    """Tokenize this task's share of the corpus (``task_id`` of ``num_tasks``, or Slurm's array variables)."""
+    from .data.preprocess import run_task
+
+    return run_task(cfg)
+
+
+def preprocess_finalize(cfg: FinalizeConfig) -> dict:
+    """Join every task's output into manifest.json; returns the manifest."""
+    from .data.preprocess import finalize
+
+    return finalize(cfg.output, verify=cfg.verify)
+
+
+def preprocess(cfg: PreprocessConfig) -> dict | None:
+    """This task, then finalize when it is the only one; returns the manifest, or None for one of several tasks."""
+    from .data.preprocess import preprocess as run
+
+    return run(cfg)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run this process's part of a training job (launched by torchrun / deepspeed / srun, or alone); returns
+    the exit status: 0 done, 3 stopped by a signal after saving, 4 stopped on non-finite losses."""
+    from .trainer.loop import train as run
+
+    return run(cfg)
+
+
+def dry_run(cfg: TrainConfig) -> dict:
+    """Parameter counts, optimizer state and FLOPs per token of both embedding modes, on the meta device."""
+    from .model.adapters import dry_run as count
+    from .model.adapters import load_llama_config
+    from .model.flops import run_flops
+
+    new_vocab = cfg.model.extended_vocab
+    if cfg.model.tokenizer:
+        from .tokenizer import spm
+
+        new_vocab = spm.fingerprint(cfg.model.tokenizer)["vocab_size"]
+    config = load_llama_config(cfg.model)
+    new_vocab = new_vocab or config.vocab_size
+    block = cfg.data.block_size or 512
+    modes = {}
+    for mode, c in count(cfg.model, cfg.lora, new_vocab).items():
+        f = run_flops(config, config.vocab_size, new_vocab, mode, block, c.lora, cfg.model.gradient_checkpointing)
+        modes[mode] = {"counts": c, "flops": f}
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "orig_vocab": config.vocab_size,
+            "new_vocab": new_vocab, "block": block, "mixed_precision": cfg.engine.dtype != "fp32", "modes": modes,
+            "lora": f"LoRA r {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"}
+
+
+# ------------------------------------------------------------------------------ export and evaluation
+
+
+def export_adapter(cfg: ExportAdapterConfig) -> dict:
+    """A PEFT adapter (LoRA + new rows) from the run's newest complete checkpoint (or ``cfg.step``)."""
+    from .export.run import export_adapter as export
+
+    return export(cfg.run, cfg.out, cfg.step or None)
+
+
+def export_merged(cfg: ExportMergedConfig) -> dict:
+    """Base + adapter merged into a stock Hugging Face model, one weight shard at a time."""
+    from .export.run import export_merged as export
+
+    return export(cfg.base, cfg.adapter, cfg.out, cfg.dtype)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Loss, perplexity and bits per character (text) of a model, with optional generation."""
+    from .eval.run import evaluate as run
+
+    return run(cfg)
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def demo(cfg: DemoConfig) -> dict:
+    """The whole pipeline on the shipped corpus; returns every stage's result by name."""
+    from .recipes.demo import run
+
+    return run(cfg)
+

@@ -1,0 +1,135 @@
+"""The training run's settings, as sections: model, lora, data (elsewhere, beside their code) and optim,
+engine, checkpoint, validation, logging (here, beside the trainer's components).
+
+    cllama train --config run.yaml --optim.lr 1e-4 --data.path shards/     # dotted flags
+    cllama train --config run.yaml --lr 1e-4 --data shards/                # the flat flags of earlier versions
+
+A YAML file may nest (``optim: {lr: 1e-4}``) or use the flat keys of earlier versions (``lr: 1e-4``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import PathStr, Section, check, option
+from ..data.config import DataConfig
+from ..model.config import LoraConfig, ModelConfig
+
+
+@dataclass
+class OptimConfig(Section):
+    """AdamW over two groups (LoRA, embedding rows), warm-up + cosine schedule, clipping, non-finite steps."""
+
+    max_steps: int = option(0, "Optimizer steps to train (0: one pass over the train split).", legacy="max_steps")
+    lr: float = option(2e-4, "Peak learning rate of LoRA weights (the paper: 2e-4).", legacy="lr")
+    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows (0: same as lr).", legacy="embedding_lr")
+    weight_decay: float = option(0.0, "AdamW weight decay on LoRA weights; never applied to embedding rows.",
+                                 legacy="weight_decay")
+    adam_betas: list[float] = option([0.9, 0.95], "AdamW betas.", legacy="adam_betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon.", legacy="adam_eps")
+    warmup_steps: int = option(0, "Linear warm-up steps.", legacy="warmup_steps")
+    warmup_ratio: float = option(0.05, "Warm-up as a share of max_steps (used when warmup_steps is 0).",
+                                 legacy="warmup_ratio")
+    min_lr_ratio: float = option(0.1, "Cosine decay ends at this share of the peak learning rate.", legacy="min_lr_ratio")
+    clip_grad: float = option(1.0, "Gradient norm clipping (0: off).", legacy="clip_grad")
+    max_nonfinite_steps: int = option(
+        3, "Stop after this many steps in a row with a non-finite loss (each is skipped), saving the last good state.",
+        legacy="max_nonfinite_steps")
+
+    def validate(self) -> None:
+        for name in ("max_steps", "warmup_steps", "max_nonfinite_steps"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(self.embedding_lr >= 0, "embedding_lr", f"must be >= 0, got {self.embedding_lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+              f"needs two values in [0, 1), got {self.adam_betas}")
+        check(self.adam_eps > 0, "adam_eps", f"must be positive, got {self.adam_eps}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.clip_grad >= 0, "clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class EngineConfig(Section):
+    """DeepSpeed: the JSON, overrides, precision."""
+
+    deepspeed_config: PathStr = option(
+        "deepspeed_configs/zero3.json", "DeepSpeed JSON (deepspeed_configs/zero3.json, zero3_offload.json, "
+        "zero2.json); its \"auto\" values are filled from this config.", legacy="deepspeed_config",
+        aliases=["--ds-config"])
+    deepspeed_overrides: dict = option(
+        {}, "Settings merged into the DeepSpeed JSON (nested mappings merge key by key). The tiny CPU configs set "
+            "zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are partitioned too.",
+        legacy="deepspeed_overrides")
+    single_process_zero2: bool = option(
+        False, "With one process, run a ZeRO-3 config as ZeRO-2: a single process's one partition is the whole model, "
+               "so ZeRO-3 saves no memory there but still gathers and releases every layer's weights in each "
+               "forward, backward and recomputation (tiny model on the CPU: 2-6x the steps/s; on a GPU: to be "
+               "measured by bench/train_throughput.py). Off by default until the GPU numbers justify it. A "
+               "checkpoint resumes only under the ZeRO stage it was saved with.", legacy="single_process_zero2")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.",
+        legacy="dtype")
+
+
+@dataclass
+class CheckpointConfig(Section):
+    """When to save, how many to keep, where to resume from."""
+
+    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end and on a signal).",
+                             legacy="save_every")
+    keep_last: int = option(2, "Complete checkpoints to keep (older ones are deleted).", legacy="keep_last")
+    resume: str = option(
+        "auto", "'auto' (the newest complete checkpoint in the run folder, if any), a checkpoint folder, or '' to "
+                "start fresh (refused if the run folder already has checkpoints).", legacy="resume")
+
+    def validate(self) -> None:
+        check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        check(self.keep_last >= 1, "keep_last", f"must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class ValidationConfig(Section):
+    """Loss and perplexity on the validation split."""
+
+    every: int = option(0, "Evaluate on the validation split every N steps (0: only at the end).", legacy="eval_every")
+    sequences: int = option(
+        0, "Evaluate on the first N validation sequences (0: the whole split); the same N sequences whatever the "
+           "number of processes.", legacy="eval_sequences")
+
+    def validate(self) -> None:
+        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.sequences >= 0, "sequences", f"must be >= 0, got {self.sequences}")
+
+
+@dataclass
+class LoggingConfig(Section):
+    """Console lines, metrics.jsonl, TensorBoard, MFU."""
+
+    log_every: int = option(10, "Log metrics every N steps.", legacy="log_every")
+    tensorboard: bool = option(True, "Write TensorBoard events to OUTPUT_DIR/tb.", legacy="tensorboard")
+    peak_tflops: float = option(
+        0.0, "Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).", legacy="peak_tflops")
+
+    def validate(self) -> None:
+        check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
+        check(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+
+
+@dataclass
+class TrainConfig(Section):
+    """Train LoRA + new embedding rows under DeepSpeed (cllama train)."""
+
+    output_dir: PathStr = option("", "Run folder: resolved config, metrics, TensorBoard events, checkpoints "
+                                     "(default runs/train).", aliases=["--out"])
+    seed: int = option(0, "Seed of the data order, the new-row initialisation and LoRA initialisation.")
+    model: ModelConfig = option(ModelConfig, "The base model, tokenizer and embeddings.")
+    lora: LoraConfig = option(LoraConfig, "LoRA adapters.")
+    data: DataConfig = option(DataConfig, "Shards and batching.")
+    optim: OptimConfig = option(OptimConfig, "Optimizer and schedule.")
+    engine: EngineConfig = option(EngineConfig, "DeepSpeed.")
+    checkpoint: CheckpointConfig = option(CheckpointConfig, "Checkpoints and resume.")
+    validation: ValidationConfig = option(ValidationConfig, "Validation.")
+    logging: LoggingConfig = option(LoggingConfig, "Logging.")

@@ -1,0 +1,262 @@
+"""The training loop: extend the vocabulary, train LoRA + new rows under DeepSpeed, evaluate, log, save.
+
+One step = ``accum`` micro-batches per process, then one optimizer update. Set-up is a sequence of
+``_setup_*`` steps; everything that can be refused is checked before the model is built. The pieces
+live beside this file: the batch plan and schedule (plan.py), the DeepSpeed engine (engine.py),
+checkpoints (checkpoint.py), metrics (metrics.py), validation (validate.py); the data order in
+data/loader.py; every collective in distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import distributed as dist
+from ..config import dump_yaml, to_dict
+from ..data.loader import GlobalOrder, TokenBlocks, step_positions
+from ..data.shards import check_manifest, load_manifest, verify_shards
+from ..errors import UserError
+from ..model import flops
+from ..model.config import resolve_dtype
+from ..progress import Progress
+from . import engine as engines
+from .checkpoint import Checkpointer, TrainerState, read_state
+from .config import TrainConfig
+from .metrics import Logger, Throughput, train_line
+from .plan import Plan, lr_factor
+from .validate import Validator
+
+EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
+STOP_FILE = "STOP"  # touched by slurm/pretrain.sh (or a user) to ask every rank to save and stop
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._setup_run_folder()
+        self._setup_vocabulary()
+        self._setup_data()
+        self._setup_resume()
+        self._setup_model()
+        self._setup_engine()
+        self._setup_metrics()
+
+    # -- set-up -----------------------------------------------------------------------------------------
+
+    def _setup_run_folder(self) -> None:
+        self.device = dist.init()
+        self.run_dir = Path(self.cfg.output_dir or "runs/train")
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
+        dist.barrier()
+
+    def _setup_vocabulary(self) -> None:
+        from ..model.adapters import load_llama_config
+        from ..tokenizer.merged import read_merged
+
+        self.llama = load_llama_config(self.cfg.model)
+        self.vocab = read_merged(self.cfg.model.tokenizer, self.llama.vocab_size, self.cfg.model.extended_vocab)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.path:
+            raise UserError("data.path is required: the preprocessor's output folder")
+        manifest = load_manifest(cfg.data.path)
+        block = cfg.data.block_size or manifest["block_size"]
+        check_manifest(manifest, self.vocab.fingerprint, block, where=f"shards in {cfg.data.path}")
+        if block > self.llama.max_position_embeddings:
+            raise UserError(f"block size {block} exceeds the model's max_position_embeddings "
+                            f"{self.llama.max_position_embeddings}")
+        if dist.is_main():
+            verify_shards(cfg.data.path, manifest, checksums=False)
+        self.train_blocks = TokenBlocks(cfg.data.path, manifest, "train")
+        self.validator = Validator(TokenBlocks(cfg.data.path, manifest, "validation"), cfg.data.micro_batch_size,
+                                   cfg.validation.sequences)
+        self.order = GlobalOrder(len(self.train_blocks), cfg.seed)
+        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), block, len(self.train_blocks))
+
+    def _setup_resume(self) -> None:
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg.checkpoint)
+        self.resume_from = self.checkpointer.find_resume()
+        self.resume_state = read_state(self.resume_from) if self.resume_from else None
+        self.universal = bool(self.resume_state) and self.resume_state["world_size"] != self.plan.world
+        self.dtype = resolve_dtype(self.cfg.engine.dtype, self.device.startswith("cuda"))
+        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal)
+        if self.resume_state:
+            self.checkpointer.check_resumable(self.resume_from, self.resume_state, self._identity())
+
+    def _identity(self) -> dict:
+        """What must not change between a checkpoint and the run that resumes it."""
+        return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint["sha256"],
+                "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
+                "zero_stage": engines.zero_stage(self.ds_config)}
+
+    def _setup_model(self) -> None:
+        from ..model.adapters import DTYPES, build_model, count_parameters
+        from ..tokenizer.merged import subword_spellings
+
+        cfg = self.cfg
+        sub = subword_spellings(self.vocab) if cfg.model.new_row_init == "subword" else None
+        zero3 = engines.zero_stage(self.ds_config) == 3
+        self.model, self._keep_alive = build_model(cfg.model, cfg.lora, cfg.seed, self.vocab.orig_vocab,
+                                                   self.vocab.new_vocab, DTYPES[self.dtype],
+                                                   self.ds_config if zero3 else None, sub)
+        self.counts = count_parameters(self.model)
+
+    def _setup_engine(self) -> None:
+        self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
+        self.start_step = 0
+        if self.resume_from:
+            self.checkpointer.load(self.engine, self.resume_from, self.universal)
+            self.start_step = self.resume_state["step"]
+
+    def _setup_metrics(self) -> None:
+        cfg = self.cfg
+        self.flops = flops.run_flops(self.llama, self.vocab.orig_vocab, self.vocab.new_vocab, cfg.model.embeddings,
+                                     self.plan.block, self.counts.lora, cfg.model.gradient_checkpointing)
+        peak = cfg.logging.peak_tflops or (flops.peak_tflops(torch.cuda.get_device_name())
+                                           if self.device.startswith("cuda") else 0.0)
+        self.peak_flops = peak * 1e12
+        self.logger = Logger(self.run_dir, cfg.logging.tensorboard, self.start_step if self.resume_from else -1)
+        self.throughput = Throughput(self.plan.tokens_per_step, self.plan.world, self.device, self.flops, self.peak_flops)
+        if dist.is_main():
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        self._announce()
+
+    def _announce(self) -> None:
+        c, say, m = self.counts, self.logger.say, self.cfg.model
+        say(f"cllama train: {self.plan.describe()}")
+        say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {m.new_row_init}); "
+            f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
+            f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, device {self.device}")
+        say(f"  parameters: total {c.total:,}, LoRA {c.lora:,}, new rows {c.new_rows:,}, trainable {c.trainable:,} "
+            f"({100 * c.share:.2f}%); optimizer state {c.optimizer_bytes(self.dtype != 'fp32') / 2**20:,.1f} MiB")
+        say(f"  FLOPs per token: {self.flops['actual'] / 1e9:,.3f} G as computed (LoRA: ~4N + recompute + attention), "
+            f"{self.flops['conventional'] / 1e9:,.3f} G conventional (6N + 12LHs)"
+            + ("" if self.peak_flops else "; MFU not reported (unknown device peak: set logging.peak_tflops)"))
+        if self.resume_from:
+            say(f"  resumed from {self.resume_from} at step {self.start_step} "
+                f"(sample {self.start_step * self.plan.global_batch:,})")
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def to_device(self, rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(rows)
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def micro_batch_loss(self, x: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
+        return self.engine(input_ids=x, labels=x).loss
+
+    def train_step(self, step: int) -> float | None:
+        """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
+        positions = step_positions(step, self.plan.global_batch, self.plan.micro, dist.rank(), self.plan.world)
+        losses = []
+        for k, pos in enumerate(positions):
+            x = self.to_device(self.train_blocks.take(self.order.indices(pos)))
+            self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
+            loss = self.micro_batch_loss(x, step, k)
+            # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
+            if dist.any_true(not torch.isfinite(loss).item()):
+                if k:
+                    engines.discard_gradients(self.engine)
+                return None
+            self.engine.backward(loss)
+            losses.append(loss.item())
+        self.engine.step()
+        return dist.mean(sum(losses) / len(losses))
+
+    def save(self, step: int, reason: str) -> Path:
+        state = TrainerState(step=step, world_size=self.plan.world, global_batch=self.plan.global_batch,
+                             samples_consumed=step * self.plan.global_batch,
+                             tokenizer_sha256=self.vocab.fingerprint["sha256"], orig_vocab=self.vocab.orig_vocab,
+                             new_vocab=self.vocab.new_vocab, embeddings=self.cfg.model.embeddings,
+                             block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
+                             reason=reason, config=to_dict(self.cfg))
+        path = self.checkpointer.save(self.engine, state)
+        self.logger.say(f"saved checkpoint {path} ({reason})")
+        self.throughput.restart()  # a save is not training time
+        return path
+
+    def validate(self, step: int) -> None:
+        result = self.validator.run(self.engine, self.to_device)
+        if result is not None:
+            self.logger.log({"type": "eval", "step": step, **result})
+            self.logger.say(f"step {step}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+        self.last_validated = step
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, plan = self.cfg, self.plan
+        stop = dist.StopFlag(self.run_dir / STOP_FILE)
+        bar = Progress("train", total=plan.max_steps, unit="step", enabled=dist.is_main())
+        bar.update(self.start_step)
+        step, bad_in_row, self.last_validated = self.start_step, 0, None
+        try:
+            self.throughput.restart()
+            while step < plan.max_steps:
+                lr_scale = lr_factor(step, cfg.optim, plan.max_steps)
+                engines.set_lr(self.engine, lr_scale)
+                loss = self.train_step(step)
+                step += 1
+                self.throughput.step()
+                if loss is None:
+                    bad_in_row += 1
+                    if self._skipped(step, bad_in_row):
+                        return EXIT_NONFINITE
+                    continue
+                bad_in_row = 0
+                grad_norm = self.engine.get_global_grad_norm()
+                record = {"type": "train", "step": step, "loss": loss, "lr": cfg.optim.lr * lr_scale,
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                if step % cfg.logging.log_every == 0 or step == plan.max_steps:
+                    record.update(self.throughput.report())
+                    self.logger.say(train_line(record))
+                self.logger.log(record)
+                bar.update(1, f"loss {loss:.4f}")
+                if cfg.validation.every and step % cfg.validation.every == 0:
+                    self.validate(step)
+                if stop.should_stop():
+                    self.logger.say(f"stop requested (signal or {STOP_FILE} file): saving at step {step} and exiting")
+                    self.save(step, "signal")
+                    return EXIT_STOPPED
+                if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < plan.max_steps:
+                    self.save(step, "periodic")
+            if self.last_validated != step:
+                self.validate(step)
+            saved = self.checkpointer.complete()
+            if not saved or saved[-1].name != f"step-{step:08d}":
+                self.save(step, "end")
+            return EXIT_DONE
+        finally:
+            bar.close()
+            stop.restore()
+            self.logger.close()
+
+    def _skipped(self, step: int, in_row: int) -> bool:
+        """Log a skipped step; after max_nonfinite_steps in a row save the last good state. True: stop."""
+        self.logger.say(f"step {step}: non-finite loss, step skipped ({in_row} in a row)")
+        self.logger.log({"type": "train", "step": step, "loss": float("nan"), "skipped": True})
+        if in_row < self.cfg.optim.max_nonfinite_steps:
+            return False
+        self.logger.say(f"stopping: {in_row} non-finite losses in a row (optim.max_nonfinite_steps); "
+                        "the checkpoint holds the last good weights")
+        self.save(step, "non-finite loss")
+        return True
+
+
+def train(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        dist.barrier()

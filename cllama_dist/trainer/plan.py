@@ -1,0 +1,56 @@
+"""The run's batch arithmetic and learning-rate schedule, computed once and printed at start."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..data.config import DataConfig
+from ..errors import UserError
+from .config import OptimConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    world: int
+    micro: int
+    accum: int
+    block: int
+    max_steps: int
+    train_sequences: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.block
+
+    @classmethod
+    def make(cls, data: DataConfig, max_steps: int, world: int, block: int, train_sequences: int) -> "Plan":
+        if data.global_batch_size:
+            if data.global_batch_size % (data.micro_batch_size * world):
+                raise UserError(f"data.global_batch_size {data.global_batch_size} is not a multiple of "
+                                f"data.micro_batch_size {data.micro_batch_size} x {world} processes")
+            accum = data.global_batch_size // (data.micro_batch_size * world)
+        else:
+            accum = data.grad_accum
+        g = data.micro_batch_size * accum * world
+        steps = max_steps or max(1, train_sequences // g)
+        return cls(world, data.micro_batch_size, accum, block, steps, train_sequences)
+
+    def describe(self) -> str:
+        epochs = self.max_steps * self.global_batch / max(self.train_sequences, 1)
+        return (f"{self.world} processes x micro-batch {self.micro} x accumulation {self.accum} = {self.global_batch} "
+                f"sequences x {self.block} tokens = {self.tokens_per_step:,} tokens per step; {self.max_steps:,} steps "
+                f"= {self.max_steps * self.tokens_per_step:,} tokens ({epochs:.2f} epochs of {self.train_sequences:,} sequences)")
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
