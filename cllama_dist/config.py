@@ -383,6 +383,7 @@ def _default_text(f: dataclasses.Field) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per leaf setting. Defaults stay None, so that only flags actually given override YAML."""
     groups: dict[str, argparse._ArgumentGroup] = {}
+    canonical = {f"--{d.replace('_', '-')}" for d, *_ in _leaves(cls)}
     for dotted, f, tp, owner in _leaves(cls):
         if dotted in skip or not f.metadata.get("flag", True):
             continue
@@ -394,8 +395,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
                 groups[section] = parser.add_argument_group(f"{section}", doc)
             target = groups[section]
         names = [f"--{dotted.replace('_', '-')}"]  # flags spelled with _ are read as - (normalise_flags)
-        if f.metadata.get("legacy"):
-            names.append(f"--{f.metadata['legacy'].replace('_', '-')}")
+        legacy = f"--{f.metadata['legacy'].replace('_', '-')}" if f.metadata.get("legacy") else None
+        if legacy and legacy not in canonical:  # a field's own flag wins over another's legacy name
+            names.append(legacy)
         names += [a for a in f.metadata.get("aliases", ()) if a not in names]
         base, _ = _optional(tp)
         if typing.get_origin(base) is Annotated and not _is_path(base):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from ..errors import UserError

@@ -35,7 +35,6 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -162,7 +162,7 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     base, adapter, out = Path(base), Path(adapter), Path(out)
     config = AutoConfig.from_pretrained(base)
     meta, acfg = read_adapter(adapter, base, config.vocab_size)
-    orig, new = meta["orig_vocab"], meta["new_vocab"]
+    new = meta["new_vocab"]
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     scale = acfg["lora_alpha"] / acfg["r"]
     lora: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cllama_dist import stages
+from cllama_dist.recipes.demo.config import DemoConfig
+from cllama_dist.recipes.demo.recipe import STAGE_NAMES as STAGES
+
 from .. import golden
 from . import launch
 
@@ -87,3 +91,22 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
     again = demo(out)
     assert again.returncode == 0 and again.stdout.count("reusing") == 11
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
+    summary = stages.demo(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
+    assert list(summary) == list(STAGES[:6])
+    assert summary["merge"]["new_vocab_size"] == summary["merge"]["orig_vocab_size"] + summary["merge"]["added"]
+    assert summary["report"]["tokens_per_char_after"] * 2 < summary["report"]["tokens_per_char_before"]
+    held = (tmp_path / "demo" / "corpus" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    train = (tmp_path / "demo" / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert not set(held) & set(train)
+    assert summary["shards"]["train_sequences"] > 0 and summary["shards"]["validation_sequences"] > 0
+    from cllama_dist.data.shards import load_manifest
+
+    assert load_manifest(summary["shards"]["folder"])["tokenizer"]["vocab_size"] == summary["merge"]["new_vocab_size"]
+    capsys.readouterr()
+    stages.demo(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from cllama_dist import stages
@@ -13,24 +11,6 @@ from cllama_dist.recipes.runner import StageRunner as Stages
 def run_demo(**kw):
     return stages.demo(DemoConfig(**kw))
 
-
-def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
-    summary = run_demo(out=str(tmp_path / "demo"), until="shards")
-    assert list(summary) == list(STAGES[:6])
-    assert summary["merge"]["new_vocab_size"] == summary["merge"]["orig_vocab_size"] + summary["merge"]["added"]
-    assert summary["report"]["tokens_per_char_after"] * 2 < summary["report"]["tokens_per_char_before"]
-    held = (tmp_path / "demo" / "corpus" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
-    train = (tmp_path / "demo" / "corpus" / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    assert not set(held) & set(train)
-    assert summary["shards"]["train_sequences"] > 0 and summary["shards"]["validation_sequences"] > 0
-    from cllama_dist.data.shards import load_manifest
-
-    assert load_manifest(summary["shards"]["folder"])["tokenizer"]["vocab_size"] == summary["merge"]["new_vocab_size"]
-    capsys.readouterr()
-    run_demo(out=str(tmp_path / "demo"), until="shards")
-    out = capsys.readouterr().out
-    assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
-    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]
 
 
 def test_demo_refuses_unknown_stage_and_bad_steps(tmp_path):

@@ -1,0 +1,68 @@
+"""Every config the project ships builds through the typed loader, and resolves to what it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cllama_dist import PROJECT_ROOT
+from cllama_dist.config import build, load
+from cllama_dist.trainer.config import TrainConfig
+from cllama_dist.trainer.engine import resolve, zero_stage
+from cllama_dist.trainer.plan import Plan
+
+CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((PROJECT_ROOT / "deepspeed_configs").glob("*.json"))
+
+
+def test_there_are_shipped_configs():
+    assert {p.name for p in CONFIGS} >= {"llama-7b.yaml", "llama-13b.yaml", "tinyllama-1b.yaml"}
+    assert {p.name for p in DS_CONFIGS} >= {"zero3.json", "zero2.json", "zero3_offload.json", "zero3_multinode.json"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_run_configs_build_and_open_with_their_command(path: Path):
+    cfg = load(TrainConfig, path)
+    assert path.read_text().startswith("#") and "--config configs/" + path.name in path.read_text()
+    assert cfg.model.config["vocab_size"] == 32000 and cfg.model.extended_vocab == 49953
+    assert cfg.engine.dtype == "bf16" and cfg.model.gradient_checkpointing
+    assert cfg.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if path.name.startswith("llama-"):  # the paper's pre-training recipe
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.data.block_size, cfg.data.global_batch_size) == (8, 32.0, 512, 1024)
+        assert cfg.optim.lr == 2e-4
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=[p.name for p in DS_CONFIGS])
+def test_deepspeed_configs_resolve(path: Path):
+    cfg = build(TrainConfig, {"model.config": {"vocab_size": 10}, "engine.deepspeed_config": str(path),
+                              "optim.clip_grad": 0.5})
+    plan = Plan(world=2, micro=4, accum=2, block=512, max_steps=10, train_sequences=1000)
+    ds = resolve(cfg, plan, "bf16", universal=False)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
+            ds["gradient_clipping"]) == (4, 2, 16, 0.5)
+    assert ds["bf16"]["enabled"] and zero_stage(ds) == (2 if "zero2" in path.name else 3)
+    raw = json.loads(path.read_text())
+    assert all(raw[k] == "auto" for k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_clipping"))
+
+
+def test_the_demo_run_config_builds():
+    from cllama_dist.recipes.demo.recipe import run_config
+
+    r = {"model": {"folder": "/m"}, "merge": {"tokenizer": "/t"}, "shards": {"folder": "/s"}}
+    cfg = build(TrainConfig, {**run_config(r, 60), "output_dir": "/run"})
+    assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path) == ("/m", "/t", "/s")
+    assert (cfg.optim.max_steps, cfg.checkpoint.save_every, cfg.validation.every) == (60, 15, 15)
+    assert cfg.engine.deepspeed_overrides["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_a_checkpoint_config_of_the_flat_layout_still_builds():
+    """trainer_state.json of runs made before the config was nested records the flat keys; export reads them."""
+    flat = {"model": "/base", "model_config": {}, "tokenizer": "/tok", "data": "/shards", "output_dir": "/run",
+            "lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ["q_proj"], "micro_batch_size": 2, "lr": 1e-4,
+            "embeddings": "full", "deepspeed_overrides": {"a": 1}, "eval_every": 5, "tensorboard": False}
+    cfg = build(TrainConfig, flat)
+    assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path, cfg.lora.rank, cfg.lora.targets) == \
+        ("/base", "/tok", "/shards", 16, ["q_proj"])
+    assert (cfg.model.embeddings, cfg.optim.lr, cfg.validation.every, cfg.logging.tensorboard) == ("full", 1e-4, 5, False)
