@@ -40,7 +40,7 @@ from .errors import UserError
 # mapping given for a path is refused, and "~" is expanded.
 PathStr = Annotated[str, "path"]
 
-__all__ = ["PathStr", "Section", "option", "ConfigError", "check", "coerce", "build", "load", "load_yaml",
+__all__ = ["PathStr", "Section", "option", "ConfigError", "check", "require", "coerce", "build", "load", "load_yaml",
            "add_flags", "normalise_flags", "flag_values", "from_sources", "to_dict", "dump_yaml", "Literal"]
 
 
@@ -56,6 +56,12 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless condition holds: for range checks in ``Section.validate``."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Refuse an empty value for each named path/string setting ("is required")."""
+    for name in names:
+        check(bool(getattr(cfg, name)), name, "is required")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, legacy: str | None = None,

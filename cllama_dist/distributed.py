@@ -3,7 +3,7 @@
 Nothing else in the project reads RANK/LOCAL_RANK/WORLD_SIZE/SLURM_* or calls torch.distributed.
 
 Launchers: ``deepspeed`` and ``torchrun`` export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT. Plain ``srun`` exports only SLURM_* (hazard H8: ``deepspeed.init_distributed`` does not
+MASTER_PORT. Plain ``srun`` exports only SLURM_* (docs/hazards.md#h8: ``deepspeed.init_distributed`` does not
 read those), so they are mapped here; the rendezvous address is the first node's NodeAddr from
 ``scontrol`` because node names need not resolve.
 """
@@ -159,7 +159,8 @@ class StopFlag:
     Two ways in: a signal to any rank (SIGTERM / SIGUSR1 / SIGUSR2), or a stop file appearing (rank 0
     looks): a launcher such as torchrun dies of SIGUSR1 itself, so the batch script traps the signal
     and touches the file instead. A ZeRO-3 save is a collective, so it never runs inside a signal
-    handler on one rank (hazard H7): the handler only records, and ranks agree (all-reduce MAX).
+    handler on one rank, where the other ranks never join it (docs/hazards.md#h7): the handler only
+    records, and ranks agree (all-reduce MAX).
     """
 
     def __init__(self, stop_file: str | os.PathLike | None = None, signals=STOP_SIGNALS):

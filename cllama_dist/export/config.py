@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import PathStr, Section, check, option
+from ..config import PathStr, Section, check, option, require
 
 
 @dataclass
@@ -32,5 +32,4 @@ class ExportMergedConfig(Section):
     dtype: Literal["bf16", "fp16", "fp32"] = option("bf16", "Weights dtype of the merged model.")
 
     def validate(self) -> None:
-        for name in ("base", "adapter", "out"):
-            check(bool(getattr(self, name)), name, "is required")
+        require(self, "base", "adapter", "out")

@@ -1,7 +1,7 @@
 """Extend embed_tokens and the untied lm_head from V to V' rows, keeping the V original rows frozen.
 
 Freezing old rows with a gradient mask is fragile: gradients are sharded under ZeRO-3, and AdamW's
-weight decay moves masked rows anyway (docs/hazards.md, H3). So the split is structural: each matrix
+weight decay moves masked rows anyway (docs/hazards.md#h3). So the split is structural: each matrix
 becomes a frozen parameter holding rows [0, V) and a trainable parameter holding only rows [V, V'). The
 optimizer then holds state for the new rows alone (for 7B: 2 x 17,953 x 4,096 = 147M parameters
 instead of 2 x 49,953 x 4,096 = 409M), and the old rows cannot move: nothing can update them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import PathStr, Section, check, option
+from ..config import PathStr, Section, check, option, require
 from ..data.config import CorpusConfig
 
 
@@ -65,8 +65,7 @@ class MergeConfig(Section):
     overwrite: bool = option(False, "Replace an existing output folder.")
 
     def validate(self) -> None:
-        for name in ("base", "add", "out"):
-            check(bool(getattr(self, name)), name, "is required")
+        require(self, "base", "add", "out")
 
 
 @dataclass

@@ -34,7 +34,7 @@ def read_merged(path: str, model_vocab: int, extended_vocab: int = 0) -> MergedV
         except json.JSONDecodeError as exc:
             raise UserError(f"{report_path} is corrupt (not valid JSON: {exc})") from None
     orig = report.get("base", {}).get("vocab_size", model_vocab)
-    # len(tokenizer), the pieces of the merged model, not transformers' tokenizer.vocab_size (docs/hazards.md H2).
+    # len(tokenizer), the pieces of the merged model, not transformers' tokenizer.vocab_size (docs/hazards.md#h2).
     if extended_vocab and extended_vocab != fp["vocab_size"]:
         raise UserError(f"model.extended_vocab is {extended_vocab:,} but tokenizer {path} has "
                         f"{fp['vocab_size']:,} pieces (len(tokenizer))")

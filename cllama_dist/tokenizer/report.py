@@ -6,11 +6,11 @@ For each tokenizer: characters, UTF-8 bytes, tokens, tokens per character, the s
 and unknown tokens, and the ratio of the first tokenizer's token count to this one's ("x fewer").
 
 A tokenizer whose first pieces are exactly the first tokenizer's pieces is analysed as its extension:
-- unreachable added pieces (hazard H13): an added piece is *unreachable* when encoding its own surface
+- unreachable added pieces (docs/hazards.md#h13): an added piece is *unreachable* when encoding its own surface
   text alone (the piece with "▁" read as a space, no dummy prefix added) does not give that piece.
   Such a piece can still appear inside longer text only by accident of context; most never do, and
   each wastes an embedding row. Also counted: added pieces never emitted on this corpus.
-- multi-digit added pieces (hazard H12): pieces with two or more consecutive digits, which LLaMA's
+- multi-digit added pieces (docs/hazards.md#h12): pieces with two or more consecutive digits, which LLaMA's
   split_digits never produces, and how many tokens on the corpus are such pieces.
 """
 

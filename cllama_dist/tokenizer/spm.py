@@ -94,7 +94,7 @@ def write_hf_folder(out: Path, model_bytes: bytes, proto) -> None:
     merge gives every appended piece score 0, SentencePiece's BPE breaks such ties by position
     (leftmost pair first), and a merges list can only rank pairs, so the two disagree on most Chinese
     documents. transformers 5 no longer has a slow LlamaTokenizer, and LlamaTokenizer(vocab_file=...)
-    silently builds an empty tokenizer (hazard H11); this folder avoids both.
+    silently builds an empty tokenizer (3 pieces; docs/hazards.md#h11); this folder avoids both.
     """
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model_bytes)
