@@ -15,14 +15,24 @@ import os
 import signal
 import socket
 import subprocess
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 
-# SIGTERM: preemption and scancel; SIGUSR1: Slurm's --signal=USR1@T warning; SIGUSR2: submitit's.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+T = TypeVar("T")
+
+
+# SIGTERM: preemption and scancel; SIGUSR1: Slurm's --signal=USR1@T warning; SIGUSR2: submitit's; SIGINT:
+# Ctrl-C (a second Ctrl-C aborts without saving).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+# Rank 0's own work that the other ranks wait for (shard verification, universal conversion) may take long;
+# its outcome, success or error, reaches them as soon as it is known, over a CPU (gloo) group of its own.
+LONG_WAIT = datetime.timedelta(hours=2)
+_control = None
 
 
 def free_port() -> int:
@@ -67,8 +77,13 @@ def map_slurm_env(env: dict[str, str] | None = None) -> bool:
     return True
 
 
-def init(timeout_minutes: int = 30) -> str:
-    """Join the process group (nccl on GPU, gloo on CPU); returns the device string for this rank."""
+def init(timeout_minutes: float = 10) -> str:
+    """Join the process group (nccl on GPU, gloo on CPU); returns the device string for this rank.
+
+    ``timeout_minutes`` bounds every collective: a rank that waits for a peer that has failed or hangs gives
+    up after minutes, not after the half hour torch defaults to. Failures that one rank sees are sent to the
+    others (``agree``, ``on_main``) so that they normally do not wait at all.
+    """
     map_slurm_env()
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if use_cuda:
@@ -148,17 +163,87 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def _control_group():
+    """A gloo group for small control messages (errors, results), with a long timeout of its own."""
+    global _control
+    if _control is None:
+        _control = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    return _control
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_control_group())
+    return out
+
+
+def _raise_agreed(what: str, errors: list[Any], local: BaseException | None) -> None:
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    r, text = failed[0]
+    if local is not None and not isinstance(local, UserError):
+        raise local  # a bug on this rank: keep its traceback
+    where = f" (rank {r} of {len(errors)})" if len(errors) > 1 else ""
+    raise UserError(f"{text}{where}") from None
+
+
+def agree(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it fails on any rank, every rank raises the same error at once.
+
+    Without this, a rank that fails alone (a file missing on its node, say) exits while the others enter
+    the next collective and wait for it until the timeout; under plain srun nothing kills them sooner.
+    """
+    result, local, text = None, None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        local, text = exc, str(exc)
+    except Exception as exc:  # a bug: every rank stops, the failing one with its traceback
+        local, text = exc, f"{what} failed with {type(exc).__name__}: {exc}"
+    _raise_agreed(what, _gather(text), local)
+    return result  # type: ignore[return-value]
+
+
+def on_main(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give its result (or its error) to every rank."""
+    result, local, text = None, None, None
+    if is_main():
+        try:
+            result = fn()
+        except UserError as exc:
+            local, text = exc, str(exc)
+        except Exception as exc:
+            local, text = exc, f"{what} failed on rank 0 with {type(exc).__name__}: {exc}"
+    if not dist.is_initialized() or world_size() == 1:
+        if local is not None:
+            raise local
+        return result  # type: ignore[return-value]
+    box = [(result, text)]
+    dist.broadcast_object_list(box, src=0, group=_control_group())
+    result, text = box[0]
+    if text:
+        if local is not None and not isinstance(local, UserError):
+            raise local
+        raise UserError(text) from None
+    return result  # type: ignore[return-value]
+
+
 def close() -> None:
+    global _control
     if dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 class StopFlag:
     """A stop request, read by every rank at a step boundary through ``should_stop``.
 
-    Two ways in: a signal to any rank (SIGTERM / SIGUSR1 / SIGUSR2), or a stop file appearing (rank 0
-    looks): a launcher such as torchrun dies of SIGUSR1 itself, so the batch script traps the signal
-    and touches the file instead. A ZeRO-3 save is a collective, so it never runs inside a signal
+    Two ways in: a signal to any rank (SIGINT / SIGTERM / SIGUSR1 / SIGUSR2), or a stop file appearing
+    (rank 0 looks): a launcher such as torchrun dies of SIGUSR1 itself, so the batch script traps the
+    signal and touches the file instead. A second SIGINT (Ctrl-C twice) stops at once, without saving. A ZeRO-3 save is a collective, so it never runs inside a signal
     handler on one rank, where the other ranks never join it (docs/hazards.md#h7): the handler only
     records, and ranks agree (all-reduce MAX).
     """
@@ -171,6 +256,8 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         self.received = signum
 
     def should_stop(self) -> bool:

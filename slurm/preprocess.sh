@@ -11,6 +11,11 @@
 # task is simply resubmitted (`sbatch --array=N ...` or the whole command again): finished groups are kept.
 set -euo pipefail
 
+if [[ ${1:-} == -h || ${1:-} == --help || $# == 0 ]]; then
+    sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    exit $(( $# == 0 ? 2 : 0 ))
+fi
+
 PYTHON=${PYTHON:-python3}               # the Python that has cllama-dist installed
 PARTITION=${PARTITION:-}                # partition for both jobs (default: the cluster's default)
 TIME=${TIME:-12:00:00}                  # time limit of one array task
@@ -27,8 +32,10 @@ if [[ ${1:-} == __finalize ]]; then     # inside the dependent job
     exec "$PYTHON" -m cllama_dist.cli preprocess finalize "$@"
 fi
 
-TASKS=${1:?usage: slurm/preprocess.sh NUM_TASKS [cllama preprocess flags...]}
+TASKS=$1
 shift
+command -v sbatch > /dev/null || { echo "slurm/preprocess.sh: sbatch not found: run this on a Slurm login node, or" \
+    "without Slurm run 'cllama preprocess ... --num-tasks N --task-id K' for each K, then 'cllama preprocess finalize'" >&2; exit 2; }
 [[ $TASKS =~ ^[1-9][0-9]*$ ]] || { echo "slurm/preprocess.sh: NUM_TASKS must be a positive integer, got '$TASKS'" >&2; exit 2; }
 
 SCRIPT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")

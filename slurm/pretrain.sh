@@ -28,6 +28,18 @@
 
 set -euo pipefail
 
+usage() { sed -n '2,/^#SBATCH/{/^#SBATCH/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    usage
+    exit 0
+fi
+if [[ -z ${SLURM_JOB_ID:-} || -z ${SLURM_JOB_NODELIST:-} ]]; then
+    echo "slurm/pretrain.sh: not inside a Slurm job (no SLURM_JOB_ID): submit it with" \
+         "'sbatch slurm/pretrain.sh CONFIG.yaml [trainer flags]'; without Slurm, start the trainer with" \
+         "'torchrun --nproc_per_node N -m cllama_dist.train --config CONFIG.yaml'" >&2
+    exit 2
+fi
+
 CONFIG=${1:-${CONFIG:-configs/llama-7b.yaml}}   # the run config (YAML)
 shift $(( $# > 0 ? 1 : 0 ))
 PYTHON=${PYTHON:-python3}                          # the Python that has cllama-dist installed
@@ -41,8 +53,13 @@ fi
 cd "${SLURM_SUBMIT_DIR:-.}"
 
 # The run folder: RUN_DIR if given, else the config's output_dir. Same job id after a requeue, same folder.
-RUN_DIR=${RUN_DIR:-$("$PYTHON" -c 'import sys; from cllama_dist.config import load_yaml
-print(load_yaml(sys.argv[1]).get("output_dir") or "runs/train")' "$CONFIG")}
+RUN_DIR=${RUN_DIR:-$("$PYTHON" -c 'import sys
+from cllama_dist.config import load_yaml
+from cllama_dist.errors import UserError
+try:
+    print(load_yaml(sys.argv[1]).get("output_dir") or "runs/train")
+except UserError as exc:
+    sys.exit(f"slurm/pretrain.sh: {exc}")' "$CONFIG")}
 mkdir -p "$RUN_DIR"
 STOP_FILE=$RUN_DIR/STOP
 
@@ -53,12 +70,9 @@ MASTER_ADDR=$(scontrol show node "$FIRST_NODE" | tr ' ' '\n' | sed -n 's/^NodeAd
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 NNODES=$SLURM_JOB_NUM_NODES
 
-# Across nodes, ZeRO++ hierarchical partitioning keeps the per-micro-step weight all-gather inside a node
-# (deepspeed_configs/README.md has the byte counts); used unless the command line names another config.
-EXTRA=()
-if (( NNODES > 1 )) && [[ $CLLAMA_DEVICE == gpu ]] && [[ " $* " != *" --deepspeed-config "* ]]; then
-    EXTRA+=(--deepspeed-config "${MULTINODE_DS_CONFIG:-deepspeed_configs/zero3_multinode.json}")
-fi
+# The DeepSpeed JSON is the run config's (engine.deepspeed_config). Its default, auto, takes
+# zero3_multinode.json on GPUs across nodes (ZeRO++ hierarchical partitioning within each node, no weight
+# quantization: numerics unchanged) and zero3.json otherwise; the trainer prints which it used.
 
 # Network settings large clusters need; uncomment what applies to yours.
 # export NCCL_SOCKET_IFNAME=ib0            # the interface for NCCL's bootstrap (not docker0/lo)
@@ -85,7 +99,7 @@ echo "[pretrain.sh] job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: $NNODES
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m cllama_dist.train --config "$CONFIG" --output-dir "$RUN_DIR" --resume auto "${EXTRA[@]}" "$@" &
+    -m cllama_dist.train --config "$CONFIG" --output-dir "$RUN_DIR" --resume auto "$@" &
 SRUN=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
 set +e

@@ -1,10 +1,15 @@
 """Checkpoints: atomic saves, keep-last-K, resume (also on another number of processes).
 
 Layout: RUN/checkpoints/step-00000100/ holds DeepSpeed's files (trainable parameters and their optimizer
-state only: the frozen base comes from the base model), one rng-rankN.pt per process, and
-trainer_state.json (the ``TrainerState``). A save goes to step-00000100.tmp/ and is renamed by rank 0
-after every rank has written, so a crash mid-save leaves a .tmp folder that is never taken for a
-checkpoint. The rename is the commit point; trainer_state.json is written just before it.
+state only: the frozen base comes from the base model), one rng-rankN.pt per process, trainer_state.json
+(the ``TrainerState``) and, written last, files.json: every other file with its size and sha256. A save
+goes to step-00000100.tmp/ and is renamed by rank 0 after every rank has written, so a crash mid-save
+leaves a .tmp folder that is never taken for a checkpoint. The rename is the commit point.
+
+"Valid" means: files.json is there and every file it lists is there with its size and sha256. A resume
+with ``auto`` takes the newest valid checkpoint and says which newer ones it skipped and why (a rank's
+file lost, a file truncated by a full disk); export applies the same check. Checkpoints written before
+files.json existed are taken as they are, saying they cannot be verified.
 
 A ZeRO checkpoint is tied to the data-parallel world size. Resuming on another size converts it once to
 DeepSpeed's universal format (step-00000100.universal/, beside it) and loads that with
@@ -14,6 +19,7 @@ DeepSpeed's universal format (step-00000100.universal/, beside it) and loads tha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -32,6 +38,7 @@ from ..errors import UserError
 from .config import CheckpointConfig
 
 STATE = "trainer_state.json"
+FILES = "files.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -51,6 +58,8 @@ class TrainerState:
     block_size: int
     zero_stage: int
     reason: str
+    base_model: dict = field(default_factory=dict)  # model/identity.py's fingerprint of the frozen base
+    schedule: dict = field(default_factory=dict)    # what shapes the learning-rate curve (checked on resume)
     config: dict = field(default_factory=dict)
     time: float = 0.0
 
@@ -91,6 +100,53 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{p} is corrupt: {exc}") from None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_file_list(folder: Path) -> dict:
+    """files.json: every file of the checkpoint (but itself) with its size and sha256."""
+    files = {}
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != FILES):
+        files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    _write_json_atomic(folder / FILES, {"files": files})
+    return files
+
+
+def problem(path: Path, hashes: bool = True) -> str | None:
+    """Why a checkpoint folder cannot be used, or None when it is valid."""
+    if not (path / STATE).is_file():
+        return f"no {STATE} (an interrupted save)"
+    try:
+        json.loads((path / STATE).read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        return f"{STATE} is unreadable ({exc})"
+    listing = path / FILES
+    if not listing.is_file():
+        return None  # an older checkpoint: nothing to check against (said by the caller)
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (json.JSONDecodeError, OSError, KeyError) as exc:
+        return f"{FILES} is unreadable ({exc})"
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} has {f.stat().st_size:,} bytes, {info['bytes']:,} were written (truncated?)"
+        if hashes and _sha256(f) != info["sha256"]:
+            return f"{name} does not match its sha256 (damaged)"
+    return None
+
+
+def verified(path: Path) -> bool:
+    return (path / FILES).is_file()
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
@@ -117,19 +173,34 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.root = root(run_dir)
+        self.notes: list[str] = []  # what find_resume skipped, for the start-up lines
 
     def complete(self) -> list[Path]:
         return complete(self.run_dir)
 
     def find_resume(self) -> Path | None:
-        """The checkpoint to resume from: ``auto`` = newest complete one (None if there is none)."""
+        """The checkpoint to resume from: ``auto`` = the newest valid one (None if there is none)."""
         resume = self.cfg.resume
         if resume == "auto":
             found = self.complete()
-            return found[-1] if found else None
+            for path in reversed(found):
+                why = problem(path)
+                if why is None:
+                    if not verified(path):
+                        self.notes.append(f"note: {path} has no {FILES} (written by an older version): not verified")
+                    return path
+                self.notes.append(f"note: skipping checkpoint {path}: {why}")
+            if found:
+                raise UserError(f"{self.run_dir} has checkpoints but none is valid ({'; '.join(self.notes)}); "
+                                "use --resume '' in another output_dir to start afresh")
+            return None
         if resume:
             path = Path(resume)
-            read_state(path)  # refuse an incomplete one clearly
+            if not path.is_dir():
+                raise UserError(f"checkpoint.resume {resume}: no such checkpoint folder")
+            why = problem(path)
+            if why:
+                raise UserError(f"cannot resume {path}: {why}")
             return path
         if self.complete():
             raise UserError(f"{self.run_dir} already has checkpoints ({self.complete()[-1].name}); use --resume auto "
@@ -140,7 +211,13 @@ class Checkpointer:
     def check_resumable(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
         """Refuse a checkpoint whose recorded settings differ from this run's, naming the setting."""
         for key, value in expected.items():
-            if key == "zero_stage":
+            if key in ("zero_stage", "schedule") or key not in state:  # older checkpoints lack newer keys
+                continue
+            if key == "base_model":
+                if state[key].get("sha256") != value.get("sha256"):
+                    raise UserError(f"cannot resume {path}: it was trained on the base {state[key].get('source')} "
+                                    f"(fingerprint {state[key].get('sha256', '')[:12]}), this run's base is "
+                                    f"{value.get('source')} (fingerprint {value.get('sha256', '')[:12]})")
                 continue
             if state.get(key) != value:
                 raise UserError(f"cannot resume {path}: its {key} is {state.get(key)!r}, this run's is {value!r}")
@@ -151,47 +228,65 @@ class Checkpointer:
                             f"ZeRO-{stage} (keep the DeepSpeed config and single_process_zero2 of the run)")
 
     def save(self, engine, state: TrainerState) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. A failure on any rank (a full disk) fails the
+        save on every rank with one message; the partial .tmp folder is removed and earlier checkpoints stay."""
         step = state.step
         final = self.root / step_name(step)
         tmp = self.root / (step_name(step) + ".tmp")
-        if dist.is_main():
+
+        def clear() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left by a save that crashed
                 shutil.rmtree(tmp)
-        dist.barrier()
-        # Frozen parameters are excluded: they are the base model's and would multiply the checkpoint size.
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"cllama_step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   tmp / f"rng-rank{dist.rank()}.pt")
-        dist.barrier()
-        if dist.is_main():
+
+        def write_own_files() -> None:
+            # Frozen parameters are excluded: they are the base model's and would multiply the checkpoint size.
+            engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"cllama_step": step},
+                                   save_latest=False, exclude_frozen_parameters=True)
+            torch.save({"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       tmp / f"rng-rank{dist.rank()}.pt")
+
+        def commit() -> None:
             _write_json_atomic(tmp / STATE, {**dataclasses.asdict(state), "time": time.time()})
+            write_file_list(tmp)  # last: its presence says every file listed was written whole
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
             tmp.rename(final)
             for old in self.complete()[:-self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(universal_path(old), ignore_errors=True)
-        dist.barrier()
+
+        try:
+            dist.on_main("preparing the checkpoint folder", lambda: _guard(clear, tmp))
+            dist.agree("writing the checkpoint", lambda: _guard(write_own_files, tmp))
+            dist.on_main("committing the checkpoint", lambda: _guard(commit, tmp))
+        except UserError:
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def convert_to_universal(self, path: Path) -> Path:
-        """Rank 0 converts (once); every rank waits. Returns the universal folder."""
+        """Rank 0 converts (once); every rank waits for its outcome. Returns the universal folder."""
         out = universal_path(path)
-        if dist.is_main() and not (out / STATE).is_file():
+
+        def convert() -> None:
+            if (out / STATE).is_file():
+                return
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise UserError(f"converting {path} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+                raise UserError(f"converting {path} to a universal checkpoint failed: {last}")
             shutil.copy(path / STATE, tmp / STATE)
             tmp.rename(out)
-        dist.barrier()
+
+        dist.on_main("the universal conversion", lambda: _guard(convert, out))
         return out
 
     def load(self, engine, path: Path, universal: bool) -> dict[str, Any]:
@@ -218,3 +313,23 @@ class Checkpointer:
             if saved["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(saved["cuda"])
         return state
+
+
+def _guard(fn, where: Path):
+    """Run a write step, turning OS and torch write failures into one line naming the path and the cause."""
+    try:
+        return fn()
+    except OSError as exc:
+        from ..files import os_error
+
+        raise os_error(exc, where) from None
+    except RuntimeError as exc:
+        # torch.save's C++ writer reports a full disk as "file write failed" or "basic_ios::clear".
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(w in str(exc) for w in ("write", "basic_ios", "iostream")):
+            from ..files import free_bytes
+
+            free = free_bytes(where)
+            hint = f"; {free / 1e6:,.1f} MB free there" if free is not None else ""
+            raise UserError(f"cannot write the checkpoint {where}: {text}{hint} (disk full?)") from None
+        raise

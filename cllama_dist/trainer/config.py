@@ -56,9 +56,11 @@ class EngineConfig(Section):
     """DeepSpeed: the JSON, overrides, precision."""
 
     deepspeed_config: PathStr = option(
-        "deepspeed_configs/zero3.json", "DeepSpeed JSON (deepspeed_configs/zero3.json, zero3_offload.json, "
-        "zero2.json); its \"auto\" values are filled from this config.", legacy="deepspeed_config",
-        aliases=["--ds-config"])
+        "auto", "DeepSpeed JSON (deepspeed_configs/zero3.json, zero3_offload.json, zero2.json, "
+        "zero3_multinode.json); its \"auto\" values are filled from this config. auto: zero3.json, or on GPUs "
+        "across several nodes zero3_multinode.json (ZeRO++ hierarchical partitioning: a second copy of the weights "
+        "within each node, so the per-micro-step all-gather stays on the node; numerics unchanged).",
+        legacy="deepspeed_config", aliases=["--ds-config"])
     deepspeed_overrides: dict = option(
         {}, "Settings merged into the DeepSpeed JSON (nested mappings merge key by key). The tiny CPU configs set "
             "zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are partitioned too.",
@@ -72,6 +74,12 @@ class EngineConfig(Section):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
         "auto", "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.",
         legacy="dtype")
+    timeout_minutes: float = option(
+        10.0, "How long a collective waits for a peer before the job fails (torch's default is 30). Errors one rank "
+              "sees during set-up and checkpointing reach the others at once; this bounds the rest (a hung peer).")
+
+    def validate(self) -> None:
+        check(self.timeout_minutes > 0, "timeout_minutes", f"must be positive, got {self.timeout_minutes}")
 
 
 @dataclass
@@ -82,8 +90,13 @@ class CheckpointConfig(Section):
                              legacy="save_every")
     keep_last: int = option(2, "Complete checkpoints to keep (older ones are deleted).", legacy="keep_last")
     resume: str = option(
-        "auto", "'auto' (the newest complete checkpoint in the run folder, if any), a checkpoint folder, or '' to "
-                "start fresh (refused if the run folder already has checkpoints).", legacy="resume")
+        "auto", "'auto' (the newest valid checkpoint in the run folder, if any: checkpoints with missing or damaged "
+                "files are skipped, saying why), a checkpoint folder, or '' to start fresh (refused if the run folder "
+                "already has checkpoints).", legacy="resume")
+    allow_schedule_change: bool = option(
+        False, "Allow a resume whose schedule differs from the checkpoint's (optim.max_steps, learning rates, warm-up, "
+               "decay floor): the change is recorded in metrics.jsonl and the run folder. Off: refused, naming the "
+               "setting, because the learning-rate curve would silently change shape.")
 
     def validate(self) -> None:
         check(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")

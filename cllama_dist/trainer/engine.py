@@ -15,21 +15,38 @@ from .config import EngineConfig, OptimConfig, TrainConfig
 from .plan import Plan
 
 
-def read_deepspeed_json(engine: EngineConfig) -> tuple[Path, dict[str, Any]]:
-    path = Path(engine.deepspeed_config)
+def choose_deepspeed_json(engine: EngineConfig, nodes: int, cuda: bool) -> tuple[str, str]:
+    """The DeepSpeed JSON this run uses, and why (printed at start)."""
+    if engine.deepspeed_config != "auto":
+        return engine.deepspeed_config, "as configured"
+    if cuda and nodes > 1:
+        return "deepspeed_configs/zero3_multinode.json", (f"auto: {nodes} GPU nodes, hierarchical partitioning within "
+                                                          "each node, no quantization")
+    return "deepspeed_configs/zero3.json", "auto"
+
+
+def read_deepspeed_json(name: str) -> tuple[Path, dict[str, Any]]:
+    path = Path(name)
     if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
         path = PROJECT_ROOT / path  # a path relative to the checkout, as the shipped configs write it
     try:
-        return path, json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"DeepSpeed config {engine.deepspeed_config} not found") from None
+        raise UserError(f"DeepSpeed config {name} not found") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read DeepSpeed config {path}: {exc.strerror}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"DeepSpeed config {path} must hold a JSON object")
+    return path, ds
 
 
-def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool) -> dict[str, Any]:
+def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: int = 1,
+            cuda: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON with its "auto" values filled from the run config, in one place."""
-    path, ds = read_deepspeed_json(cfg.engine)
+    name, _ = choose_deepspeed_json(cfg.engine, nodes, cuda)
+    path, ds = read_deepspeed_json(name)
     merge_into(ds, cfg.engine.deepspeed_overrides)
     filled = {
         "train_micro_batch_size_per_gpu": plan.micro,

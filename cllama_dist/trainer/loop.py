@@ -10,6 +10,7 @@ data/loader.py; every collective in distributed.py.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import torch
 
 from .. import distributed as dist
 from ..config import dump_yaml, to_dict
+from ..files import LOCK, Lock, check_not_input, claim_folder, write_atomic
 from ..data.loader import GlobalOrder, TokenBlocks, step_positions
 from ..data.shards import check_manifest, load_manifest, verify_shards
 from ..errors import UserError
 from ..model import flops
 from ..model.config import resolve_dtype
+from ..model.identity import base_fingerprint
 from ..progress import Progress
 from . import engine as engines
 from .checkpoint import Checkpointer, TrainerState, read_state
@@ -37,64 +40,129 @@ STOP_FILE = "STOP"  # touched by slurm/pretrain.sh (or a user) to ask every rank
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self._setup_run_folder()
-        self._setup_vocabulary()
-        self._setup_data()
-        self._setup_resume()
-        self._setup_model()
-        self._setup_engine()
-        self._setup_metrics()
+        self.device = dist.init(cfg.engine.timeout_minutes)
+        self.run_dir = Path(cfg.output_dir or "runs/train")
+        self.notes: list[str] = []
+        self.lock: Lock | None = None
+        # Each step that can fail on one rank alone runs under an agreement (distributed.agree/on_main): a
+        # failure on any rank stops every rank at once with its message, instead of leaving the others in
+        # the next collective until its timeout.
+        try:
+            dist.on_main("checking the run folder", self._setup_run_folder)
+            dist.agree("reading the tokenizer and the shards", self._setup_inputs)
+            dist.agree("verifying the shards", self._verify_shards)
+            self.resume = dist.on_main("choosing the checkpoint", self._choose_checkpoint)
+            self._setup_resume()
+            self._setup_model()
+            self._setup_engine()
+            self._setup_metrics()
+        except BaseException:
+            self.close()
+            raise
 
     # -- set-up -----------------------------------------------------------------------------------------
 
     def _setup_run_folder(self) -> None:
-        self.device = dist.init()
-        self.run_dir = Path(self.cfg.output_dir or "runs/train")
-        if dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
-        dist.barrier()
+        """Rank 0: the run folder may not touch an input; it is ours (marked) and ours alone (locked)."""
+        m = self.cfg.model
+        check_not_input(self.run_dir, {"base model": m.path, "tokenizer": m.tokenizer, "shards": self.cfg.data.path},
+                        "training run")
+        claim_folder(self.run_dir, "run", reuse=True)
+        self.lock = Lock(self.run_dir / LOCK, "training run").acquire()
+        note = self.lock.describe_takeover()
+        if note:
+            self.notes.append(note)
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
 
-    def _setup_vocabulary(self) -> None:
+    def _setup_inputs(self) -> None:
         from ..model.adapters import load_llama_config
         from ..tokenizer.merged import read_merged
 
-        self.llama = load_llama_config(self.cfg.model)
-        self.vocab = read_merged(self.cfg.model.tokenizer, self.llama.vocab_size, self.cfg.model.extended_vocab)
-
-    def _setup_data(self) -> None:
         cfg = self.cfg
+        self.llama = load_llama_config(cfg.model)
+        self.vocab = read_merged(cfg.model.tokenizer, self.llama.vocab_size, cfg.model.extended_vocab)
         if not cfg.data.path:
             raise UserError("data.path is required: the preprocessor's output folder")
-        manifest = load_manifest(cfg.data.path)
-        block = cfg.data.block_size or manifest["block_size"]
-        check_manifest(manifest, self.vocab.fingerprint, block, where=f"shards in {cfg.data.path}")
+        self.manifest = load_manifest(cfg.data.path)
+        block = cfg.data.block_size or self.manifest["block_size"]
+        check_manifest(self.manifest, self.vocab.fingerprint, block, where=f"shards in {cfg.data.path}")
         if block > self.llama.max_position_embeddings:
             raise UserError(f"block size {block} exceeds the model's max_position_embeddings "
                             f"{self.llama.max_position_embeddings}")
+        self.block = block
+
+    def _verify_shards(self) -> None:
         if dist.is_main():
-            verify_shards(cfg.data.path, manifest, checksums=False)
-        self.train_blocks = TokenBlocks(cfg.data.path, manifest, "train")
-        self.validator = Validator(TokenBlocks(cfg.data.path, manifest, "validation"), cfg.data.micro_batch_size,
+            verify_shards(self.cfg.data.path, self.manifest, checksums=False)
+        cfg = self.cfg
+        self.train_blocks = TokenBlocks(cfg.data.path, self.manifest, "train")
+        self.validator = Validator(TokenBlocks(cfg.data.path, self.manifest, "validation"), cfg.data.micro_batch_size,
                                    cfg.validation.sequences)
         self.order = GlobalOrder(len(self.train_blocks), cfg.seed)
-        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), block, len(self.train_blocks))
+        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks))
+
+    def _choose_checkpoint(self) -> dict:
+        """Rank 0: the checkpoint to resume (the newest valid one) and its state, or a fresh start."""
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg.checkpoint)
+        path = self.checkpointer.find_resume()
+        notes = list(self.checkpointer.notes)
+        if path is None:
+            notes += self._set_aside_history()
+        return {"path": str(path) if path else None, "state": read_state(path) if path else None, "notes": notes}
+
+    def _set_aside_history(self) -> list[str]:
+        """A fresh start in a folder holding an earlier attempt's metrics (killed before its first checkpoint):
+        those records would interleave with this run's, so they are moved aside, never deleted."""
+        old = [p for p in (self.run_dir / "metrics.jsonl", self.run_dir / "tb") if p.exists()]
+        if not old:
+            return []
+        aside = self.run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in old:
+            p.rename(aside / p.name)
+        return [f"note: no checkpoint to resume; the earlier attempt's {', '.join(p.name for p in old)} moved to {aside}"]
 
     def _setup_resume(self) -> None:
         self.checkpointer = Checkpointer(self.run_dir, self.cfg.checkpoint)
-        self.resume_from = self.checkpointer.find_resume()
-        self.resume_state = read_state(self.resume_from) if self.resume_from else None
+        self.resume_from = Path(self.resume["path"]) if self.resume["path"] else None
+        self.resume_state = self.resume["state"]
+        self.notes += self.resume["notes"]
         self.universal = bool(self.resume_state) and self.resume_state["world_size"] != self.plan.world
         self.dtype = resolve_dtype(self.cfg.engine.dtype, self.device.startswith("cuda"))
-        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal)
+        nodes = max(1, self.plan.world // dist.local_world_size())
+        self.ds_name, self.ds_reason = engines.choose_deepspeed_json(self.cfg.engine, nodes, self.device.startswith("cuda"))
+        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes,
+                                         self.device.startswith("cuda"))
+        self.base_model = dist.on_main("fingerprinting the base model",
+                                       lambda: base_fingerprint(self.cfg.model, self.cfg.seed))
         if self.resume_state:
-            self.checkpointer.check_resumable(self.resume_from, self.resume_state, self._identity())
+            Checkpointer.check_resumable(self.resume_from, self.resume_state, self._identity())
+            self._check_schedule(self.resume_state.get("schedule"))
 
     def _identity(self) -> dict:
         """What must not change between a checkpoint and the run that resumes it."""
         return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint["sha256"],
                 "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
-                "zero_stage": engines.zero_stage(self.ds_config)}
+                "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model}
+
+    def _schedule(self) -> dict:
+        o = self.cfg.optim
+        return {"max_steps": self.plan.max_steps, "lr": o.lr, "embedding_lr": o.embedding_lr or o.lr,
+                "warmup_steps": o.warmup_steps or int(o.warmup_ratio * self.plan.max_steps),
+                "min_lr_ratio": o.min_lr_ratio}
+
+    def _check_schedule(self, theirs: dict | None) -> None:
+        mine = self._schedule()
+        changed = {k: (theirs[k], v) for k, v in mine.items() if theirs and k in theirs and theirs[k] != v}
+        if not changed:
+            return
+        text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        if not self.cfg.checkpoint.allow_schedule_change:
+            raise UserError(f"cannot resume {self.resume_from}: the schedule would change ({text}), reshaping the "
+                            "learning-rate curve mid-run; keep the run's settings, or set "
+                            "checkpoint.allow_schedule_change: true to change it on purpose (it is recorded)")
+        self.schedule_change = {k: {"was": a, "now": b} for k, (a, b) in changed.items()}
+        self.notes.append(f"note: schedule changed on purpose at step {self.resume_state['step']}: {text}")
 
     def _setup_model(self) -> None:
         from ..model.adapters import DTYPES, build_model, count_parameters
@@ -124,10 +192,23 @@ class Trainer:
         self.peak_flops = peak * 1e12
         self.logger = Logger(self.run_dir, cfg.logging.tensorboard, self.start_step if self.resume_from else -1)
         self.throughput = Throughput(self.plan.tokens_per_step, self.plan.world, self.device, self.flops, self.peak_flops)
-        if dist.is_main():
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        dist.on_main("writing the run's settings", self._write_settings)
         self._announce()
+
+    def _write_settings(self) -> None:
+        """config.yaml records the run as it started; a resume with other settings writes config-step-N.yaml
+        beside it instead of rewriting the run's history. ds_config.json is the DeepSpeed JSON as resolved."""
+        text = dump_yaml(self.cfg)
+        first = self.run_dir / "config.yaml"
+        if not first.is_file():
+            write_atomic(first, text)
+        elif first.read_text() != text and self.resume_from:
+            later = self.run_dir / f"config-step-{self.start_step}.yaml"
+            write_atomic(later, text)
+            self.notes.append(f"note: the settings differ from {first}; recorded in {later}")
+        write_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        if getattr(self, "schedule_change", None):
+            self.logger.log({"type": "note", "step": self.start_step, "schedule_change": self.schedule_change})
 
     def _announce(self) -> None:
         c, say, m = self.counts, self.logger.say, self.cfg.model
@@ -140,6 +221,9 @@ class Trainer:
         say(f"  FLOPs per token: {self.flops['actual'] / 1e9:,.3f} G as computed (LoRA: ~4N + recompute + attention), "
             f"{self.flops['conventional'] / 1e9:,.3f} G conventional (6N + 12LHs)"
             + ("" if self.peak_flops else "; MFU not reported (unknown device peak: set logging.peak_tflops)"))
+        say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
+        for note in self.notes:
+            say(f"  {note}")
         if self.resume_from:
             say(f"  resumed from {self.resume_from} at step {self.start_step} "
                 f"(sample {self.start_step * self.plan.global_batch:,})")
@@ -180,7 +264,8 @@ class Trainer:
                              tokenizer_sha256=self.vocab.fingerprint["sha256"], orig_vocab=self.vocab.orig_vocab,
                              new_vocab=self.vocab.new_vocab, embeddings=self.cfg.model.embeddings,
                              block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
-                             reason=reason, config=to_dict(self.cfg))
+                             reason=reason, base_model=self.base_model, schedule=self._schedule(),
+                             config=to_dict(self.cfg))
         path = self.checkpointer.save(self.engine, state)
         self.logger.say(f"saved checkpoint {path} ({reason})")
         self.throughput.restart()  # a save is not training time
@@ -242,6 +327,12 @@ class Trainer:
             stop.restore()
             self.logger.close()
 
+    def close(self) -> None:
+        """Release the run folder (rank 0's lock)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
+
     def _skipped(self, step: int, in_row: int) -> bool:
         """Log a skipped step; after max_nonfinite_steps in a row save the last good state. True: stop."""
         self.logger.say(f"step {step}: non-finite loss, step skipped ({in_row} in a row)")
@@ -259,4 +350,5 @@ def train(cfg: TrainConfig) -> int:
     try:
         return trainer.run()
     finally:
+        trainer.close()
         dist.barrier()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import distributed as dist
+from ..files import write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -50,10 +51,16 @@ class Logger:
         if not self.main:
             return
         if self.path.exists() and resume_step >= 0:
-            # Drop records past the checkpoint: those steps are about to be trained again.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            # Drop records past the checkpoint: those steps are about to be trained again. A torn last line
+            # (the earlier attempt was killed while writing it) is dropped too.
+            keep = []
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+            write_atomic(self.path, "".join(line + "\n" for line in keep))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -65,11 +72,12 @@ class Logger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
+        record = {**record, "time": round(time.time(), 3)}  # when it happened: runs span days and requeues
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if key not in ("step", "type") and isinstance(value, (int, float)) and math.isfinite(value):
+                if key not in ("step", "type", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
     def say(self, text: str) -> None:

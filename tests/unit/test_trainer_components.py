@@ -23,8 +23,11 @@ def test_logger_keeps_history_up_to_the_resumed_step_and_reader_tolerates_a_torn
     Logger(tmp_path, tensorboard=False, resume_step=2)  # resuming at 2: step 3 will be trained again
     assert [(r["type"], r["step"]) for r in read_metrics(tmp_path)] == [("train", 1), ("train", 2)]
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"type": "train", "st')  # a line still being written
+        f.write('{"type": "train", "st')  # a line still being written, or torn by a kill
     assert len(read_metrics(tmp_path)) == 2
+    Logger(tmp_path, tensorboard=False, resume_step=2)  # resuming after the kill: the torn line goes
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    assert all("time" in r for r in read_metrics(tmp_path))  # every record says when
 
 
 def test_throughput_window_and_mfu(monkeypatch):

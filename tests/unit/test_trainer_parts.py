@@ -109,9 +109,44 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert find(tmp_path, "auto").name == "step-00000002"
     with pytest.raises(UserError, match="already has checkpoints"):
         find(tmp_path, "")
-    with pytest.raises(UserError, match="not a complete checkpoint"):
+    with pytest.raises(UserError, match="cannot resume .*step-00000006: no trainer_state.json"):
         find(tmp_path, str(root / "step-00000006"))
     assert find(tmp_path / "fresh", "auto") is None
+
+
+def _checkpoint(root, step: int, files: dict[str, bytes]):
+    d = root / checkpoint.step_name(step)
+    d.mkdir(parents=True)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    (d / checkpoint.STATE).write_text(json.dumps({"step": step}))
+    checkpoint.write_file_list(d)
+    return d
+
+
+def test_resume_auto_falls_back_to_the_newest_valid_checkpoint_saying_why(tmp_path):
+    root = checkpoint.root(tmp_path)
+    files = {"zero_pp_rank_0_mp_rank_00_optim_states.pt": b"a" * 100, "zero_pp_rank_1_mp_rank_00_optim_states.pt": b"b" * 100}
+    good = _checkpoint(root, 2, files)
+    lost = _checkpoint(root, 4, files)
+    (lost / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # a rank's file lost
+    cut = _checkpoint(root, 6, files)
+    with open(cut / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "r+b") as f:
+        f.truncate(10)  # a full disk
+    flipped = _checkpoint(root, 8, files)
+    (flipped / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"c" * 100)  # same size, other bytes
+    c = Checkpointer(tmp_path, CheckpointConfig(resume="auto"))
+    assert c.find_resume() == good
+    assert [n.split(": ", 2)[-1] for n in c.notes] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its sha256 (damaged)",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt has 10 bytes, 100 were written (truncated?)",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"]
+    assert all(str(p) in n for p, n in zip((flipped, cut, lost), c.notes))
+    with pytest.raises(UserError, match="cannot resume .*step-00000004: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"):
+        Checkpointer(tmp_path, CheckpointConfig(resume=str(lost))).find_resume()
+    (good / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(UserError, match="has checkpoints but none is valid"):
+        Checkpointer(tmp_path, CheckpointConfig(resume="auto")).find_resume()
 
 
 def test_deepspeed_config_is_filled_from_the_run_config(tmp_path):
