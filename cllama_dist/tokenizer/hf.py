@@ -8,8 +8,9 @@ Two layouts, chosen by whether a merges list can reproduce the model (``fast_pro
   SentencePiece's BPE breaks ties between equal scores by position (the leftmost pair merges first,
   ``SymbolPairComparator`` in sentencepiece/src/bpe_model.cc), while a merges list ranks every pair
   once, for all positions. The paper's merge gives all 17,953 appended pieces score 0, so the two
-  disagree on most Chinese documents (2,459 of the 2,625 fixture documents with transformers'
-  conversion). What each transformers version does with this layout is in ``README_TEXT``.
+  disagree on most Chinese documents (all 2,625 fixture documents with transformers 5.24's own
+  conversion of tokenizer.model). What each transformers version does with this layout is in
+  ``readme``.
 - *Fast layout* (``--new-piece-score exact``, or any model whose competing merges have distinct
   scores): the above plus an exact ``tokenizer.json`` (BPE with merges ranked by the merged piece's
   score, byte fallback, LLaMA's "prepend ▁, spaces to ▁" normalizer, a BOS post-processor) and
@@ -24,8 +25,10 @@ Why a merges list is exact when scores are distinct: SentencePiece's BPE encoder
 adjacent symbol pair whose concatenation is the highest-scoring piece, ties to the leftmost; the
 ``tokenizers`` BPE model repeatedly applies the lowest-ranked merge present, ties (the same merge at
 several positions) to the leftmost. Ranking every split (a, b) of a piece by that piece's score makes
-the two choose the same pair at every step, unless two *different* pairs with equal scores compete.
-Those ties are what ``fast_problems`` looks for. One family is allowed: LLaMA gives all its
+the two choose the same pair at every step, unless two different pieces with equal scores compete:
+the ties ``fast_problems`` looks for. (Two splits of one piece share its score too; they can only
+disagree where they overlap, as in "ab"+"a" vs "a"+"ba" inside "aba", and the tests' fuzzing and
+overlap cases found no text where it matters.) One family of ties is allowed: LLaMA gives all its
 whitespace-only pieces ("▁▁" ... 16 × "▁") the score -1e9, and for a run of spaces SentencePiece then
 grows the leftmost run one "▁" at a time; ranking (▁×k, ▁) before (▁×j, ▁) for k > j, and both
 before any other split, makes the merges list do exactly that.
@@ -47,6 +50,7 @@ SPACE = "▁"
 # Piece types that SentencePiece's BPE may produce by merging (model_interface.cc, InitializePieces:
 # NORMAL, USER_DEFINED and UNUSED go to `pieces_`, which MaybeAddNewSymbolPair looks up).
 _MERGEABLE = (spmio.NORMAL, spmio.USER_DEFINED, spmio.UNUSED)
+_BPE = 2  # TrainerSpec.ModelType
 
 
 def _whitespace_only(piece: str) -> bool:
@@ -62,7 +66,7 @@ def fast_problems(proto) -> list[str]:
     """
     problems: list[str] = []
     ts, ns = proto.trainer_spec, proto.normalizer_spec
-    if ts.model_type != 2:
+    if ts.model_type != _BPE:
         problems.append(f"model type {ts.model_type} is not BPE")
     if ns.precompiled_charsmap:
         problems.append(f"normalizer {ns.name!r} rewrites characters (a precompiled charsmap); only the identity "
@@ -105,8 +109,8 @@ def merges(proto) -> list[tuple[str, str]]:
 
     Rank: the merged piece's score, highest first; within equal scores (only LLaMA's whitespace runs
     when ``fast_problems`` is empty) the longer left part first, so a run of "▁" grows from the left
-    the way SentencePiece's leftmost tie-breaking grows it; then the merged piece's id, then the left
-    part's length, for a deterministic order.
+    the way SentencePiece's leftmost tie-breaking grows it; then the merged piece's id, for a
+    deterministic order.
     """
     ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in _MERGEABLE}
     ranked = []
@@ -210,6 +214,10 @@ def tokenizer_config(proto, fast: bool) -> dict:
         # LLaMA's convention: BOS before every sequence, no EOS.
         "special_tokens_pattern": "bos",
         "legacy": True,  # encode with SentencePiece as it is (dummy prefix included), like the original
+        # Read only by transformers 4.x's slow LlamaTokenizer (the way 4.x loads this layout): with it on,
+        # decode strips the first piece's "▁" and SentencePiece then strips the next one, so a text that
+        # starts with a space loses it. SentencePiece's own dummy prefix is unaffected (legacy mode).
+        "add_prefix_space": False,
         **common,
     }
 
@@ -286,23 +294,27 @@ def readme(proto, use_fast: bool, problems: list[str]) -> str:
     n = len(proto.pieces)
     head = (f"# Tokenizer: {n:,} SentencePiece pieces (cllama-dist)\n\n"
             "`tokenizer.model` is the reference: `sentencepiece.SentencePieceProcessor(model_file=\"tokenizer.model\")`.\n"
-            "Hugging Face tokenizers from this folder add BOS (`<s>`) before each text and no EOS, as LLaMA's do.\n\n")
+            "Hugging Face tokenizers from this folder add BOS (`<s>`) before each text and no EOS, as LLaMA's do. "
+            "They read literal special-token text in the input (`<s>`, `</s>`) as the special token, where "
+            "SentencePiece reads it as text; pass `split_special_tokens=True` to get SentencePiece's ids for it "
+            "too (checked with transformers 4.57 and 5.24).\n\n")
     if use_fast:
         return head + (
             "## Loading\n\n"
             "`AutoTokenizer.from_pretrained(DIR)` loads `tokenizer.json` with transformers 4.x "
             "(`PreTrainedTokenizerFast`) and 5.x (`TokenizersBackend`). Its BPE merges are ranked by the "
             "pieces' scores, which are all distinct where pieces compete, so it encodes every text to "
-            "SentencePiece's ids, and `decode` turns byte-fallback pieces back into characters.\n\n"
-            "Literal special-token text in the input (`<s>`, `</s>`) is read as the special token by "
-            "transformers, as text by SentencePiece; pass `split_special_tokens=True` to read it as text.\n")
+            "SentencePiece's ids, and `decode` turns byte-fallback pieces back into characters. One "
+            "difference remains in decoding: a run of byte pieces that is not valid UTF-8 (a generation cut "
+            "inside a character) decodes to one U+FFFD per byte, where SentencePiece keeps the run's valid "
+            "characters.\n")
     why = "\n".join(f"- {p}" for p in problems) or "- (none recorded)"
     return head + (
         "## Loading\n\n"
         "- transformers 5.x: `AutoTokenizer.from_pretrained(DIR)` gives `SentencePieceBackend`, which encodes "
         "with SentencePiece itself: ids identical to SentencePiece's. Its `decode` joins piece strings, so "
         "byte-fallback pieces come out as `<0xE4><0xB8>...` instead of the character (transformers issue "
-        "#47473, open in 5.24); decode with `tok.sp_model.decode(ids)` or with SentencePiece.\n"
+        "#47473, not fixed in 5.24); decode with `tok.sp_model.decode(ids)` or with SentencePiece.\n"
         "- transformers 4.x: `AutoTokenizer.from_pretrained(DIR)` stops with \"Tokenizer class "
         "SentencePieceBackend does not exist\". That is deliberate: 4.x's AutoTokenizer always builds the "
         "fast tokenizer (`use_fast` is only a call argument), and no fast tokenizer can encode this model "
@@ -310,8 +322,8 @@ def readme(proto, use_fast: bool, problems: list[str]) -> str:
         "identical ids, and a `decode` that reassembles byte-fallback pieces.\n\n"
         "## Why there is no tokenizer.json\n\n"
         "A fast (`tokenizers`) BPE ranks each merge once, for every position; SentencePiece's BPE picks the "
-        "highest-scoring piece and breaks ties by position (leftmost first). This model has ties a merges "
-        "list cannot reproduce:\n\n"
+        "highest-scoring piece and breaks ties by position (leftmost first). Why a merges list cannot "
+        "reproduce this model:\n\n"
         f"{why}\n\n"
         "`cllama tokenizer merge --new-piece-score exact` gives the appended pieces distinct scores, and "
         "writes an exact tokenizer.json that both transformers versions load (its encodings differ from "

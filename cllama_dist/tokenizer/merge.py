@@ -150,7 +150,10 @@ def merge(cfg: MergeConfig) -> dict:
         # "exact" exists to have one, so failing to write it is an error; "below-base" gets one when
         # the base allows it.
         fast = {"paper": False, "exact": True}.get(mode, "auto")
-        hf_folder = spmio.write_hf_folder(tmp, data, merged, fast=fast)
+        try:
+            hf_folder = spmio.write_hf_folder(tmp, data, merged, fast=fast)
+        except UserError as exc:
+            raise UserError(f"new_piece_score 'exact' with base {spmio.model_path(cfg.base)}: {exc}") from None
         fp = spmio.fingerprint(tmp)
         multi_digit = [p.piece for p in merged.pieces[n_base:] if MULTI_DIGIT.search(p.piece)]
         report = {

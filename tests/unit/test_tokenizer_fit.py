@@ -110,6 +110,16 @@ TRAINING_ONLY = {
     "unk/bos/eos ids": lambda m: (setattr(m.trainer_spec, "unk_id", 5), setattr(m.trainer_spec, "bos_id", 6),
                                   setattr(m.trainer_spec, "eos_id", 7)),
     "required_chars": lambda m: setattr(m.trainer_spec, "required_chars", "abc"),
+    "model_prefix, input, num_threads": lambda m: (setattr(m.trainer_spec, "model_prefix", "/else/where"),
+                                                  m.trainer_spec.input.append("/data/x.txt"),
+                                                  setattr(m.trainer_spec, "num_threads", 99)),
+    "seed_sentencepiece_size": lambda m: setattr(m.trainer_spec, "seed_sentencepiece_size", 17),
+    "pretokenization_delimiter": lambda m: setattr(m.trainer_spec, "pretokenization_delimiter", "|"),
+    "hard_vocab_limit, use_all_vocab": lambda m: (setattr(m.trainer_spec, "hard_vocab_limit", False),
+                                                  setattr(m.trainer_spec, "use_all_vocab", True)),
+    "vocabulary_output_piece_score": lambda m: setattr(m.trainer_spec, "vocabulary_output_piece_score", False),
+    "user_defined/control symbol lists": lambda m: (m.trainer_spec.user_defined_symbols.append("的"),
+                                                    m.trainer_spec.control_symbols.append("<ctl>")),
     "normalizer name": lambda m: setattr(m.normalizer_spec, "name", "nmt_nfkc"),
     "normalization_rule_tsv": lambda m: setattr(m.normalizer_spec, "normalization_rule_tsv", "41\t42"),
 }
@@ -367,3 +377,14 @@ def test_report_compares_paper_and_exact(tiny_base, tiny_merged, exact_merged, z
     assert exact["fast_tokenizer_documents_differing"] == 0
     assert "fast_tokenizer_documents_differing" not in paper
     assert exact["tokens"] == sum(len(sp_exact.encode(t)) for t in zh_docs)
+
+
+def test_exact_mode_needs_a_llama_like_base(tiny_zh_model, tiny_base, tmp_path):
+    from cllama_dist.errors import UserError
+
+    with pytest.raises(UserError, match="'exact' with base .*zh.model: no exact fast tokenizer.*remove_extra_whitespaces"):
+        merge(MergeConfig(base=str(tiny_zh_model), add=str(tiny_base / "tokenizer.model"), out=str(tmp_path / "o"),
+                          new_piece_score="exact"))
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="new_piece_score must be one of"):
+        merge(MergeConfig(base=str(tiny_base), add=str(tiny_zh_model), out=str(tmp_path / "o"), new_piece_score="zero"))
