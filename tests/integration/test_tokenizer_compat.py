@@ -21,6 +21,8 @@ from cllama_dist.assets import corpus_path
 from cllama_dist.config import MergeConfig
 from cllama_dist.tokenizer.merge import merge
 
+pytestmark = pytest.mark.integration
+
 COMPAT = Path(__file__).resolve().parents[1] / "compat"
 NO_ENVIRONMENT = 3  # run_tf4.sh: the transformers 4.x environment could not be built
 
