@@ -142,7 +142,9 @@ def check_manifest(manifest: dict, fingerprint: dict, block_size: int, where: st
     problems = []
     if theirs["vocab_size"] != fingerprint["vocab_size"]:
         problems.append(f"vocab size: shards {theirs['vocab_size']:,}, tokenizer {fingerprint['vocab_size']:,}")
-    if theirs["sha256"] != fingerprint["sha256"]:
+    from ..tokenizer.spm import same_tokenizer
+
+    if not same_tokenizer(theirs["sha256"], fingerprint):
         problems.append(f"tokenizer sha256: shards {theirs['sha256'][:16]}..., tokenizer {fingerprint['sha256'][:16]}...")
     for key in ("bos_id", "eos_id", "unk_id"):
         if theirs.get(key) != fingerprint.get(key):

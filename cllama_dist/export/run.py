@@ -32,7 +32,8 @@ from ..trainer.config import TrainConfig
 
 EMB_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "merge_report.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "merge_report.json",
+                   "tokenizer.json", "TOKENIZER.md")
 
 
 def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
@@ -127,7 +128,7 @@ def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokeniz
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     tok = Path(tokenizer) if tokenizer else adapter / "tokenizer.model"
     fp = spm.fingerprint(tok)
-    if fp["sha256"] != meta["tokenizer_sha256"]:
+    if not spm.same_tokenizer(meta["tokenizer_sha256"], fp):
         raise UserError(f"the tokenizer {tok} (sha256 {fp['sha256'][:16]}..., {fp['vocab_size']:,} pieces) is not "
                         f"the one the adapter {adapter} was trained with (sha256 {meta['tokenizer_sha256'][:16]}..., "
                         f"{meta['new_vocab']:,} pieces)")

@@ -4,7 +4,13 @@
 
 Every base piece keeps its id, score and type; pieces of ADD that BASE lacks are appended in ADD's
 order. BASE's normalizer and trainer spec are kept. With LLaMA's tokenizer and the paper's 20K
-Chinese model this gives the published Chinese-LLaMA tokenizer: 49,953 pieces, 17,953 of them new.
+Chinese model the default (``new_piece_score: paper``) writes the published Chinese-LLaMA tokenizer
+byte for byte: 49,953 pieces, 17,953 of them new, 757,958 bytes.
+
+``new_piece_score: exact`` gives the appended pieces distinct scores above the base's instead of 0, so
+that a merges list reproduces SentencePiece exactly, and writes that fast tokenizer (tokenizer.json)
+too; its encodings differ from the paper's on most Chinese documents, with about the same number of
+tokens (see ``cllama tokenizer report`` given both). The folder layouts are described in hf.py.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -25,14 +32,67 @@ from . import spm as spmio
 MULTI_DIGIT = re.compile("[0-9０-９]{2,}")
 
 
+SCORE_MODES = ("paper", "below-base", "exact")
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _f32_step(x: float, up: bool) -> float:
+    """The next float32 above (``up``) or below ``x``."""
+    if x == 0:
+        return _f32(1e-45) if up else -_f32(1e-45)
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    bits += 1 if (x > 0) == up else -1
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _distinct_scores(start: float, n: int, up: bool) -> list[float]:
+    """n float32 scores strictly beyond ``start``, one apart where float32 can tell them apart.
+
+    Scores are float32 in the model file: near LLaMA's lowest score (-1e9) consecutive integers round
+    to the same value, so "lowest - 1 - k" would give tied scores (and ties with the base).
+    """
+    out, prev = [], _f32(start)
+    for k in range(1, n + 1):
+        cand = _f32(start + k if up else start - k)
+        if (cand <= prev) if up else (cand >= prev):
+            cand = _f32_step(prev, up)
+        out.append(cand)
+        prev = cand
+    return out
+
+
+def new_piece_scores(base, n: int, mode: str) -> list[float]:
+    """Scores for ``n`` appended pieces, in append order; base pieces keep theirs in every mode.
+
+    - "paper": 0 for all, as the paper's script (above every LLaMA score, which are negative; the
+      appended pieces tie, and SentencePiece merges tied pairs leftmost first).
+    - "below-base": distinct, decreasing, below the lowest base score: base merges always go first.
+    - "exact": distinct, decreasing, above the highest base score: like the paper, appended pieces merge
+      before base pieces, but in a fixed order (the added model's piece order, which for a unigram
+      model is by decreasing probability) instead of by position. With no ties a merges list can
+      reproduce SentencePiece, so the merge writes an exact tokenizer.json.
+    """
+    if mode == "paper":
+        return [0.0] * n
+    normal = [p.score for p in base.pieces if p.type == spmio.NORMAL] or [0.0]
+    if mode == "below-base":
+        return _distinct_scores(min(normal), n, up=False)
+    if mode == "exact":
+        return _distinct_scores(max(normal), n, up=True)[::-1]
+    raise UserError(f"new_piece_score must be one of {list(SCORE_MODES)}, not {mode!r}")
+
+
 def merge_protos(base, add, cfg: MergeConfig):
     """Return (merged proto, statistics). ``base`` and ``add`` are left untouched."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
+    mode = getattr(cfg, "new_piece_score", "paper")
     merged = pb.ModelProto()
     merged.CopyFrom(base)
     have = {p.piece for p in base.pieces}
-    lowest = min((p.score for p in base.pieces if p.type == spmio.NORMAL), default=0.0)
     stats = {"overlap": 0, "added": 0, "skipped_special": 0, "skipped_multi_digit": 0}
     added_pieces: list[str] = []
     for p in add.pieces:
@@ -46,13 +106,15 @@ def merge_protos(base, add, cfg: MergeConfig):
         if cfg.drop_multi_digit and MULTI_DIGIT.search(p.piece):
             stats["skipped_multi_digit"] += 1
             continue
-        q = merged.pieces.add()
-        q.piece = p.piece
-        q.type = spmio.NORMAL
-        # The paper's script sets score 0 (above every LLaMA BPE score, which are all negative).
-        q.score = 0.0 if cfg.new_piece_score == "paper" else lowest - 1.0 - len(added_pieces)
         have.add(p.piece)
         added_pieces.append(p.piece)
+    for piece, score in zip(added_pieces, new_piece_scores(base, len(added_pieces), mode)):
+        q = merged.pieces.add()
+        # Only piece and score, as the paper's script: `type` stays unset and reads as NORMAL. Setting
+        # it explicitly is the same model, but proto2 then serialises the field (2 bytes a piece), and
+        # the file is no longer byte-identical to the published Chinese-LLaMA tokenizer.
+        q.piece = piece
+        q.score = score
     stats["added"] = len(added_pieces)
     return merged, stats
 
@@ -67,6 +129,9 @@ def merge(cfg: MergeConfig) -> dict:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
 
+    mode = getattr(cfg, "new_piece_score", "paper")
+    if mode not in SCORE_MODES:
+        raise UserError(f"new_piece_score must be one of {list(SCORE_MODES)}, not {mode!r}")
     merged, stats = merge_protos(base, add, cfg)
     data = merged.SerializeToString()
     sp = spm.SentencePieceProcessor(model_proto=data)
@@ -82,7 +147,14 @@ def merge(cfg: MergeConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        spmio.write_hf_folder(tmp, data, merged)
+        # The paper's layout is SentencePiece-only (its tied scores rule out an exact tokenizer.json);
+        # "exact" exists to have one, so failing to write it is an error; "below-base" gets one when
+        # the base allows it.
+        fast = {"paper": False, "exact": True}.get(mode, "auto")
+        try:
+            hf_folder = spmio.write_hf_folder(tmp, data, merged, fast=fast)
+        except UserError as exc:
+            raise UserError(f"new_piece_score 'exact' with base {spmio.model_path(cfg.base)}: {exc}") from None
         fp = spmio.fingerprint(tmp)
         multi_digit = [p.piece for p in merged.pieces[n_base:] if MULTI_DIGIT.search(p.piece)]
         report = {
@@ -99,8 +171,10 @@ def merge(cfg: MergeConfig) -> dict:
             "skipped_multi_digit": stats["skipped_multi_digit"],
             "added_multi_digit": len(multi_digit),
             "added_multi_digit_examples": multi_digit[:20],
+            "new_piece_score": mode,
             "fingerprint": fp,
-            "notes": _notes(base, add),
+            "hf_folder": hf_folder,
+            "notes": _notes(base, add) + _layout_notes(hf_folder),
             "config": to_dict(cfg),
         }
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -131,3 +205,12 @@ def _notes(base, add) -> list[str]:
             f"{_model_type(base)} algorithm; some may never be produced (see `cllama tokenizer report`)"
         )
     return notes
+
+
+def _layout_notes(hf_folder: dict) -> list[str]:
+    if hf_folder["layout"] == "fast":
+        return ["tokenizer.json is an exact fast tokenizer (checked against SentencePiece); transformers 4.x "
+                "and 5.x load it with AutoTokenizer"]
+    return ["no tokenizer.json: a fast tokenizer cannot reproduce this model ("
+            + "; ".join(hf_folder["fast_problems"]) + "); transformers 5.x loads the folder with "
+            "SentencePieceBackend, 4.x with LlamaTokenizer.from_pretrained (see TOKENIZER.md)"]

@@ -12,6 +12,11 @@ A tokenizer whose first pieces are exactly the first tokenizer's pieces is analy
   each wastes an embedding row. Also counted: added pieces never emitted on this corpus.
 - multi-digit added pieces (docs/hazards.md#h12): pieces with two or more consecutive digits, which LLaMA's
   split_digits never produces, and how many tokens on the corpus are such pieces.
+
+Tokenizers with the very same pieces in the same order (the paper's merge and the "exact" merge of
+the same models differ only in the appended pieces' scores) are compared document by document: how
+many documents one encodes differently from an earlier one. A folder holding a tokenizer.json is
+checked against its own tokenizer.model: documents the fast tokenizer encodes differently.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class _Tally:
     byte_tokens: int = 0
     unk_tokens: int = 0
     usage: list[int] = field(default_factory=list)
+    same_pieces_as: list[int] = field(default_factory=list)  # earlier tallies with identical pieces
+    differing: dict[int, int] = field(default_factory=dict)  # earlier tally -> documents encoded differently
+    fast: object = None  # tokenizers.Tokenizer from the folder's tokenizer.json, if any
+    fast_mismatches: int = 0
 
 
 def unreachable_pieces(proto, start: int) -> list[int]:
@@ -64,7 +73,12 @@ def report(cfg: ReportConfig) -> dict:
     for t in cfg.tokenizers:
         proto = spmio.load_proto(t)
         sp = spmio.processor(t)
-        tallies.append(_Tally(t, sp, proto, usage=[0] * sp.get_piece_size()))
+        tally = _Tally(t, sp, proto, usage=[0] * sp.get_piece_size())
+        pieces = [p.piece for p in proto.pieces]
+        tally.same_pieces_as = [j for j, o in enumerate(tallies) if [p.piece for p in o.proto.pieces] == pieces]
+        tally.differing = {j: 0 for j in tally.same_pieces_as}
+        tally.fast = _fast_tokenizer(t)
+        tallies.append(tally)
     sources = resolve_inputs(cfg.inputs)
     reader = RecordReader(cfg.text_field, cfg.strict)
     threads = cfg.threads or os.cpu_count() or 1
@@ -72,12 +86,20 @@ def report(cfg: ReportConfig) -> dict:
     batch: list[str] = []
 
     def flush() -> None:
+        encoded = []
         for t in tallies:
-            for ids in t.sp.encode(batch, num_threads=threads):
+            enc = t.sp.encode(batch, num_threads=threads)
+            encoded.append(enc)
+            for ids in enc:
                 t.tokens += len(ids)
                 u = t.usage
                 for i in ids:
                     u[i] += 1
+            for j in t.same_pieces_as:
+                t.differing[j] += sum(1 for a, b in zip(enc, encoded[j]) if a != b)
+            if t.fast is not None:
+                fast = [e.ids for e in t.fast.encode_batch(batch, add_special_tokens=False)]
+                t.fast_mismatches += sum(1 for a, b in zip(enc, fast) if a != b)
         batch.clear()
 
     for src in sources:
@@ -105,10 +127,12 @@ def report(cfg: ReportConfig) -> dict:
         byte_ids = [i for i, p in enumerate(t.proto.pieces) if p.type == spmio.BYTE]
         t.byte_tokens = sum(t.usage[i] for i in byte_ids)
         t.unk_tokens = t.usage[sp.unk_id()] if sp.unk_id() >= 0 else 0
+        fp = spmio.fingerprint(t.name)
         row = {
             "tokenizer": t.name,
             "vocab_size": sp.get_piece_size(),
-            "sha256": spmio.fingerprint(t.name)["sha256"],
+            "sha256": fp["sha256"],
+            "file_sha256": fp["file_sha256"],
             "documents": docs,
             "characters": chars,
             "utf8_bytes": nbytes,
@@ -118,6 +142,11 @@ def report(cfg: ReportConfig) -> dict:
             "unk_share": t.unk_tokens / max(t.tokens, 1),
             "reduction_vs_first": ref.tokens / max(t.tokens, 1),
         }
+        if t.same_pieces_as:
+            row["same_pieces_as"] = [{"tokenizer": tallies[j].name, "documents_encoded_differently": t.differing[j]}
+                                     for j in t.same_pieces_as]
+        if t.fast is not None:
+            row["fast_tokenizer_documents_differing"] = t.fast_mismatches
         pieces = t.proto.pieces
         n = len(ref_pieces)
         if t is not ref and len(pieces) > n and all(pieces[i].piece == ref_pieces[i] for i in range(n)):
@@ -168,6 +197,19 @@ def format_table(result: dict) -> str:
             out.append(f"  multi-digit pieces (LLaMA splits digits): {ext['multi_digit_pieces']:,}, "
                        f"emitted {ext['multi_digit_tokens_on_corpus']:,} times here"
                        + (f"  e.g. {ext['multi_digit_examples'][:5]}" if ext["multi_digit_examples"] else ""))
+    for r in rows:
+        lines = []
+        for same in r.get("same_pieces_as", []):
+            other = next(o for o in rows if o["tokenizer"] == same["tokenizer"])
+            lines.append(f"{_short(r['tokenizer'])} has the pieces of {_short(same['tokenizer'])} with other scores: "
+                         f"{same['documents_encoded_differently']:,} of {r['documents']:,} documents encoded "
+                         f"differently; {r['tokens']:,} tokens vs {other['tokens']:,} "
+                         f"({r['tokens_per_char']:.4f} vs {other['tokens_per_char']:.4f} a character)")
+        if "fast_tokenizer_documents_differing" in r:
+            lines.append(f"{_short(r['tokenizer'])}: tokenizer.json vs tokenizer.model: "
+                         f"{r['fast_tokenizer_documents_differing']:,} of {r['documents']:,} documents encoded differently")
+        if lines:
+            out += ["", *lines]
     skipped = {k: v for k, v in result["skipped"].items() if v}
     if skipped:
         out.append(f"\nskipped records: {skipped}")
@@ -179,3 +221,20 @@ def _short(path: str) -> str:
     if p.name == spmio.MODEL_FILE:
         p = p.parent
     return p.name or str(p)
+
+
+def _fast_tokenizer(path: str):
+    """The folder's tokenizer.json as a tokenizers.Tokenizer, or None (no file, or no tokenizers library)."""
+    p = Path(path)
+    f = p / "tokenizer.json" if p.is_dir() else p.parent / "tokenizer.json"
+    if not f.is_file() or (not p.is_dir() and p.name != spmio.MODEL_FILE):
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:
+        raise UserError(f"{f} is not a tokenizers file that loads: {exc}") from None
+

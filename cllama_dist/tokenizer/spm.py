@@ -2,6 +2,7 @@
 
 The fingerprint is the contract between the stages: the merge writes it, the preprocessor stamps it
 into the shard manifest, the trainer compares it with its own tokenizer before building anything.
+Its ``sha256`` is a hash of what encoding depends on, not of the file's bytes (see below).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from ..errors import UserError
@@ -69,15 +71,108 @@ def processor(path: str | os.PathLike):
     return spm.SentencePieceProcessor(model_file=str(model_path(path)))
 
 
+# --------------------------------------------------------------------------------------------------
+# The fingerprint.
+#
+# Two files that encode every text to the same ids must have the same fingerprint, whatever else
+# their bytes hold: the same pieces written with `type` explicitly set (proto2 serialises an
+# explicitly set default: 2 bytes a piece), trainer_specs naming other input files, model prefixes,
+# thread counts or seeds. So the fingerprint hashes what SentencePiece reads when it encodes and
+# decodes, and nothing else. Read off SentencePiece's source (github.com/google/sentencepiece at
+# 2734490, v0.2.1; src/):
+#   - every piece's (piece, score, type), in id order: ids, merge candidates and scores
+#     (model_interface.cc InitializePieces; bpe_model.cc MaybeAddNewSymbolPair, GetScore;
+#     unigram_model.cc lattice scores), the user-defined prefix matcher (model_interface.cc:150);
+#   - trainer_spec.model_type: which algorithm encodes (model_factory.cc:29);
+#   - trainer_spec.byte_fallback (model_interface.cc:118,140; model_interface.h:186: unknown
+#     characters become byte pieces, sentencepiece_processor.cc:581);
+#   - trainer_spec.treat_whitespace_as_suffix (normalizer.cc:35,128,179: where the dummy "▁" goes);
+#   - trainer_spec.unk_piece, bos_piece, eos_piece, pad_piece (model_interface.cc:29-47; an empty one
+#     means the default), which name the special ids (sentencepiece_processor.cc:994-1016);
+#   - trainer_spec.unk_surface, what <unk> decodes to (sentencepiece_processor.cc:771-773);
+#   - normalizer_spec.precompiled_charsmap, add_dummy_prefix, remove_extra_whitespaces,
+#     escape_whitespaces (normalizer.cc:48,86,113,128,130,143,160);
+#   - denormalizer_spec, the same four fields, only when its charsmap is non-empty: otherwise no
+#     denormalizer is built (sentencepiece_processor.cc:248-251).
+# Not hashed, because only the trainer reads them (trainer_interface.cc:70,217,250-300,603 and the
+# *_trainer.cc files): input, model_prefix, num_threads, seeds and sizes, character_coverage,
+# max_sentencepiece_length, split_by_unicode_script / number / whitespace, split_digits,
+# allow_whitespace_only_pieces, pretokenization_delimiter, control/user_defined_symbols (the pieces
+# themselves are hashed), required_chars, vocabulary_output_piece_score, hard_vocab_limit,
+# use_all_vocab; nor the unk/bos/eos/pad *ids* of trainer_spec (the processor finds the special ids
+# from the piece names and types above; they are returned next to the hash); nor the normalizer's
+# name and normalization_rule_tsv (compiled into precompiled_charsmap at training time).
+# tests/unit/test_tokenizer_fit.py flips these fields one at a time in a merged model and checks the
+# installed sentencepiece (0.2.3 here) against this split: a field left out never changes encoding or
+# decoding, a field hashed does.
+
+FINGERPRINT_VERSION = 1
+_DEFAULT_PIECES = {"unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "pad_piece": "<pad>"}
+
+
+def _normalizer_doc(spec) -> dict:
+    return {
+        "precompiled_charsmap": spec.precompiled_charsmap.hex(),
+        "add_dummy_prefix": spec.add_dummy_prefix,
+        "remove_extra_whitespaces": spec.remove_extra_whitespaces,
+        "escape_whitespaces": spec.escape_whitespaces,
+    }
+
+
+def _score_bits(score: float) -> str:
+    # Scores are float32 in the proto; -0.0 and 0.0 compare equal in the encoder, so they hash equal.
+    return struct.pack("<f", 0.0 if score == 0 else score).hex()
+
+
+def encoding_document(proto) -> dict:
+    """The values that determine SentencePiece's encoding and decoding (see the list above), as JSON."""
+    ts = proto.trainer_spec
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "model_type": ts.model_type,
+        "pieces": [[p.piece, _score_bits(p.score), p.type] for p in proto.pieces],
+        "normalizer": _normalizer_doc(proto.normalizer_spec),
+        "denormalizer": (_normalizer_doc(proto.denormalizer_spec)
+                         if proto.denormalizer_spec.precompiled_charsmap else None),
+        "trainer": {
+            "byte_fallback": ts.byte_fallback,
+            "treat_whitespace_as_suffix": ts.treat_whitespace_as_suffix,
+            # The getter returns the proto default (" ⁇ ") when unset, which is also the C++ default.
+            "unk_surface": ts.unk_surface,
+            **{k: getattr(ts, k) or default for k, default in _DEFAULT_PIECES.items()},
+        },
+    }
+
+
+def canonical_sha256(proto) -> str:
+    """sha256 of ``encoding_document(proto)`` as compact, key-sorted UTF-8 JSON."""
+    doc = json.dumps(encoding_document(proto), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
 def fingerprint(path: str | os.PathLike) -> dict:
-    """sha256 of the model file, vocabulary size and special ids: what the shards must agree with."""
+    """What the shards, the trainer and the exported adapter must agree on.
+
+    ``sha256`` is ``canonical_sha256``: equal for files that encode alike however they were written;
+    ``file_sha256`` is the file's own bytes (to find the very file); ``vocab_size`` and the special
+    ids are the processor's.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
     p = model_path(path)
     data = p.read_bytes()
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=data)
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(data)
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except Exception:
+        load_proto(p)  # raises the precise UserError
+        raise
     return {
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": canonical_sha256(proto),
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "fingerprint_version": FINGERPRINT_VERSION,
         "vocab_size": sp.get_piece_size(),
         "unk_id": sp.unk_id(),
         "bos_id": sp.bos_id(),
@@ -86,37 +181,21 @@ def fingerprint(path: str | os.PathLike) -> dict:
     }
 
 
-def write_hf_folder(out: Path, model_bytes: bytes, proto) -> None:
-    """Write a Hugging Face tokenizer folder around a SentencePiece model.
+def same_tokenizer(recorded_sha256: str, fp: dict) -> bool:
+    """Whether a recorded tokenizer hash (a manifest's, a checkpoint's, an adapter's) names this tokenizer.
 
-    ``tokenizer_class`` is transformers' ``SentencePieceBackend``: it encodes with SentencePiece itself,
-    so ids equal SentencePiece's exactly. The fast (``tokenizers``) conversion cannot: the paper's
-    merge gives every appended piece score 0, SentencePiece's BPE breaks such ties by position
-    (leftmost pair first), and a merges list can only rank pairs, so the two disagree on most Chinese
-    documents. transformers 5 no longer has a slow LlamaTokenizer, and LlamaTokenizer(vocab_file=...)
-    silently builds an empty tokenizer (3 pieces; docs/hazards.md#h11); this folder avoids both.
+    Records written before fingerprint version 1 hold the sha256 of the file's bytes; later ones the canonical
+    hash. Either match is the same tokenizer: identical bytes, or an identical encoding.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).write_bytes(model_bytes)
-    ts = proto.trainer_spec
-    pieces = proto.pieces
+    return recorded_sha256 in (fp["sha256"], fp.get("file_sha256"))
 
-    def piece(i: int) -> str | None:
-        return pieces[i].piece if 0 <= i < len(pieces) else None
 
-    special = {"unk_token": piece(ts.unk_id), "bos_token": piece(ts.bos_id), "eos_token": piece(ts.eos_id)}
-    if ts.pad_id >= 0:
-        special["pad_token"] = piece(ts.pad_id)
-    special = {k: v for k, v in special.items() if v}
-    config = {
-        "tokenizer_class": "SentencePieceBackend",
-        "backend": "sentencepiece",
-        # LLaMA's convention: BOS before every sequence, no EOS.
-        "special_tokens_pattern": "bos",
-        "legacy": True,  # encode with SentencePiece as it is (dummy prefix included), like the original
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000_000_000,
-        **special,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+def write_hf_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
+    """Write a Hugging Face tokenizer folder around a SentencePiece model; see ``hf.write_folder``.
+
+    ``fast``: also write an exact ``tokenizer.json`` (True: required, raising UserError when the
+    model cannot have one; "auto": when it can). Returns what was written and why.
+    """
+    from . import hf
+
+    return hf.write_folder(Path(out), model_bytes, proto, fast=fast)

@@ -213,6 +213,13 @@ class Checkpointer:
         for key, value in expected.items():
             if key in ("zero_stage", "schedule") or key not in state:  # older checkpoints lack newer keys
                 continue
+            if key == "tokenizer_sha256":
+                from ..tokenizer.spm import same_tokenizer
+
+                if not same_tokenizer(state[key], value):
+                    raise UserError(f"cannot resume {path}: it was trained with the tokenizer {state[key][:16]}..., "
+                                    f"this run's is {value['sha256'][:16]}...")
+                continue
             if key == "base_model":
                 if state[key].get("sha256") != value.get("sha256"):
                     raise UserError(f"cannot resume {path}: it was trained on the base {state[key].get('source')} "

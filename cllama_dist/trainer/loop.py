@@ -141,7 +141,7 @@ class Trainer:
 
     def _identity(self) -> dict:
         """What must not change between a checkpoint and the run that resumes it."""
-        return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint["sha256"],
+        return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint,
                 "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
                 "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model}
 

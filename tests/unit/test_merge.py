@@ -8,6 +8,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from cllama_dist.tokenizer.config import MergeConfig
 from cllama_dist.errors import UserError
 from cllama_dist.tokenizer.merge import merge
+from cllama_dist.tokenizer.spm import canonical_sha256
 
 
 def proto(path):
@@ -33,7 +34,9 @@ def test_union_is_id_stable(tiny_base, tiny_zh_model, tiny_merged):
     assert report["new_vocab_size"] == n + len(expected_new)
     assert report["overlap"] == sum(1 for p in add.pieces if p.piece in have)
     fp = report["fingerprint"]
-    assert fp["sha256"] == hashlib.sha256((tiny_merged / "tokenizer.model").read_bytes()).hexdigest()
+    # "sha256" hashes what encoding depends on (tests/unit/test_tokenizer_fit.py); the file's own bytes are file_sha256.
+    assert fp["file_sha256"] == hashlib.sha256((tiny_merged / "tokenizer.model").read_bytes()).hexdigest()
+    assert fp["sha256"] == canonical_sha256(merged) != fp["file_sha256"]
     assert (fp["vocab_size"], fp["unk_id"], fp["bos_id"], fp["eos_id"]) == (n + len(expected_new), 0, 1, 2)
 
 

@@ -88,8 +88,16 @@ def test_trainer_state_round_trip_and_resume_checks(tmp_path):
                          reason="periodic", config={"seed": 0})
     data = json.loads(json.dumps(state.__dict__ | {"unknown_later_field": 1}))
     assert TrainerState.from_dict(data) == state
-    mine = {"global_batch": 8, "tokenizer_sha256": "ab", "embeddings": "new-rows", "block_size": 64, "zero_stage": 3}
+    mine = {"global_batch": 8, "tokenizer_sha256": {"sha256": "ab", "file_sha256": "cd"}, "embeddings": "new-rows",
+            "block_size": 64, "zero_stage": 3, "base_model": {}}
     Checkpointer.check_resumable(tmp_path, data, mine)
+    # A checkpoint of an earlier version recorded the tokenizer file's sha256: still recognised.
+    Checkpointer.check_resumable(tmp_path, {**data, "tokenizer_sha256": "cd"}, mine)
+    with pytest.raises(UserError, match="trained with the tokenizer ef"):
+        Checkpointer.check_resumable(tmp_path, {**data, "tokenizer_sha256": "ef"}, mine)
+    with pytest.raises(UserError, match="trained on the base /a .* this run's base is /b"):
+        Checkpointer.check_resumable(tmp_path, {**data, "base_model": {"source": "/a", "sha256": "1"}},
+                                     {**mine, "base_model": {"source": "/b", "sha256": "2"}})
     with pytest.raises(UserError, match="its global_batch is 8, this run's is 16"):
         Checkpointer.check_resumable(tmp_path, data, {**mine, "global_batch": 16})
     with pytest.raises(UserError, match="saved under ZeRO-3, this run is ZeRO-2"):

@@ -55,8 +55,9 @@ def build_base_model(folder: Path, tokenizer_dir: str, arch: dict, steps: int = 
             losses.append(loss.item())
             bar.update(1, f"loss {loss.item():.3f}")
     model.save_pretrained(folder / "hf")
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(Path(tokenizer_dir) / name, folder / "hf" / name)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "TOKENIZER.md"):
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, folder / "hf" / name)
     shutil.rmtree(folder / "shards")
     return {"folder": str(folder / "hf"), "parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": vocab, "english_loss_first": losses[0], "english_loss_last": float(np.mean(losses[-10:]))}
