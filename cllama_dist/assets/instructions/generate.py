@@ -49,6 +49,7 @@ PHRASES = (
 )
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+PER_TASK_TRAIN = 150
 TASKS = ("copy", "reverse", "sort", "upper", "lower", "repeat3", "first_char", "max", "count", "add")
 
 # Phrasings: mostly one per task (a tiny model learns a fixed phrasing fastest), a second for some.
@@ -92,22 +93,30 @@ def answer(task: str, x: str) -> str:
     raise ValueError(task)
 
 
-def arguments(task: str, rng: random.Random) -> list[str]:
-    """Every argument the task draws from, in a fixed (seeded) order."""
+def arguments(task: str, rng: random.Random, n: int = 400) -> list[str]:
+    """Distinct arguments of a task, in a fixed (seeded) order: many, so that a model has to learn the
+    rule rather than memorise the pairs."""
+    def distinct(make) -> list[str]:
+        seen: dict[str, None] = {}
+        while len(seen) < n:
+            seen.setdefault(make(), None)
+        return list(seen)
+
     if task == "copy":
-        xs = list(PHRASES)
+        xs = list(PHRASES) + distinct(lambda: "".join(rng.sample(WORDS, rng.randint(2, 3))) + "。")[: n - len(PHRASES)]
     elif task in ("reverse", "repeat3", "first_char"):
-        xs = list(WORDS)
+        xs = list(WORDS) + distinct(lambda: "".join(rng.sample(WORDS, 2)))[: n - len(WORDS)]
     elif task in ("upper", "count"):
-        xs = sorted({"".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6))) for _ in range(160)})
+        xs = distinct(lambda: "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6))))
     elif task == "lower":
-        xs = sorted({"".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6))).upper() for _ in range(160)})
+        xs = distinct(lambda: "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6))).upper())
     elif task in ("sort", "max"):
-        xs = sorted({" ".join(str(rng.randint(0, 20)) for _ in range(rng.randint(3, 5))) for _ in range(160)})
+        xs = distinct(lambda: " ".join(str(rng.randint(0, 20)) for _ in range(rng.randint(3, 5))))
     elif task == "add":
         xs = [f"{a}+{b}" for a in range(10) for b in range(10)]
     else:
         raise ValueError(task)
+    xs = list(dict.fromkeys(xs))  # a combination may equal a listed word: keep the first
     rng.shuffle(xs)
     return xs
 
@@ -115,7 +124,7 @@ def arguments(task: str, rng: random.Random) -> list[str]:
 def build() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
     train, heldout, chat = [], [], []
-    per_task_train, per_task_heldout = 50, 6
+    per_task_train, per_task_heldout = PER_TASK_TRAIN, 6
     pools: dict[str, list[str]] = {}
     for task in TASKS:
         xs = arguments(task, rng)
@@ -157,10 +166,11 @@ def dumps(records: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
+    ap.add_argument("--out", default=str(HERE), help="folder to write to (default: this one)")
     args = ap.parse_args(argv)
     differ = []
     for name, records in build().items():
-        path = HERE / name
+        path = Path(args.out) / name
         text = dumps(records)
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
