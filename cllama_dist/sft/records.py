@@ -9,9 +9,10 @@ Two formats, each as JSON Lines (one object a line) and, for Alpaca, also as one
 - Chat: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``, an optional
   leading system message, then user / assistant alternating, ending with an assistant message.
 
-JSON Lines files are streamed line by line and never loaded whole. A top-level JSON array has no
-record boundaries to stream by, so it is read into memory whole (then parsed element by element, so
-that errors still name a line); convert a large one to JSON Lines.
+JSON Lines files are streamed line by line and never loaded whole. A file whose first non-blank
+character is "[" is one top-level JSON array, whatever its name; an array has no record boundaries
+to stream by, so it is read into memory whole (then parsed element by element, so that errors still
+name a line); convert a large one to JSON Lines.
 
 Bad records are skipped and counted by reason (SKIP_REASONS), or with ``strict`` raise a UserError
 naming file and line. An array whose JSON syntax is broken cannot be resynchronised and always raises.
