@@ -250,15 +250,21 @@ class StopFlag:
 
     def __init__(self, stop_file: str | os.PathLike | None = None, signals=STOP_SIGNALS):
         self.received: int | None = None
+        self._at = 0.0
         self.stop_file = stop_file
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-        self.received = signum
+        import time
+
+        # A second Ctrl-C stops at once, without saving. One Ctrl-C can arrive twice within moments (from the
+        # terminal, and forwarded by a launcher sharing the process group): only a later one counts.
+        if signum == signal.SIGINT and self.received == signal.SIGINT and time.monotonic() - self._at > 2.0:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received, self._at = signum, time.monotonic()
 
     def should_stop(self) -> bool:
         local = self.received is not None

@@ -151,8 +151,8 @@ def claim_folder(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
                 raise UserError(f"the {kind} output {p} is a folder that cllama-dist did not create (no {MARKER}) "
                                 "and is not empty; it is never deleted: choose another folder or empty it yourself")
             if found != kind:
-                raise UserError(f"the {kind} output {p} holds a {found} made by cllama-dist; choose another folder "
-                                f"(--overwrite replaces only a {kind} folder)")
+                raise UserError(f"the {kind} output {p} holds cllama-dist output of another kind ({found}); choose "
+                                f"another folder (--overwrite replaces only a {kind} folder)")
             if overwrite:
                 for child in p.iterdir():
                     if child.name != LOCK:

@@ -91,13 +91,21 @@ def dry_run(cfg: TrainConfig) -> dict:
     from .model.adapters import load_llama_config
     from .model.flops import run_flops
 
-    new_vocab = cfg.model.extended_vocab
-    if cfg.model.tokenizer:
-        from .tokenizer import spm
+    from .errors import UserError
 
-        new_vocab = spm.fingerprint(cfg.model.tokenizer)["vocab_size"]
     config = load_llama_config(cfg.model)
+    new_vocab = cfg.model.extended_vocab
+    if cfg.model.tokenizer:  # the same checks as a real run: a mismatched tokenizer is refused here too
+        from .tokenizer.merged import read_merged
+
+        vocab = read_merged(cfg.model.tokenizer, config.vocab_size, cfg.model.extended_vocab)
+        if vocab.orig_vocab != config.vocab_size:
+            raise UserError(f"vocabulary mismatch: the model has {config.vocab_size:,} rows, the merged tokenizer "
+                            f"{cfg.model.tokenizer} extends a base of {vocab.orig_vocab:,} pieces")
+        new_vocab = vocab.new_vocab
     new_vocab = new_vocab or config.vocab_size
+    if new_vocab < config.vocab_size:
+        raise UserError(f"model.extended_vocab {new_vocab:,} is smaller than the model's {config.vocab_size:,} rows")
     block = cfg.data.block_size or 512
     modes = {}
     for mode, c in count(cfg.model, cfg.lora, new_vocab).items():
@@ -115,14 +123,14 @@ def export_adapter(cfg: ExportAdapterConfig) -> dict:
     """A PEFT adapter (LoRA + new rows) from the run's newest complete checkpoint (or ``cfg.step``)."""
     from .export.run import export_adapter as export
 
-    return export(cfg.run, cfg.out, cfg.step or None)
+    return export(cfg.run, cfg.out, cfg.step or None, overwrite=cfg.overwrite)
 
 
 def export_merged(cfg: ExportMergedConfig) -> dict:
     """Base + adapter merged into a stock Hugging Face model, one weight shard at a time."""
     from .export.run import export_merged as export
 
-    return export(cfg.base, cfg.adapter, cfg.out, cfg.dtype)
+    return export(cfg.base, cfg.adapter, cfg.out, cfg.dtype, overwrite=cfg.overwrite)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

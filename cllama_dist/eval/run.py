@@ -28,6 +28,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import UserError
+from ..files import check_file_output, check_not_input, write_atomic
 from ..model.config import resolve_dtype
 from ..model.scoring import causal_nll
 from ..progress import Progress
@@ -60,8 +61,8 @@ class Tokenizer:
             try:
                 self.hf = AutoTokenizer.from_pretrained(str(path))
             except (OSError, ValueError) as exc:
-                raise UserError(f"no tokenizer in {path} (neither tokenizer.model nor a Hugging Face tokenizer): "
-                                f"{exc}") from None
+                raise UserError(f"no tokenizer in {path} (neither tokenizer.model nor a Hugging Face tokenizer; "
+                                "pass --tokenizer)") from None
             self.sp = None
             self.size = len(self.hf)
             self.bos_id = self.hf.bos_token_id if self.hf.bos_token_id is not None else -1
@@ -105,7 +106,17 @@ def load(cfg: EvalConfig):
         raise UserError(f"--model {cfg.model} is not a Hugging Face model folder: {exc}") from None
     tok_path = Path(cfg.tokenizer or cfg.adapter or cfg.model)
     tokenizer = Tokenizer(tok_path)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    except OSError as exc:  # transformers' "no file named model.safetensors ..." and unreadable files
+        raise UserError(f"cannot load the model {cfg.model}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if isinstance(exc, SafetensorError):  # a truncated or damaged weights file
+            raise UserError(f"cannot load the model {cfg.model}: its weights are truncated or damaged "
+                            f"({str(exc).splitlines()[0]})") from None
+        raise
     what = f"{cfg.model}"
     if cfg.adapter:
         from peft import PeftModel
@@ -268,6 +279,7 @@ def generate(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    check_outputs(cfg)
     model, tokenizer, what, device = load(cfg)
     max_pos = getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size
     block = min(cfg.block_size, max_pos)
@@ -280,9 +292,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         result["generations"] = generate(model, tokenizer, cfg, device)
     result["config"] = to_dict(cfg)
     if cfg.json_out:
-        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(cfg.json_out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def check_outputs(cfg: EvalConfig) -> None:
+    """Before any work: the JSON output is a file path that touches no input."""
+    if cfg.json_out:
+        check_file_output(cfg.json_out, "eval JSON")
+        check_not_input(cfg.json_out, {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
+                                       "corpus": cfg.inputs, "shards": cfg.shards}, "eval JSON")
 
 
 def format_result(r: dict) -> str:

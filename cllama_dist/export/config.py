@@ -13,8 +13,9 @@ class ExportAdapterConfig(Section):
     """A PEFT adapter (LoRA + new embedding rows) from a run's checkpoint, with the merged tokenizer."""
 
     run: PathStr = option("", "The run folder (output_dir of the training).")
-    step: int = option(0, "Checkpoint step (0: the newest complete one).")
+    step: int = option(0, "Checkpoint step (0: the newest valid one).")
     out: PathStr = option("", "Output folder.")
+    overwrite: bool = option(False, "Replace an adapter folder exported earlier (never any other folder).")
 
     def validate(self) -> None:
         check(bool(self.run), "run", "is required (the run folder)")
@@ -29,7 +30,9 @@ class ExportMergedConfig(Section):
     base: PathStr = option("", "The base model folder (safetensors).")
     adapter: PathStr = option("", "A folder from `cllama export adapter`.")
     out: PathStr = option("", "Output folder.")
-    dtype: Literal["bf16", "fp16", "fp32"] = option("bf16", "Weights dtype of the merged model.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype of the merged model (auto: the "
+                                                                    "base's).")
+    overwrite: bool = option(False, "Replace a merged model exported earlier (never any other folder).")
 
     def validate(self) -> None:
         require(self, "base", "adapter", "out")

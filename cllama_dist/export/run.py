@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..config import build
 from ..errors import UserError
+from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
 from ..model.vocab import BASE_ROWS, NEW_ROWS
 from ..trainer import checkpoint
 from ..trainer.config import TrainConfig
@@ -37,17 +38,68 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 
 
 def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
+    """The newest valid checkpoint of a run (or the one of ``step``), checked file by file as a resume is."""
     found = checkpoint.complete(run_dir)
     if not found:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N with trainer_state.json); "
                         "train first, or point --run at the run folder")
-    if not step:  # None or 0: the newest
-        return found[-1]
-    for p in found:
-        if p.name == checkpoint.step_name(step):
-            return p
-    raise UserError(f"{run_dir} has no complete checkpoint at step {step}; it has "
-                    f"{', '.join(p.name for p in found)}")
+    if step:
+        chosen = [p for p in found if p.name == checkpoint.step_name(step)]
+        if not chosen:
+            raise UserError(f"{run_dir} has no complete checkpoint at step {step}; it has "
+                            f"{', '.join(p.name for p in found)}")
+        why = checkpoint.problem(chosen[0])
+        if why:
+            raise UserError(f"cannot export {chosen[0]}: {why}")
+        return chosen[0]
+    skipped = []
+    for path in reversed(found):
+        why = checkpoint.problem(path)
+        if why is None:
+            for note in skipped:
+                print(note, flush=True)
+            return path
+        skipped.append(f"note: skipping checkpoint {path}: {why}")
+    raise UserError(f"{run_dir} has no valid checkpoint: {'; '.join(skipped)}")
+
+
+class _Export:
+    """An export's output folder: checked against the inputs, locked, marked; what this attempt wrote is
+    removed again if it fails (a full disk), so a half-written export never looks like one."""
+
+    def __init__(self, out: str | Path, kind: str, inputs: dict, overwrite: bool):
+        self.out, self.kind = Path(out), kind
+        check_not_input(self.out, inputs, kind)
+        # The lock lives beside the folder: nothing is written into a folder before it is known to be ours.
+        self.lock = Lock(self.out.parent / f".{self.out.name}{LOCK}", f"{kind} export")
+        self.inputs, self.overwrite = inputs, overwrite
+        self.written: list[Path] = []
+
+    def __enter__(self) -> "_Export":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock.__enter__()
+        try:
+            claim_folder(self.out, self.kind, overwrite=self.overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def path(self, name: str) -> Path:
+        p = self.out / name
+        self.written.append(p)
+        return p
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        try:
+            if exc is not None:
+                for p in self.written:
+                    p.unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise os_error(exc, self.out) from None
+        finally:
+            self.lock.release()
+        return False
 
 
 def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -60,11 +112,8 @@ def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None) -> dict:
-    """Write the adapter of ``run_dir``'s newest complete checkpoint (or of ``step``) into ``out``."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
+def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False) -> dict:
+    """Write the adapter of ``run_dir``'s newest valid checkpoint (or of ``step``) into ``out``."""
     ckpt = pick_checkpoint(run_dir, step)
     state = checkpoint.read_state(ckpt)
     cfg: TrainConfig = build(TrainConfig, state["config"])
@@ -82,25 +131,34 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
             rows = torch.cat([sd[prefix + BASE_ROWS], rows])
         tensors[target] = rows.contiguous()
     indices = list(range(0 if state["embeddings"] == "full" else orig, new))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with _Export(out, "adapter", {"run": run_dir, "tokenizer": cfg.model.tokenizer}, overwrite) as ex:
+        meta = _write_adapter(ex, run_dir, ckpt, state, cfg, tensors, indices, orig, new)
+    return meta
+
+
+def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainConfig, tensors: dict, indices: list,
+                   orig: int, new: int) -> dict:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out = ex.out
+    save_file(tensors, str(ex.path("adapter_model.safetensors")), metadata={"format": "pt"})
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.targets), bias="none", task_type="CAUSAL_LM",
                       base_model_name_or_path=cfg.model.path or None,
                       trainable_token_indices={"embed_tokens": indices, "lm_head": indices})
+    ex.path("adapter_config.json")
     lora.save_pretrained(str(out))
     tok_dir = Path(cfg.model.tokenizer)
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
-            shutil.copy(tok_dir / name, out / name)
+            shutil.copy(tok_dir / name, ex.path(name))
     meta = {"tool": f"cllama-dist {__version__}", "run": str(run_dir), "checkpoint": str(ckpt), "step": state["step"],
             "base_model": cfg.model.path or "built from model.config", "model_config": cfg.model.config or None,
             "orig_vocab": orig, "new_vocab": new, "embeddings": state["embeddings"],
             "tokenizer_sha256": state["tokenizer_sha256"],
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
-    (out / "cllama_export.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    (out / "README.md").write_text(
+    ex.path("README.md").write_text(
         f"# LoRA adapter + {new - orig:,} new embedding rows (cllama-dist)\n\n"
         f"Step {state['step']} of `{run_dir}`. Base: `{meta['base_model']}`, vocabulary {orig:,} -> {new:,}.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
@@ -108,6 +166,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
         "base.resize_token_embeddings(len(tok))  # rows are restored from the adapter\n"
         "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n"
         "cllama_export.json records the tokenizer fingerprint and the training config.\n")
+    # Last: an adapter folder without it is an interrupted export, refused by read_adapter.
+    write_atomic(ex.path("cllama_export.json"), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -121,11 +181,19 @@ def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokeniz
 
     adapter = Path(adapter)
     meta_path = adapter / "cllama_export.json"
+    if not adapter.is_dir():
+        raise UserError(f"the adapter {adapter} is not a folder")
     if not meta_path.is_file() or not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` "
-                        "(no cllama_export.json / adapter_config.json)")
-    meta = json.loads(meta_path.read_text())
-    acfg = json.loads((adapter / "adapter_config.json").read_text())
+        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` (no cllama_export.json / "
+                        "adapter_config.json; an interrupted export leaves no cllama_export.json)")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"the adapter {adapter} has no weights file adapter_model.safetensors (copied without it?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        acfg = json.loads((adapter / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise UserError(f"the adapter {adapter} has an unreadable cllama_export.json / adapter_config.json: {exc}") from None
     tok = Path(tokenizer) if tokenizer else adapter / "tokenizer.model"
     fp = spm.fingerprint(tok)
     if not spm.same_tokenizer(meta["tokenizer_sha256"], fp):
@@ -147,24 +215,66 @@ def _base_shards(base: Path) -> list[str]:
     raise UserError(f"{base} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
 
 
-def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "bf16") -> dict:
+def base_dtype(base: Path, config) -> str:
+    """The base's weight dtype: the config's, else that of its first floating tensor."""
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if declared is not None and str(declared).removeprefix("torch.") in names:
+        return names[str(declared).removeprefix("torch.")]
+    from safetensors import safe_open
+
+    with safe_open(str(base / _base_shards(base)[0]), framework="pt") as f:
+        for name in f.keys():
+            code = f.get_slice(name).get_dtype()
+            if code in names:
+                return names[code]
+    return "fp32"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except OSError as exc:
+        raise os_error(exc, path, "read") from None
+    except SafetensorError as exc:  # a truncated or damaged file
+        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]} (truncated or damaged?)") from None
+
+
+def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype: str = "auto",
+                  overwrite: bool = False) -> dict:
     """Merge an exported adapter into its base, one weight shard at a time (never the whole model twice).
 
     Each LoRA target becomes W + (alpha / r) B A; embed_tokens and lm_head grow to len(tokenizer) with the
     adapter's rows; every other tensor is copied. The base's sharding is kept; config.vocab_size is the
-    new vocabulary; the tokenizer is written beside the weights.
+    new vocabulary; the tokenizer is written beside the weights. ``dtype`` auto keeps the base's.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
     from ..model.adapters import DTYPES
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    config = AutoConfig.from_pretrained(base)
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the base {base} is not a Hugging Face model folder: {str(exc).splitlines()[0]}") from None
     meta, acfg = read_adapter(adapter, base, config.vocab_size)
+    dtype = base_dtype(base, config) if dtype == "auto" else dtype
+    with _Export(out, "merged-model", {"base model": base, "adapter": adapter}, overwrite) as ex:
+        n_shards, n_lora = _write_merged(ex, base, adapter, config, meta, acfg, DTYPES[dtype])
+    return {"out": str(out), "shards": n_shards, "vocab_size": meta["new_vocab"], "lora_modules": n_lora, "dtype": dtype}
+
+
+def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, acfg: dict,
+                  torch_dtype: torch.dtype) -> tuple[int, int]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
     new = meta["new_vocab"]
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = _load_safetensors(adapter / "adapter_model.safetensors")
     scale = acfg["lora_alpha"] / acfg["r"]
     lora: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -173,43 +283,47 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
             lora.setdefault(module.removeprefix("base_model.model."), {})[kind.split(".")[0]] = value
     rows = {"model.embed_tokens.weight": tensors[EMB_KEY], "lm_head.weight": tensors[HEAD_KEY]}
     indices = torch.tensor(acfg["trainable_token_indices"]["embed_tokens"])
-    torch_dtype = DTYPES[dtype]
-    out.mkdir(parents=True, exist_ok=True)
     shards = _base_shards(base)
     weight_map, used = {}, set()
     for i, shard in enumerate(shards):
         merged = {}
-        with safe_open(str(base / shard), framework="pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name).float()
-                module = name.removesuffix(".weight")
-                if module in lora:
-                    if t.shape[1] != lora[module]["A"].shape[1]:
-                        raise UserError(f"{name}: base shape {tuple(t.shape)} does not fit the adapter's LoRA "
-                                        f"{tuple(lora[module]['A'].shape)} (another architecture?)")
-                    t = t + scale * (lora[module]["B"].float() @ lora[module]["A"].float())
-                    used.add(module)
-                elif name in rows:
-                    grown = torch.cat([t, torch.zeros(new - t.shape[0], t.shape[1])])
-                    grown[indices] = rows[name].float()
-                    t = grown
-                    used.add(name)
-                merged[name] = t.to(torch_dtype).contiguous()
+        try:
+            with safe_open(str(base / shard), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name).float()
+                    module = name.removesuffix(".weight")
+                    if module in lora:
+                        if t.shape[1] != lora[module]["A"].shape[1]:
+                            raise UserError(f"{name}: base shape {tuple(t.shape)} does not fit the adapter's LoRA "
+                                            f"{tuple(lora[module]['A'].shape)} (another architecture?)")
+                        t = t + scale * (lora[module]["B"].float() @ lora[module]["A"].float())
+                        used.add(module)
+                    elif name in rows:
+                        grown = torch.cat([t, torch.zeros(new - t.shape[0], t.shape[1])])
+                        grown[indices] = rows[name].float()
+                        t = grown
+                        used.add(name)
+                    merged[name] = t.to(torch_dtype).contiguous()
+        except SafetensorError as exc:  # a truncated or damaged shard
+            raise UserError(f"cannot read {base / shard}: {str(exc).splitlines()[0]} (truncated or damaged?)") from None
         name_out = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(merged, str(out / name_out), metadata={"format": "pt"})
+        save_file(merged, str(ex.path(name_out)), metadata={"format": "pt"})
         weight_map.update({k: name_out for k in merged})
         del merged
     missing = (set(lora) | set(rows)) - used
     if missing:
         raise UserError(f"the base has no tensor for {sorted(missing)[:3]}... of the adapter (another architecture?)")
     if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    config.vocab_size = new
-    config.dtype = torch_dtype
-    config.save_pretrained(out)
+        write_atomic(ex.path("model.safetensors.index.json"),
+                     json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     for name in TOKENIZER_FILES:
         if (adapter / name).is_file():
-            shutil.copy(adapter / name, out / name)
+            shutil.copy(adapter / name, ex.path(name))
     if (base / "generation_config.json").is_file():
-        shutil.copy(base / "generation_config.json", out / "generation_config.json")
-    return {"out": str(out), "shards": len(shards), "vocab_size": new, "lora_modules": len(lora), "dtype": dtype}
+        shutil.copy(base / "generation_config.json", ex.path("generation_config.json"))
+    # Last: config.json makes the folder loadable; an interrupted export leaves none.
+    config.vocab_size = new
+    config.dtype = torch_dtype
+    ex.path("config.json")
+    config.save_pretrained(ex.out)
+    return len(shards), len(lora)

@@ -19,11 +19,12 @@ import json
 import re
 import shutil
 import struct
-import tempfile
+import os
 from pathlib import Path
 
 from .. import __version__
 from ..config import to_dict
+from ..files import LOCK, MARKER, Lock, check_not_input, folder_kind, os_error, write_atomic
 from .config import MergeConfig
 from ..errors import UserError
 from . import spm as spmio
@@ -126,8 +127,20 @@ def merge(cfg: MergeConfig) -> dict:
     base = spmio.load_proto(cfg.base, "base tokenizer")
     add = spmio.load_proto(cfg.add, "tokenizer to add")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output folder {out} exists and is not empty (pass --overwrite to replace it)")
+    # tokenizer.model usually sits in the model's folder: merging "into" it would replace the model's files.
+    check_not_input(out, {"base tokenizer": spmio.model_path(cfg.base), "tokenizer to add": spmio.model_path(cfg.add)},
+                    "tokenizer")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"the tokenizer output {out} is a file, not a folder; choose a folder path")
+        if any(out.iterdir()):
+            kind = folder_kind(out)
+            if kind != "tokenizer":
+                raise UserError(f"the tokenizer output {out} is a folder that cllama-dist did not create as a tokenizer "
+                                f"({'it holds a ' + kind if kind else 'no ' + MARKER}); it is never replaced: choose "
+                                "another folder")
+            if not cfg.overwrite:
+                raise UserError(f"the tokenizer output {out} exists; pass --overwrite to replace it")
 
     mode = getattr(cfg, "new_piece_score", "paper")
     if mode not in SCORE_MODES:
@@ -143,10 +156,23 @@ def merge(cfg: MergeConfig) -> dict:
     if sp.get_piece_size() != n_base + stats["added"]:
         raise RuntimeError("merged size disagrees with the count of added pieces; this is a bug")
 
-    # Write into a temporary sibling, then swap it in: a crash never leaves a half-written folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Write into a temporary sibling, then swap it in: a crash never leaves a half-written folder. (Not
+    # mkdtemp: it creates folders readable by their owner alone, and a tokenizer is shared on a cluster.)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, out.parent, "create") from None
+    lock = Lock(out.parent / f".{out.name}{LOCK}", "tokenizer merge")
+    with lock:
+        return _write(cfg, out, base, add, merged, stats, data, sp, n_base, mode)
+
+
+def _write(cfg: MergeConfig, out: Path, base, add, merged, stats: dict, data: bytes, sp, n_base: int, mode: str) -> dict:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_atomic(tmp / MARKER, json.dumps({"kind": "tokenizer", "tool": f"cllama-dist {__version__}"}) + "\n")
         # The paper's layout is SentencePiece-only (its tied scores rule out an exact tokenizer.json);
         # "exact" exists to have one, so failing to write it is an error; "below-base" gets one when
         # the base allows it.
@@ -178,9 +204,14 @@ def merge(cfg: MergeConfig) -> dict:
             "config": to_dict(cfg),
         }
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(exc, out) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

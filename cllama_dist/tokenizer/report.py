@@ -30,6 +30,7 @@ from ..config import to_dict
 from .config import ReportConfig
 from ..data.corpus import RecordReader, resolve_inputs
 from ..errors import UserError
+from ..files import check_file_output, check_not_input, write_atomic
 from . import spm as spmio
 from .merge import MULTI_DIGIT
 
@@ -69,6 +70,9 @@ def unreachable_pieces(proto, start: int) -> list[int]:
 
 
 def report(cfg: ReportConfig) -> dict:
+    if cfg.json_out:
+        check_file_output(cfg.json_out, "report JSON")
+        check_not_input(cfg.json_out, {"corpus": cfg.inputs, "tokenizer": cfg.tokenizers}, "report JSON")
     tallies = []
     for t in cfg.tokenizers:
         proto = spmio.load_proto(t)
@@ -167,8 +171,7 @@ def report(cfg: ReportConfig) -> dict:
     result = {"tokenizers": rows, "skipped": reader.skipped.as_dict(), "inputs": [s.path for s in sources],
               "config": to_dict(cfg)}
     if cfg.json_out:
-        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(cfg.json_out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

@@ -23,6 +23,7 @@ from ..config import to_dict
 from .config import TokenizerTrainConfig
 from ..data.corpus import RecordReader, resolve_inputs
 from ..errors import UserError
+from ..files import check_file_output, check_not_input, write_atomic
 from ..progress import Progress
 
 # CJK Unified Ideographs, Extension A and the compatibility block.
@@ -85,6 +86,11 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     """Train and write PREFIX.model / PREFIX.vocab / PREFIX.report.json; returns the report."""
     import sentencepiece as spm
 
+    # The outputs are checked before an hour of sampling: not folders, and not inside a corpus folder (a
+    # PREFIX.report.json there would be read as corpus next time), nor over a corpus file.
+    for suffix in (".model", ".vocab", ".report.json"):
+        check_file_output(f"{cfg.output}{suffix}", "tokenizer")
+        check_not_input(f"{cfg.output}{suffix}", {"corpus": cfg.inputs}, "tokenizer")
     sources = resolve_inputs(cfg.inputs)
     reader = RecordReader(cfg.text_field, cfg.strict)
     sample = Reservoir(cfg.sample_sentences, cfg.seed)
@@ -172,5 +178,5 @@ def train(cfg: TokenizerTrainConfig) -> dict:
         "seconds_training": round(t_train, 3),
         "config": to_dict(cfg),
     }
-    Path(f"{out_prefix}.report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(f"{out_prefix}.report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

@@ -234,9 +234,15 @@ class Checkpointer:
             raise UserError(f"cannot resume {path}: it was saved under ZeRO-{state['zero_stage']}, this run is "
                             f"ZeRO-{stage} (keep the DeepSpeed config and single_process_zero2 of the run)")
 
-    def save(self, engine, state: TrainerState) -> Path:
+    def save(self, engine, state: TrainerState, expected_bytes: int = 0) -> Path:
         """Collective: every rank must call it at the same step. A failure on any rank (a full disk) fails the
-        save on every rank with one message; the partial .tmp folder is removed and earlier checkpoints stay."""
+        save on every rank with one message; the partial .tmp folder is removed and earlier checkpoints stay.
+
+        ``expected_bytes``: about how much the whole checkpoint takes. DeepSpeed's save is itself a collective
+        (barriers around each rank's writes): a rank whose write fails inside it leaves the others waiting in
+        its barrier until the collective timeout. So free space is checked first, on every rank, and a
+        checkpoint that would not fit is refused before anything is written.
+        """
         step = state.step
         final = self.root / step_name(step)
         tmp = self.root / (step_name(step) + ".tmp")
@@ -264,8 +270,19 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(universal_path(old), ignore_errors=True)
 
+        def room() -> None:
+            from ..files import free_bytes
+
+            free = free_bytes(self.root)
+            need = int(expected_bytes * 1.25) + (1 << 20)  # and room for the folder's small files
+            if free is not None and expected_bytes and free < need:
+                raise UserError(f"cannot save the checkpoint in {self.root}: it needs about {need / 1e6:,.0f} MB and "
+                                f"{free / 1e6:,.1f} MB are free there (disk full); the last complete checkpoint is "
+                                f"{(self.complete() or ['none'])[-1]}")
+
         try:
             dist.on_main("preparing the checkpoint folder", lambda: _guard(clear, tmp))
+            dist.agree("checking the free space", room)
             dist.agree("writing the checkpoint", lambda: _guard(write_own_files, tmp))
             dist.on_main("committing the checkpoint", lambda: _guard(commit, tmp))
         except UserError:
@@ -331,12 +348,17 @@ def _guard(fn, where: Path):
 
         raise os_error(exc, where) from None
     except RuntimeError as exc:
-        # torch.save's C++ writer reports a full disk as "file write failed" or "basic_ios::clear".
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if any(w in str(exc) for w in ("write", "basic_ios", "iostream")):
+        # torch.save's C++ writer reports a full disk as "basic_ios::clear: iostream error", then, while closing
+        # the zip, "[enforce fail at inline_container.cc] unexpected pos": neither names the cause.
+        chain, e = [], exc
+        while e is not None:
+            chain.append(str(e))
+            e = e.__context__ or e.__cause__
+        text = " ".join(chain)
+        if any(w in text for w in ("write", "basic_ios", "iostream", "inline_container", "unexpected pos")):
             from ..files import free_bytes
 
             free = free_bytes(where)
-            hint = f"; {free / 1e6:,.1f} MB free there" if free is not None else ""
-            raise UserError(f"cannot write the checkpoint {where}: {text}{hint} (disk full?)") from None
+            room = f"{free / 1e6:,.1f} MB free there" if free is not None else "free space unknown"
+            raise UserError(f"cannot write the checkpoint {where}: the write failed ({room}: disk full?)") from None
         raise

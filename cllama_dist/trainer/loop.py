@@ -266,7 +266,8 @@ class Trainer:
                              block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
                              reason=reason, base_model=self.base_model, schedule=self._schedule(),
                              config=to_dict(self.cfg))
-        path = self.checkpointer.save(self.engine, state)
+        # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
+        path = self.checkpointer.save(self.engine, state, expected_bytes=16 * self.counts.trainable)
         self.logger.say(f"saved checkpoint {path} ({reason})")
         self.throughput.restart()  # a save is not training time
         return path

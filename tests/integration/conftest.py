@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+from . import launch
+from .runs import configure
 from .slurm_env import require_slurm
+
+
+@pytest.fixture(scope="session")
+def setup(tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory):
+    """(base model folder, merged tokenizer, shards, a folder for runs), shared by every integration module."""
+    return tiny_model_dir, tiny_merged, tiny_shards, tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def reference(setup):
+    """An uninterrupted 2-process run: the losses every other run is compared with."""
+    cfg, out = configure(setup, "reference")
+    proc = launch.run(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, launch.losses(out), proc
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from . import launch
-from .test_train import base_config
+from .runs import base_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 

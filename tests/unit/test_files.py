@@ -47,7 +47,7 @@ def test_only_our_folders_of_the_same_kind_are_ever_replaced(tmp_path):
     claim_folder(out, "shards", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [MARKER]
     (out / "x").write_text("1")
-    with pytest.raises(UserError, match="holds a shards made by cllama-dist"):
+    with pytest.raises(UserError, match=r"holds cllama-dist output of another kind \(shards\)"):
         claim_folder(out, "tokenizer", overwrite=True)
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -41,7 +41,7 @@ def tok(request, tmp_path_factory):
     if request.param == "tiny":
         return request.getfixturevalue("tiny_merged")
     real = request.getfixturevalue("real_fixtures")
-    from cllama_dist.config import MergeConfig
+    from cllama_dist.tokenizer.config import MergeConfig
     from cllama_dist.tokenizer.merge import merge
 
     out = tmp_path_factory.mktemp("real_merged") / "tok"

@@ -18,6 +18,7 @@ from ... import PROJECT_ROOT, stages
 from ...assets import ZH_PROMPTS, corpus_path
 from ...data.config import PreprocessConfig
 from ...errors import UserError
+from ...files import check_not_input, claim_folder
 from ...eval.config import EvalConfig
 from ...export.config import ExportAdapterConfig, ExportMergedConfig
 from ...model.presets import DEMO as DEMO_MODEL
@@ -255,7 +256,8 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.base_tokenizer and not Path(cfg.base_tokenizer).exists():
         raise UserError(f"--base-tokenizer {cfg.base_tokenizer} not found")
     root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
+    check_not_input(root, {"base tokenizer": cfg.base_tokenizer}, "demo")
+    claim_folder(root, "demo", reuse=True)  # its stages replace their own folders inside it, nothing else
     steps = recipe(cfg)
     runner = StageRunner(root, cfg.force, total=len(steps), until=cfg.until or None)
     try:
