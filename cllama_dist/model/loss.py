@@ -32,8 +32,11 @@ the chunked path was:
     temporaries of the same size at most: ~0.35 GB. Backward: the chunk's logits turned into p in
     place (172 MB) plus the outputs grad_h (0.13 GB) and grad W_new (0.15 GB; fp32 weights accumulate
     in place into it): ~0.5 GB. Expected peak: ~0.5 GB, i.e. ~20x lower than today (target: >= 4x).
-  What it did: see the results table printed by bench/loss_memory.py (and the report of the commit
-  that added it).
+  What it did (bench/loss_memory.py at commit 0d33d80, 2026-12-02, AMD EPYC 2 cores, torch 2.13.0
+  CPU; peak = VmHWM increase over the RSS after the inputs): today 9,382.5 MiB (3.0 x one N x V'
+  fp32 tensor of 3,122 MiB, as predicted), chunked 470.6 MiB: 19.9x lower. Same loss to 8.5e-8
+  relative; forward + backward 60.9 s today, 65.0 s chunked (the recompute costs less than the
+  full-size elementwise passes it removes).
 
 Default chunk size: ``DEFAULT_CHUNK_BYTES`` (256 MiB) of fp32 logits across all parts, i.e.
 ``chunk = 256 MiB // (4 * V')`` tokens. The working set per chunk is one part at a time and at most a
