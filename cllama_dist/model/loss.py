@@ -74,6 +74,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 Backend = Literal["auto", "torch", "liger", "cce"]
 
@@ -115,13 +116,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _acc_mm(out32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out32 += a @ b, with the GEMM in b's dtype and the accumulation in fp32 (out32's dtype)."""
-    if a.dtype == out32.dtype and b.dtype == out32.dtype:
+    """out32 += a @ b, the GEMM in a's and b's dtype, the accumulation in out32's (fp32) dtype."""
+    if a.dtype == out32.dtype:
         out32.addmm_(a, b)  # fp32: in place, no temporary
     else:
-        # Low precision: the GEMM runs in b's dtype (bf16 on the GPU; fp32 accumulation inside it), one
-        # rounding to b's dtype, then an in-place add that upcasts element-wise (no fp32 temporary).
-        out32.add_(a.to(b.dtype) @ b)
+        # Low precision: the GEMM runs in bf16 (fp32 accumulation inside it on the GPU), one rounding
+        # of its result, then an in-place add that upcasts element-wise (no fp32 temporary).
+        out32.add_(a @ b)
 
 
 class _SplitLinearCrossEntropy(torch.autograd.Function):
@@ -162,6 +163,7 @@ class _SplitLinearCrossEntropy(torch.autograd.Function):
         return nll
 
     @staticmethod
+    @once_differentiable  # no double backward: a clear error instead of a silently wrong one
     def backward(ctx, grad_nll: torch.Tensor):
         hidden, labels, lse, *weights = ctx.saved_tensors
         need_h = ctx.needs_input_grad[0]
@@ -187,11 +189,15 @@ class _SplitLinearCrossEntropy(torch.autograd.Function):
                 inside, col = _part_target(lab, offset, rows)
                 p.scatter_add_(1, col.unsqueeze(1), -inside.to(acc).unsqueeze(1))
                 p.mul_(row_scale.unsqueeze(1))
-                if gh32 is not None:
-                    _acc_mm(gh32, p, w)
-                if gw32 is not None:
-                    _acc_mm(gw32, p.t(), h)
+                # The gradient GEMMs run in the weights' dtype, as the unfused path's do (its .float()
+                # casts the logits' gradient back to bf16); cast once, and free the fp32 copy first.
+                p_mm = p if p.dtype == w.dtype else p.to(w.dtype)
                 del p
+                if gh32 is not None:
+                    _acc_mm(gh32, p_mm, w)
+                if gw32 is not None:
+                    _acc_mm(gw32, p_mm.t(), h)
+                del p_mm
                 offset += rows
             if grad_h is not None:
                 grad_h[s:s + chunk] = gh32
