@@ -148,6 +148,12 @@ def _train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_dry_run(cfg, stages.dry_run(cfg))
         return 0
+    if args.nproc_per_node or args.nnodes > 1 or args.launcher:
+        # This process starts the job; every worker re-reads the same config (already checked here, once).
+        from .launch.local import launch_train
+
+        return launch_train(args.worker_argv, args.nproc_per_node or 1, args.launcher or "torchrun", args.nnodes,
+                            args.node_rank, args.master_addr, args.master_port)
     return stages.train(cfg)
 
 
@@ -204,6 +210,17 @@ def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None
         p.add_argument("--dry-run", action="store_true",
                        help="build the model on the meta device from its config and print parameter counts")
         p.add_argument("--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's launcher
+        g = p.add_argument_group("launch", "Start the job from here (otherwise this is one process of a job that "
+                                           "torchrun, deepspeed or srun started)")
+        g.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                       help="start N processes on this node (one per GPU; 2 on a CPU for a test run)")
+        g.add_argument("--nnodes", type=int, default=1, metavar="N", help="nodes of the job (default 1)")
+        g.add_argument("--node-rank", type=int, default=0, metavar="K", help="this node's index (multi-node)")
+        g.add_argument("--master-addr", default="127.0.0.1", help="the first node's address (multi-node)")
+        g.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one on one node, "
+                                                                  "29500 across nodes)")
+        g.add_argument("--launcher", choices=["torchrun", "deepspeed"], default=None,
+                       help="which launcher starts the processes (default torchrun)")
     elif words == ("submit",):
         p.add_argument("what", choices=["train", "preprocess"])
         p.epilog = "Flags after a lone -- go to the trainer / preprocessor (their --help lists them)."
@@ -246,6 +263,25 @@ def _config(cmd: Command, args: argparse.Namespace):
     return load(cmd.config, args.config, values, origins)
 
 
+_LAUNCH_FLAGS = {"--nproc-per-node": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1, "--master-port": 1,
+                 "--launcher": 1}
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The workers' argv: the train flags without the ones that start the job."""
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in _LAUNCH_FLAGS:
+            skip = 0 if "=" in a else _LAUNCH_FLAGS[name]
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     rest: list[str] = []
@@ -255,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = normalise_flags(argv)
     args = build_parser().parse_args(argv)
     args.rest = rest
+    if argv[:1] == ["train"]:
+        args.worker_argv = _without_launch_flags(argv[1:])
     cmd: Command = args._command
     name = "cllama " + " ".join(cmd.words)
     quiet_library_warnings()

@@ -1,5 +1,5 @@
-"""Starting the trainer's processes on this machine: the one launch helper the demo, the tests and the
-benchmarks share.
+"""Starting the trainer's processes: the one launch helper the demo, the tests, the benchmarks and
+`cllama train --nproc-per-node N` share.
 
     command(["--config", "run.yaml"], nproc=2, launcher="torchrun")   # the argv of a 2-process job
     environment(cpu=True)                                               # DS_ACCELERATOR=cpu, threads, PYTHONPATH
@@ -60,3 +60,46 @@ def single_process_env(cpu: bool, base: dict[str, str] | None = None) -> dict[st
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun", nnodes: int = 1,
+                 node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 0) -> int:
+    """Run ``python -m cllama_dist.train ARGS`` as ``nproc`` processes per node under torchrun or DeepSpeed's
+    launcher, from any folder; returns the job's exit status (a worker's own: 2 refused input, 3 stopped
+    after saving, 4 non-finite losses).
+
+    torchrun runs in this process (so Ctrl-C reaches it, and it forwards SIGINT to the workers, which save
+    and stop); when a worker fails, its message is already on stderr, and torchrun's own traceback of the
+    failure is replaced by one line.
+    """
+    import torch
+
+    port = master_port or (free_port() if nnodes == 1 else 29500)
+    cpu = not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
+    os.environ.update(environment(cpu, nproc, base={}))
+    if launcher == "deepspeed":
+        import subprocess
+
+        runner = shutil.which("deepspeed")
+        head = [runner] if runner else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        cmd = [*head, "--num_gpus", str(nproc), "--num_nodes", str(nnodes), "--master_addr", master_addr,
+               "--master_port", str(port), "--module", "cllama_dist.train", *args]
+        if nnodes > 1:
+            cmd[cmd.index("--num_nodes"):cmd.index("--num_nodes") + 2] = ["--num_nodes", str(nnodes),
+                                                                        "--node_rank", str(node_rank)]
+        return subprocess.run(cmd, env=os.environ).returncode
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    targs = parse_args(["--nproc_per_node", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+                        "--master_addr", master_addr, "--master_port", str(port), "-m", "cllama_dist.train", *args])
+    try:
+        run(targs)
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        code = next((c for c in codes if c in (2, 3, 4)), codes[0] if codes else 1)
+        if code not in (2, 3, 4):
+            print(f"cllama train: {len(exc.failures)} of {nproc * nnodes} processes failed (exit status "
+                  f"{', '.join(map(str, codes))}); their messages are above", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
