@@ -257,3 +257,18 @@ def test_verification_reads_without_mapping_the_shard(tmp_path):
     before = _status("VmHWM")
     verify_shards(tmp_path, m)
     assert _status("VmHWM") - before < 15e6
+
+
+def test_the_global_order_is_the_seeded_permutation_in_four_bytes_a_sequence():
+    from cllama_dist.data.loader import GlobalOrder
+
+    for n, seed in ((1, 0), (7, 3), (1000, 0), (12345, 11)):
+        order = GlobalOrder(n, seed)
+        pos = np.arange(3 * n)
+        expected = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(3)])
+        assert np.array_equal(order.indices(pos), expected) and order.indices(pos).dtype == np.int64
+    n = 20_000_000  # a 20 GB corpus of 512-token uint16 sequences: 160 MB per rank as int64
+    anon = _status("RssAnon")
+    order = GlobalOrder(n, 0)
+    order.indices(np.array([0, n - 1, n]))
+    assert _status("RssAnon") - anon < 100e6
