@@ -18,9 +18,19 @@ How the work is cut, and why the output never depends on it:
 - **Remainders**: each group's last partial sequence (< block_size tokens per split) is kept in the
   group's record; ``finalize`` concatenates them in group order and packs them into a ``-tail`` shard.
   Only the corpus's final remainder (< block_size tokens per split) is dropped, and counted.
-- **Resume**: shards are written under ``.tmp`` names and renamed when complete; the group's record,
-  written last (atomically), is the commit point. Re-running the same command skips committed groups
-  and redoes the rest: nothing is duplicated, nothing lost.
+- **Resume**: shards are written under ``.tmp`` names, synced and renamed when complete; the group's
+  record, written last (atomically), is the commit point. Re-running the same command skips committed
+  groups (whose shards still have their recorded sizes) and redoes the rest: nothing is duplicated,
+  nothing lost. A failure (a full disk) removes the partial files of uncommitted groups and keeps the rest.
+- **Inputs**: the plan records each input's real path, size, modification time and a content sample; a
+  resume over changed inputs is refused naming the file (``--overwrite`` redoes it), and a file that
+  changes while it is read is an error. The output may not be, hold or lie inside an input, and
+  ``--overwrite`` replaces only a folder this project made (``files.check_not_input``, ``claim_folder``;
+  docs/hazards.md#h14).
+- **Writers** (docs/hazards.md#h15): one per output. Checking or creating the plan happens under the folder's
+  lock (held for moments; the tasks of an array take it in turn); each task then holds a lock of its own
+  for its whole run, and is refused while a live task owning one of its groups holds one; finalize holds its
+  own and refuses while any task's is live. Each refusal names the holder.
 
 This module must not import torch: it runs on CPU nodes and must start fast.
 """

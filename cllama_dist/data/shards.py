@@ -11,6 +11,10 @@ offsets inside the sequence where a document begins. Read one with
 
 ``manifest.json`` names the tokenizer fingerprint, block size, dtype, BOS/EOS policy and, per shard,
 its file, sequences, tokens and sha256. The trainer calls ``check_manifest`` before building anything.
+
+Readers: ``MappedShard`` (zero-copy views on a memory map, what ``loader.TokenBlocks`` is made of) and
+``shard_tokens`` (one array, a copy, for tools). ``verify_shards`` checks shards against the manifest, in full
+or by subsets that ranks can share (docs/hazards.md#h16).
 """
 
 from __future__ import annotations
@@ -445,7 +449,10 @@ def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | N
     manifest's is skipped, and the file is updated after each shard checked. Give each rank a record file of
     its own (concurrent writers lose updates: only the saving, never the check).
 
-    Returns {"shards": checked, "bytes": bytes checked, "from_record": skipped, "seconds": wall time}.
+    Returns {"shards": checked, "bytes": bytes read in full (0 without checksums), "from_record": skipped,
+    "seconds": wall time}. Speed: about 1 GB/s per process when the file is in the page cache (sha256 is the
+    bound: 1.3 GB/s alone), on one core of an AMD EPYC; one pass with the hash in the reader measured 5-10%
+    faster than hashing and parsing in two reads.
     """
     t0 = time.time()
     folder = Path(folder)
