@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # this checkout, after PYTHONPATH (see --pythonpath)
 
-from common import commit  # noqa: E402
+from common import commit
 
 ROWS_BLOCK = 64  # default sequence length: the tests' runs (the tiny model has 256 positions)
 

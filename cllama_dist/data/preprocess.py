@@ -455,7 +455,9 @@ def _plan_refusal(out: Path, old: dict | None, new: dict) -> str:
 
 def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
     """Each input that differs between two plans, named, with what changed."""
-    key = lambda i: i.get("real") or i["path"]  # noqa: E731
+    def key(i: dict) -> str:
+        return i.get("real") or i["path"]
+
     a, b = {key(i): i for i in old}, {key(i): i for i in new}
     out = []
     for k in sorted(set(a) | set(b)):

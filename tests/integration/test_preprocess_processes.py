@@ -88,7 +88,7 @@ def test_two_runs_into_one_output_one_writer_wins_the_other_is_refused(tiny_merg
     time.sleep(0.5)
     assert first.poll() is None, "the first run ended before the second started: make the corpus bigger"
     second = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    out1, err1 = first.communicate(timeout=300)
+    _, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
     assert second.returncode == 2, second.stderr
     msg = second.stderr.strip().splitlines()[-1]
