@@ -14,12 +14,18 @@ from __future__ import annotations
 import collections
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
+import stat
+import sys
+import time
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from .. import files
 from ..errors import UserError
 
 FORMATS = ("txt", "jsonl", "parquet")
@@ -31,17 +37,35 @@ SKIP_REASONS = ("invalid_utf8", "malformed_json", "missing_field", "empty", "too
 
 @dataclass(frozen=True)
 class Source:
-    """One input file, with its format and compression read off its name."""
+    """One input file, with its format and compression read off its name.
+
+    ``path`` is the file as named (absolute; what messages show); ``real`` is the file itself, symlinks
+    resolved (what identifies it). ``size`` and ``mtime_ns`` are what the file was when it was found: a
+    reader refuses a file that no longer matches them, instead of reading a corpus that changes under it.
+    """
 
     path: str
     fmt: str
     compression: str
     size: int
+    real: str = ""
+    mtime_ns: int = 0  # 0: not recorded (a Source built by hand), nothing is compared
 
     @property
     def splittable(self) -> bool:
         """Whether the file can be read by byte range (plain text formats, uncompressed)."""
         return self.compression == "" and self.fmt in ("txt", "jsonl")
+
+    def changes(self, st: os.stat_result) -> str | None:
+        """How ``st`` differs from the file as it was found, in words; None when it does not."""
+        if not self.mtime_ns:
+            return None
+        parts = []
+        if st.st_size != self.size:
+            parts.append(f"size {self.size:,} -> {st.st_size:,} bytes")
+        if st.st_mtime_ns != self.mtime_ns:
+            parts.append(f"modified {_when(self.mtime_ns)} -> {_when(st.st_mtime_ns)}")
+        return "; ".join(parts) or None
 
 
 def classify(path: str | os.PathLike) -> tuple[str, str] | None:
@@ -60,39 +84,177 @@ def classify(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def resolve_inputs(patterns: list[str]) -> list[Source]:
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9:09d}"
+
+
+SAMPLE_BYTES = 1 << 16
+
+
+def content_sample(path: str | os.PathLike, size: int) -> str:
+    """sha256 of the first, middle and last 64 KiB (the whole file when smaller than 192 KiB).
+
+    With the size and modification time it identifies a file's content cheaply: an edit in place that keeps
+    the size (and, through a copy tool, the modification time) still changes the sample, unless it touches
+    none of the three windows; a complete hash of a large corpus on every run would cost a full read.
+    """
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if size <= 3 * SAMPLE_BYTES:
+                h.update(f.read())
+            else:
+                for at in (0, size // 2 - SAMPLE_BYTES // 2, size - SAMPLE_BYTES):
+                    f.seek(at)
+                    h.update(f.read(SAMPLE_BYTES))
+    except OSError as exc:
+        raise files.os_error(exc, path, "read") from None
+    return h.hexdigest()
+
+
+class Inputs(list):
+    """The sources found (a list of Source), with what was left out: reason -> paths.
+
+    Reasons: ``special`` (FIFOs, sockets, devices in a folder or glob: never opened, a read would block or
+    never end), ``dangling`` (symlinks to nothing), ``duplicate`` (a file reached a second time through a
+    symlink or an overlapping pattern: read once).
+    """
+
+    def __init__(self, sources: list[Source], skipped: dict[str, list[str]]):
+        super().__init__(sources)
+        self.skipped = skipped
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _special_kind(mode: int) -> str | None:
+    for test, name in _SPECIAL_KINDS:
+        if test(mode):
+            return name
+    return None
+
+
+def _examine(path: str) -> tuple[str, os.stat_result | str]:
+    """("file", stat) for a regular file; otherwise (reason, description) without opening anything."""
+    try:
+        st = os.stat(path)  # follows symlinks; never opens, so a FIFO cannot block here
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return "dangling", f"a symlink to {os.path.join(os.path.dirname(path), os.readlink(path))}, which does not exist"
+        return "missing", "not found"
+    except OSError as exc:
+        raise files.os_error(exc, path, "read") from None
+    if stat.S_ISDIR(st.st_mode):
+        return "folder", "a folder"
+    kind = _special_kind(st.st_mode)
+    if kind:
+        return "special", kind
+    return "file", st
+
+
+def _readable(path: str) -> None:
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied (a corpus file must be readable by this user)")
+
+
+def _walk(folder: str) -> Iterator[str]:
+    """Files under ``folder``, following symlinked folders once each (a link back up is not a loop)."""
+    seen: set[str] = set()
+
+    def fail(exc: OSError) -> None:
+        raise files.os_error(exc, exc.filename or folder, "read") from None
+
+    for root, dirs, names in os.walk(folder, followlinks=True, onerror=fail):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for n in sorted(names):
+            yield os.path.join(root, n)
+
+
+def resolve_inputs(patterns: list[str], quiet: bool = False) -> Inputs:
     """Expand files, folders (recursively) and globs into a sorted, de-duplicated list of sources.
 
-    Fails, naming the pattern, when something given matches no file or is of an unsupported type, and
-    when the whole list is empty.
+    Fails, naming the pattern, when something given matches no file, is of an unsupported type, is not a
+    regular file (a FIFO given by name would block the reader forever) or cannot be read, and when the whole
+    list is empty. Inside folders and globs, special files and dangling symlinks are skipped and counted
+    (``Inputs.skipped``), with a note on stderr unless ``quiet``. A file reached twice (a symlink beside its
+    target, overlapping patterns) is one source: de-duplicated by real path, named by its first path in
+    sorted order.
     """
     if not patterns:
         raise UserError("no corpus given: pass files, folders or globs of .txt / .jsonl / .parquet")
-    found: dict[str, Source] = {}
+    found: list[tuple[str, str, os.stat_result]] = []  # (path as named, real path, stat)
+    skipped: dict[str, list[str]] = {"special": [], "dangling": [], "duplicate": []}
+
+    def consider(path: str) -> bool:
+        kind, info = _examine(path)
+        if kind == "file":
+            _readable(path)
+            found.append((os.path.abspath(path), os.path.realpath(path), info))  # type: ignore[arg-type]
+            return True
+        if kind in ("special", "dangling"):
+            skipped[kind].append(os.path.abspath(path))
+        return False
+
     for pattern in patterns:
-        candidates: list[str]
-        if os.path.isdir(pattern):
-            candidates = [
-                os.path.join(root, n) for root, _, names in os.walk(pattern) for n in names if classify(n)
-            ]
+        kind, info = _examine(pattern)
+        if kind == "folder":
+            candidates = [p for p in _walk(pattern) if classify(p)]
             if not candidates:
                 raise UserError(f"folder {pattern} holds no .txt, .jsonl or .parquet files (optionally .gz/.zst)")
-        elif os.path.isfile(pattern):
+            for c in candidates:
+                consider(c)
+        elif kind == "file":
             if classify(pattern) is None:
                 raise UserError(
                     f"{pattern}: unsupported corpus file type; expected .txt, .jsonl or .parquet, "
                     "optionally with .gz or .zst"
                 )
-            candidates = [pattern]
+            consider(pattern)
+        elif kind in ("special", "dangling"):
+            why = ", not a regular file (reading it could block forever)" if kind == "special" else ""
+            raise UserError(f"{pattern} is {info}{why}: a corpus input is a file, a folder or a glob")
         else:
-            candidates = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and classify(p)]
-            if not candidates:
+            candidates = sorted(p for p in glob.glob(pattern, recursive=True) if classify(p) and not os.path.isdir(p))
+            before = len(found) + sum(map(len, skipped.values()))
+            for c in candidates:
+                consider(c)
+            if len(found) + sum(map(len, skipped.values())) == before:
                 raise UserError(f"corpus input not found: {pattern} (no such file, folder or matching glob)")
-        for c in candidates:
-            real = os.path.abspath(c)
-            fmt, compression = classify(c)  # type: ignore[misc]
-            found[real] = Source(real, fmt, compression, os.path.getsize(real))
-    return [found[k] for k in sorted(found)]
+    by_real: dict[str, Source] = {}
+    for path, real, st in sorted(found):
+        if real in by_real:
+            if by_real[real].path != path:
+                skipped["duplicate"].append(path)
+            continue
+        fmt, compression = classify(path)  # type: ignore[misc]
+        by_real[real] = Source(path, fmt, compression, st.st_size, real, st.st_mtime_ns)
+    sources = sorted(by_real.values(), key=lambda s: s.path)
+    if not sources:
+        raise UserError(f"no readable corpus file in {', '.join(map(str, patterns))} "
+                        f"(skipped: {', '.join(f'{len(v)} {k}' for k, v in skipped.items() if v)})")
+    if not quiet:
+        _note_skipped(skipped)
+    return Inputs(sources, skipped)
+
+
+def _note_skipped(skipped: dict[str, list[str]]) -> None:
+    notes = {"special": ("special file (FIFO, socket or device), never opened",
+                         "special files (FIFO, socket or device), never opened"),
+             "dangling": ("dangling symlink (pointing to nothing)", "dangling symlinks (pointing to nothing)"),
+             "duplicate": ("second name of a file already in the corpus (a symlink or overlapping patterns), read once",
+                           "second names of files already in the corpus (symlinks or overlapping patterns), read once")}
+    for reason, paths in skipped.items():
+        if paths:
+            noun = notes[reason][len(paths) > 1]
+            more = ", ..." if len(paths) > 3 else ""
+            print(f"note: skipped {len(paths)} {noun}: {', '.join(paths[:3])}{more}", file=sys.stderr, flush=True)
 
 
 class SkipCounter(collections.Counter):
@@ -114,15 +276,56 @@ def _where(source: str, line: int, offset: int) -> str:
     return f"{source}:{line}" if line > 0 else f"{source} (byte {offset})"
 
 
-def _open_binary(src: Source) -> BinaryIO:
+def _decompressed(src: Source, raw: BinaryIO) -> BinaryIO:
+    """The file's uncompressed bytes, streamed from ``raw`` (left open: the caller closes it)."""
     if src.compression == "gz":
-        return gzip.open(src.path, "rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if src.compression == "zst":
         import zstandard
 
-        raw = open(src.path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[arg-type]
-    return open(src.path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))  # type: ignore[arg-type]
+    return raw
+
+
+def _open_binary(src: Source) -> BinaryIO:
+    """The uncompressed bytes of ``src`` (closing it closes the file)."""
+    raw = open(src.path, "rb")
+    if not src.compression:
+        return raw
+    fh = _decompressed(src, raw)
+    close = fh.close
+
+    def close_both() -> None:
+        close()
+        raw.close()
+
+    fh.close = close_both  # type: ignore[method-assign]
+    return fh
+
+
+def _read_failure(src: Source, exc: BaseException) -> UserError:
+    """A read error in words: an OS error (permission, disk) as such, anything else as a damaged file."""
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"corpus file disappeared: {src.path} (was it moved or deleted while being read?)")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return files.os_error(exc, src.path, "read")
+    kind = {"gz": "gzip", "zst": "zstd"}.get(src.compression, src.fmt)
+    return UserError(f"{src.path}: cannot read the {kind} stream, the file is corrupt or truncated ({exc})")
+
+
+def check_unchanged(src: Source, st: os.stat_result | None = None) -> None:
+    """Refuse a source whose size or modification time is no longer what it was when it was found."""
+    if not src.mtime_ns:
+        return
+    if st is None:
+        try:
+            st = os.stat(src.path)
+        except OSError as exc:
+            raise _read_failure(src, exc) from None
+    change = src.changes(st)
+    if change:
+        raise UserError(f"{src.path}: changed while being read ({change}); another program is writing it: "
+                        "run again when it no longer changes")
 
 
 class RecordReader:
@@ -149,24 +352,36 @@ class RecordReader:
         return True
 
     def read(self, src: Source, start: int = 0, end: int | None = None) -> Iterator[Document]:
-        """Documents of ``src``; for splittable files only those starting in bytes [start, end)."""
+        """Documents of ``src``; for splittable files only those starting in bytes [start, end).
+
+        The file is checked against its size and modification time when found, before the first document and
+        after the last: a file that shrinks, grows or is rewritten while it is read is an error naming it, not a
+        corpus silently read in part (every byte range of a file shrunk mid-run would read "to the end").
+        """
         if src.fmt == "parquet":
             yield from self._read_parquet(src, start, end)
             return
         if (start or end is not None) and not src.splittable:
             raise ValueError(f"{src.path} cannot be read by byte range")
         try:
-            with _open_binary(src) as fh:
+            raw = open(src.path, "rb")
+        except OSError as exc:
+            raise _read_failure(src, exc) from None
+        with raw:
+            check_unchanged(src, os.fstat(raw.fileno()))
+            try:
+                fh = _decompressed(src, raw)
                 yield from self._read_lines(src, fh, start, end)
-        except (OSError, EOFError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise UserError(f"corpus file disappeared: {src.path}") from None
-            kind = {"gz": "gzip", "zst": "zstd"}.get(src.compression, "")
-            raise UserError(f"{src.path}: cannot read {kind} stream, the file is corrupt or truncated ({exc})") from None
-        except Exception as exc:  # zstandard raises its own ZstdError
-            if type(exc).__name__ == "ZstdError":
-                raise UserError(f"{src.path}: corrupt or truncated zstd stream ({exc})") from None
-            raise
+            except (OSError, EOFError, zlib.error) as exc:
+                check_unchanged(src, os.fstat(raw.fileno()))  # a file cut short mid-read: say so, not "corrupt"
+                raise _read_failure(src, exc) from None
+            except Exception as exc:  # zstandard raises its own ZstdError
+                if type(exc).__name__ == "ZstdError":
+                    check_unchanged(src, os.fstat(raw.fileno()))
+                    raise UserError(f"{src.path}: corrupt or truncated zstd stream ({exc})") from None
+                raise
+            check_unchanged(src, os.fstat(raw.fileno()))
+        check_unchanged(src)  # replaced under its name (a new file renamed over it)
 
     def _read_lines(self, src: Source, fh: BinaryIO, start: int, end: int | None) -> Iterator[Document]:
         offset = 0
@@ -227,6 +442,7 @@ class RecordReader:
         import pyarrow.parquet as pq
 
         tmp = None
+        check_unchanged(src)
         try:
             if src.compression:
                 # Parquet needs random access to its footer: decompress to a temporary file first.
@@ -243,6 +459,9 @@ class RecordReader:
         except Exception as exc:
             if tmp is not None:
                 os.unlink(tmp.name)
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise _read_failure(src, exc) from None
+            check_unchanged(src)
             raise UserError(f"{src.path}: not a readable Parquet file ({exc})") from None
         try:
             if self.text_field not in pf.schema_arrow.names:
@@ -262,6 +481,7 @@ class RecordReader:
                         continue
                     if self._accept(value, where):
                         yield Document(value, src.path, row, row - 1)
+            check_unchanged(src)
         finally:
             if tmp is not None:
                 os.unlink(tmp.name)

@@ -18,9 +18,19 @@ How the work is cut, and why the output never depends on it:
 - **Remainders**: each group's last partial sequence (< block_size tokens per split) is kept in the
   group's record; ``finalize`` concatenates them in group order and packs them into a ``-tail`` shard.
   Only the corpus's final remainder (< block_size tokens per split) is dropped, and counted.
-- **Resume**: shards are written under ``.tmp`` names and renamed when complete; the group's record,
-  written last (atomically), is the commit point. Re-running the same command skips committed groups
-  and redoes the rest: nothing is duplicated, nothing lost.
+- **Resume**: shards are written under ``.tmp`` names, synced and renamed when complete; the group's
+  record, written last (atomically), is the commit point. Re-running the same command skips committed
+  groups (whose shards still have their recorded sizes) and redoes the rest: nothing is duplicated,
+  nothing lost. A failure (a full disk) removes the partial files of uncommitted groups and keeps the rest.
+- **Inputs**: the plan records each input's real path, size, modification time and a content sample; a
+  resume over changed inputs is refused naming the file (``--overwrite`` redoes it), and a file that
+  changes while it is read is an error. The output may not be, hold or lie inside an input, and
+  ``--overwrite`` replaces only a folder this project made (``files.check_not_input``, ``claim_folder``;
+  docs/hazards.md#h14).
+- **Writers** (docs/hazards.md#h15): one per output. Checking or creating the plan happens under the folder's
+  lock (held for moments; the tasks of an array take it in turn); each task then holds a lock of its own
+  for its whole run, and is refused while a live task owning one of its groups holds one; finalize holds its
+  own and refuses while any task's is live. Each refusal names the holder.
 
 This module must not import torch: it runs on CPU nodes and must start fast.
 """
@@ -33,24 +43,36 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import random
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, files
 from .config import PreprocessConfig
 from ..errors import UserError
+from ..files import Lock
 from ..progress import Progress
 from ..tokenizer import spm as spmio
-from .corpus import RecordReader, Source, SkipCounter, resolve_inputs
+from .corpus import RecordReader, Source, SkipCounter, content_sample, resolve_inputs
 from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, verify_shards
 
 SPLITS = ("train", "validation")
 PLAN = "plan.json"
 GROUPS = ".groups"
 SPILL = ".tmp"
+KIND = "shards"  # the output folder's kind (files.claim_folder)
+# Locks (files.Lock): the folder's lock guards the plan (held for moments: checking, creating or replacing
+# plan.json); a task holds its own for its whole run; finalize holds its own and refuses while a task's is live.
+PLAN_LOCK = files.LOCK
+TASK_LOCK = ".task-{task:06d}-of-{num:06d}.lock"
+TASK_LOCK_RE = re.compile(r"\.task-(\d+)-of-(\d+)\.lock")
+FINALIZE_LOCK = ".finalize.lock"
+PLAN_LOCK_WAIT_S = 120.0  # the tasks of an array start together and take the plan lock in turn
 # Planning estimate: about one token per 4 input bytes (Chinese ~0.23 tokens/byte, English ~0.25).
 TOKENS_PER_INPUT_BYTE = 0.25
 COMPRESSION_ESTIMATE = 3.0  # decompressed bytes per compressed byte, for planning only
@@ -86,9 +108,7 @@ def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
             for a in range(0, max(src.size, 1), chunk_bytes):
                 chunks.append([i, a, min(a + chunk_bytes, src.size), min(chunk_bytes, src.size - a)])
         elif src.fmt == "parquet" and not src.compression:
-            import pyarrow.parquet as pq
-
-            meta = pq.ParquetFile(src.path).metadata
+            meta = _parquet_metadata(src)
             start, acc = 0, 0
             for g in range(meta.num_row_groups):
                 acc += meta.row_group(g).total_byte_size
@@ -108,11 +128,33 @@ def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
             groups.append([first, c + 1])
             first, est = c + 1, 0.0
     return {
-        "inputs": [{"path": s.path, "size": s.size, "format": s.fmt, "compression": s.compression} for s in sources],
+        "inputs": [input_identity(s) for s in sources],
         "chunks": [c[:3] for c in chunks],
         "groups": groups,
         "settings": _settings(cfg, fp),
     }
+
+
+def input_identity(src: Source) -> dict:
+    """What identifies an input file in the plan: its real path, size, modification time (ns) and a sample of its
+    content. A resume compares them, so an edited corpus (even one of the same size) is never silently mixed
+    with shards made from its earlier content."""
+    return {"path": src.path, "real": src.real or os.path.realpath(src.path), "size": src.size,
+            "mtime_ns": src.mtime_ns, "sample": content_sample(src.path, src.size), "format": src.fmt,
+            "compression": src.compression}
+
+
+def _parquet_metadata(src: Source):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(src.path).metadata
+    except OSError as exc:
+        if exc.errno is not None:
+            raise files.os_error(exc, src.path, "read") from None
+        raise UserError(f"{src.path}: not a readable Parquet file ({exc})") from None
+    except Exception as exc:
+        raise UserError(f"{src.path}: not a readable Parquet file ({exc})") from None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -161,7 +203,10 @@ def _encode_chunk(args: tuple) -> dict:
     bos = [sp.bos_id()] if s["add_bos"] else []
     eos = [sp.eos_id()] if s["add_eos"] else []
     base = Path(_W["spill"]) / f"chunk-{index:07d}"
-    files = {sp_: (open(f"{base}.{sp_}.tok", "wb"), open(f"{base}.{sp_}.len", "wb")) for sp_ in SPLITS}
+    try:
+        spill = {sp_: (open(f"{base}.{sp_}.tok", "wb"), open(f"{base}.{sp_}.len", "wb")) for sp_ in SPLITS}
+    except OSError as exc:
+        raise files.os_error(exc, f"{base}.*", "create") from None
     docs = [0, 0]
     tokens = [0, 0]
     chars = 0
@@ -186,13 +231,15 @@ def _encode_chunk(args: tuple) -> dict:
             if eos:
                 flat = np.insert(flat, edges + lens + (1 if bos else 0), eos[0])
             lens = lens + len(bos) + len(eos)
-            tok_f, len_f = files[split]
-            flat.tofile(tok_f)
-            lens.tofile(len_f)
+            tok_f, len_f = spill[split]
+            # file.write, not ndarray.tofile: tofile loses the errno of a failed write (a full disk).
+            _spill_write(tok_f, flat)
+            _spill_write(len_f, lens)
             docs[k] += len(picked)
             tokens[k] += int(lens.sum())
         batch.clear()
 
+    done = False
     try:
         for doc in reader.read(src, start, end):
             batch.append(doc.text)
@@ -200,12 +247,23 @@ def _encode_chunk(args: tuple) -> dict:
                 flush()
         if batch:
             flush()
+        done = True
     finally:
-        for tok_f, len_f in files.values():
-            tok_f.close()
-            len_f.close()
+        for f in itertools.chain.from_iterable(spill.values()):
+            try:
+                f.close()  # flushes the buffer: on a full disk, this is where the write fails
+            except OSError as exc:
+                if done:  # otherwise the error already on its way is the one to report
+                    raise files.os_error(exc, f.name) from None
     return {"index": index, "documents": docs, "tokens": tokens, "characters": chars,
             "skipped": dict(reader.skipped), "base": str(base)}
+
+
+def _spill_write(f, array: np.ndarray) -> None:
+    try:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    except OSError as exc:
+        raise files.os_error(exc, f.name) from None
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -257,86 +315,267 @@ class Packer:
 # ------------------------------------------------------------------------------------------ the task
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None
+    except OSError as exc:
+        raise files.os_error(exc, path, "read") from None
 
 
 def _group_record_path(out: Path, g: int) -> Path:
     return out / GROUPS / f"group-{g:06d}.json"
 
 
-def _prepare_output(cfg: PreprocessConfig, plan: dict) -> Path:
-    """Create the output folder, or check that an existing one was made with the same settings."""
+# ------------------------------------------------------------------------------------------ inputs and locks
+
+def _inputs_and_plan(cfg: PreprocessConfig) -> tuple[Path, list[Source], dict]:
+    """The tokenizer, the sources and the plan, every input checked before anything is written."""
+    spmio.load_proto(cfg.tokenizer)  # a tokenizer.json or any other file: said so now, not by SentencePiece later
+    model = spmio.model_path(cfg.tokenizer)
+    sources = resolve_inputs(cfg.inputs)
+    named = [p for p in cfg.inputs if os.path.exists(p)]  # files and folders as given (globs are covered by sources)
+    files.check_not_input(cfg.output, {"corpus": named + [s.path for s in sources],
+                                       "tokenizer": [cfg.tokenizer, str(model)]}, KIND)
+    fp = spmio.fingerprint(model)
+    return model, sources, make_plan(cfg, sources, fp)
+
+
+def _take(lock: Lock) -> Lock:
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise files.os_error(exc, lock.path, "create") from None
+    note = lock.describe_takeover()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return lock
+
+
+def _plan_lock(out: Path) -> Lock:
+    """The folder's lock, waited for: the tasks of an array start together and each holds it for moments."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the {KIND} output {out} is a file, not a folder; choose a folder path")
+    lock = Lock(out / PLAN_LOCK, "preprocess (checking the plan)")
+    deadline = time.monotonic() + PLAN_LOCK_WAIT_S
+    vanished = 0
+    while True:
+        try:
+            return _take(lock)
+        except UserError:
+            if not lock.path.exists():  # not held: the error was another (or the holder just left)
+                vanished += 1
+                if vanished > 3:
+                    raise
+                continue
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05 + 0.2 * random.random())
+
+
+def _probe(path: Path, what: str) -> None:
+    """Raise, naming the holder, if the lock at ``path`` is live; clear it if its holder is gone."""
+    _take(Lock(path, what)).release()
+
+
+def _live_locks_refuse(out: Path, action: str, finalize_too: bool = True) -> None:
+    """Refuse ``action`` while a task (or finalize) holds its lock in ``out``. Called under the plan lock."""
+    names = sorted(p.name for p in out.glob(".task-*.lock") if TASK_LOCK_RE.fullmatch(p.name))
+    if finalize_too and (out / FINALIZE_LOCK).exists():
+        names.append(FINALIZE_LOCK)
+    for name in names:
+        try:
+            _probe(out / name, "preprocess")
+        except UserError as exc:
+            raise UserError(f"cannot {action} {out}: {exc}") from None
+
+
+def _task_lock(out: Path, plan: dict, cfg: PreprocessConfig) -> Lock:
+    """This task's lock, after making sure no live task of any split of the work owns one of its groups (a
+    task of 3 and the single task of a plain run overlap). Called under the plan lock, so no task can start in
+    between."""
+    n = len(plan["groups"])
+    mine = task_groups(n, cfg.num_tasks, cfg.task_id)
+    name = TASK_LOCK.format(task=cfg.task_id, num=cfg.num_tasks)
+    for p in sorted(out.glob(".task-*.lock")):
+        m = TASK_LOCK_RE.fullmatch(p.name)
+        if not m or p.name == name:
+            continue
+        theirs = task_groups(n, int(m[2]), int(m[1])) if int(m[1]) < int(m[2]) else range(0)
+        if mine and theirs and mine.start < theirs.stop and theirs.start < mine.stop:
+            _probe(p, "preprocess")
+    return _take(Lock(out / name, f"preprocess task {cfg.task_id} of {cfg.num_tasks}"))
+
+
+def _open_output(cfg: PreprocessConfig, plan: dict, hold_task: bool) -> Lock | None:
+    """Create the output folder with its plan, or check that an existing one has the same plan; then (with
+    ``hold_task``) take this task's lock. Only a folder this project made is ever replaced (--overwrite), and
+    never while another writer holds a lock in it."""
     out = Path(cfg.output)
-    existing = out / PLAN
-    if existing.is_file():
-        old = json.loads(existing.read_text())
-        if old != plan:
-            if cfg.overwrite:
-                shutil.rmtree(out)
-            else:
-                raise UserError(f"output folder {out} was made with other settings: {_plan_diff(old, plan)}; "
-                                "use another folder, or --overwrite to delete it")
-    elif out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(out)
+    plan_lock = _plan_lock(out)
+    try:
+        existing = out / PLAN
+        old = _read_json(existing) if existing.is_file() else None
+        if existing.is_file() and old == plan:
+            files.claim_folder(out, KIND, reuse=True)
         else:
-            raise UserError(f"output folder {out} is not empty and holds no {PLAN}; use another folder or --overwrite")
-    (out / GROUPS).mkdir(parents=True, exist_ok=True)
-    (out / SPILL).mkdir(exist_ok=True)
-    if not existing.is_file():
-        _write_json(existing, plan)
+            if existing.is_file() and not cfg.overwrite:
+                raise UserError(_plan_refusal(out, old, plan))
+            if cfg.overwrite:
+                _live_locks_refuse(out, "replace")
+            files.claim_folder(out, KIND, overwrite=cfg.overwrite)
+            _write_json(existing, plan)
+        try:
+            (out / GROUPS).mkdir(exist_ok=True)
+            (out / SPILL).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise files.os_error(exc, out, "create") from None
+        return _task_lock(out, plan, cfg) if hold_task else None
+    finally:
+        plan_lock.release()
+
+
+def _plan_refusal(out: Path, old: dict | None, new: dict) -> str:
+    if old is None:
+        return f"{out / PLAN} is unreadable (corrupt JSON); --overwrite replaces the folder"
+    changes = _input_changes(old.get("inputs", []), new["inputs"])
+    settings = _settings_diff(old, new)
+    if changes and not settings:
+        return (f"output folder {out} was made from other inputs: {'; '.join(changes)}; --overwrite redoes it "
+                "from the files as they are now (or choose another folder)")
+    return (f"output folder {out} was made with other settings: {'; '.join(settings + changes) or 'the plan differs'}; "
+            "use another folder, or --overwrite to delete it")
+
+
+def _input_changes(old: list[dict], new: list[dict]) -> list[str]:
+    """Each input that differs between two plans, named, with what changed."""
+    def key(i: dict) -> str:
+        return i.get("real") or i["path"]
+
+    a, b = {key(i): i for i in old}, {key(i): i for i in new}
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if x is None:
+            out.append(f"{y['path']} is new")
+        elif y is None:
+            out.append(f"{x['path']} is no longer an input")
+        elif x != y:
+            if "sample" not in x:
+                out.append(f"{y['path']} was recorded by an earlier version (no modification time or content sample)")
+                continue
+            what = []
+            if x["size"] != y["size"]:
+                what.append(f"size {x['size']:,} -> {y['size']:,} bytes")
+            if x["mtime_ns"] != y["mtime_ns"]:
+                what.append(f"modified {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(x['mtime_ns'] / 1e9))} "
+                            f"-> {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(y['mtime_ns'] / 1e9))}")
+            if x["sample"] != y["sample"]:
+                what.append("its content differs")
+            if x["path"] != y["path"]:
+                what.append(f"now named {y['path']}")
+            out.append(f"{y['path']} changed ({', '.join(what) or 'format'})")
+    if [key(i) for i in old] != [key(i) for i in new] and not out:
+        out.append("the inputs are in another order")
     return out
 
 
-def _plan_diff(old: dict, new: dict) -> str:
-    a, b = old["settings"], new["settings"]
+def _settings_diff(old: dict, new: dict) -> list[str]:
+    a, b = old.get("settings", {}), new["settings"]
     diffs = []
-    if a["tokenizer"]["sha256"] != b["tokenizer"]["sha256"]:
-        diffs.append(f"tokenizer sha256 {a['tokenizer']['sha256'][:16]}... (vocab {a['tokenizer']['vocab_size']:,}) there, "
+    if a.get("tokenizer", {}).get("sha256") != b["tokenizer"]["sha256"]:
+        ta = a.get("tokenizer", {})
+        diffs.append(f"tokenizer sha256 {str(ta.get('sha256'))[:16]}... (vocab {ta.get('vocab_size', 0):,}) there, "
                      f"{b['tokenizer']['sha256'][:16]}... (vocab {b['tokenizer']['vocab_size']:,}) now")
-    for k in a:
-        if k != "tokenizer" and a[k] != b.get(k):
-            diffs.append(f"{k} {a[k]!r} there, {b.get(k)!r} now")
-    if old["inputs"] != new["inputs"]:
-        diffs.append("the inputs differ (files or sizes)")
-    return "; ".join(diffs) or "the plan differs"
+    for k in sorted(set(a) | set(b)):
+        if k != "tokenizer" and a.get(k) != b.get(k):
+            diffs.append(f"{k} {a.get(k)!r} there, {b.get(k)!r} now")
+    if old.get("chunks") != new["chunks"] or old.get("groups") != new["groups"]:
+        if not diffs and not _input_changes(old.get("inputs", []), new["inputs"]):
+            diffs.append("the chunks or groups differ (a plan of another version?)")
+    return diffs
 
 
 def prepare(cfg: PreprocessConfig) -> dict:
     """Check everything and create the output folder with its plan, without tokenizing.
 
-    Run once before submitting an array of tasks: the tasks then find the plan in place instead of
-    racing to create it, and a wrong flag fails here instead of in every task.
+    Run once before submitting an array of tasks: a wrong flag fails here instead of in every task.
     """
     cfg = resolve_task(cfg)
-    fp = spmio.fingerprint(spmio.model_path(cfg.tokenizer))
-    plan = make_plan(cfg, resolve_inputs(cfg.inputs), fp)
-    _prepare_output(cfg, plan)
+    _, _, plan = _inputs_and_plan(cfg)
+    _open_output(cfg, plan, hold_task=False)
     return plan
 
 
 def run_task(cfg: PreprocessConfig) -> dict:
-    """Tokenize this task's groups (all of them when num_tasks is 1). Returns what it did."""
+    """Tokenize this task's groups (all of them when num_tasks is 1), holding this task's lock. Returns what
+    it did."""
     cfg = resolve_task(cfg)
-    model = spmio.model_path(cfg.tokenizer)
-    fp = spmio.fingerprint(model)
-    sources = resolve_inputs(cfg.inputs)
-    plan = make_plan(cfg, sources, fp)
-    out = _prepare_output(cfg, plan)
-    settings = plan["settings"]
-    dtype = np.dtype(settings["dtype"])
-    mine = task_groups(len(plan["groups"]), cfg.num_tasks, cfg.task_id)
-    pending = [g for g in mine if not _group_record_path(out, g).is_file()]
-    # Anything half-written by a killed run of this task is redone from its group's start.
-    for g in pending:
+    model, sources, plan = _inputs_and_plan(cfg)
+    lock = _open_output(cfg, plan, hold_task=True)
+    try:
+        return _run_task(cfg, Path(cfg.output), model, sources, plan)
+    finally:
+        lock.release()  # type: ignore[union-attr]
+
+
+def _committed_problem(out: Path, g: int) -> str | None:
+    """Why group ``g``'s record cannot be trusted (its shard missing or of another size), or None."""
+    rec = _read_json(_group_record_path(out, g))
+    if rec is None:
+        return "its record is unreadable"
+    for split in SPLITS:
+        shard = (rec.get("shards") or {}).get(split)
+        if shard:
+            p = out / shard["file"]
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                return f"its shard {p} is missing"
+            if size != shard["bytes"]:
+                return f"its shard {p} has {size:,} bytes, its record says {shard['bytes']:,}"
+    return None
+
+
+def _discard_uncommitted(out: Path, plan: dict, groups: list[int]) -> None:
+    """Delete what the groups without a record left behind: partial shards and spill files."""
+    for g in groups:
+        if _group_record_path(out, g).is_file():
+            continue
         for split in SPLITS:
             for p in (out / f"{split}-{g:06d}.arrow", out / f"{split}-{g:06d}.arrow.tmp"):
                 p.unlink(missing_ok=True)
         for c in range(*plan["groups"][g]):
             for f in (out / SPILL).glob(f"chunk-{c:07d}.*"):
-                f.unlink()
+                f.unlink(missing_ok=True)
+
+
+def _space_error(exc: BaseException) -> bool:
+    """A full disk or quota (files.os_error words them so)."""
+    return isinstance(exc, UserError) and any(w in str(exc) for w in (": disk full", ": disk quota exceeded"))
+
+
+def _run_task(cfg: PreprocessConfig, out: Path, model: Path, sources: list[Source], plan: dict) -> dict:
+    settings = plan["settings"]
+    dtype = np.dtype(settings["dtype"])
+    mine = task_groups(len(plan["groups"]), cfg.num_tasks, cfg.task_id)
+    pending = []
+    for g in mine:
+        if _group_record_path(out, g).is_file():
+            problem = _committed_problem(out, g)
+            if problem is None:
+                continue
+            print(f"note: redoing group {g} of {out}: {problem}", file=sys.stderr, flush=True)
+            _group_record_path(out, g).unlink()
+        pending.append(g)
+    # Anything half-written by a killed run of this task is redone from its group's start.
+    _discard_uncommitted(out, plan, pending)
     work = [(c, plan["chunks"][c]) for g in pending for c in range(*plan["groups"][g])]
     total_bytes = sum(_chunk_bytes(ch, sources) for _, ch in work)
     workers = cfg.workers or os.cpu_count() or 1
@@ -345,14 +584,27 @@ def run_task(cfg: PreprocessConfig) -> dict:
     if work:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         init = (str(model), settings, sources, str(out / SPILL))
-        with Progress(f"preprocess task {cfg.task_id}/{cfg.num_tasks}", total=total_bytes, unit="B") as bar:
-            jobs = [(c, ch, cfg.batch_docs) for c, ch in work]
-            if workers == 1:
-                _init_worker(*init)
-                done_tokens = _consume(out, plan, pending, map(_encode_chunk, jobs), dtype, cfg, sources, bar)
-            else:
-                with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-                    done_tokens = _consume(out, plan, pending, pool.imap(_encode_chunk, jobs), dtype, cfg, sources, bar)
+        try:
+            with Progress(f"preprocess task {cfg.task_id}/{cfg.num_tasks}", total=total_bytes, unit="B") as bar:
+                jobs = [(c, ch, cfg.batch_docs) for c, ch in work]
+                if workers == 1:
+                    _init_worker(*init)
+                    done_tokens = _consume(out, plan, pending, map(_encode_chunk, jobs), dtype, cfg, sources, bar)
+                else:
+                    with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+                        done_tokens = _consume(out, plan, pending, pool.imap(_encode_chunk, jobs), dtype, cfg,
+                                               sources, bar)
+        except BaseException as exc:
+            # The workers are stopped (the pool is closed) before this runs: nothing writes any more.
+            _discard_uncommitted(out, plan, pending)
+            err = files.os_error(exc, getattr(exc, "filename", None) or out) if isinstance(exc, OSError) else exc
+            if _space_error(err):
+                kept = sum(_group_record_path(out, g).is_file() for g in mine)
+                raise UserError(f"{err}; {kept} of this task's {len(mine)} groups are committed and kept, the partial "
+                                "files removed: free some space and run the same command again to resume") from None
+            if err is exc:
+                raise
+            raise err from None
     return {"task_id": cfg.task_id, "num_tasks": cfg.num_tasks, "groups": list(mine), "ran": pending,
             "tokens": done_tokens, "seconds": round(time.time() - t0, 2), "input_bytes": total_bytes}
 
@@ -415,78 +667,126 @@ def _consume(out: Path, plan: dict, pending: list[int], results, dtype: np.dtype
 # ------------------------------------------------------------------------------------------ finalize
 
 def finalize(output: str, verify: bool = True) -> dict:
-    """Check that every group of the plan is committed, pack the remainders, write manifest.json."""
+    """Check that every group of the plan is committed, pack the remainders, write manifest.json.
+
+    Holds the folder's finalize lock, and refuses while any task still holds its lock (naming the task and its
+    holder): a task still writing would leave its group out of the manifest, or change it afterwards.
+    """
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"the {KIND} output {out} is a file, not a folder")
     if not (out / PLAN).is_file():
         raise UserError(f"{out} holds no {PLAN}: run `cllama preprocess` (or its array tasks) first")
-    plan = json.loads((out / PLAN).read_text())
+    plan_lock = _plan_lock(out)
+    try:
+        _live_locks_refuse(out, "finalize", finalize_too=False)
+        lock = _take(Lock(out / FINALIZE_LOCK, "preprocess finalize"))
+    finally:
+        plan_lock.release()
+    try:
+        return _finalize(out, verify)
+    finally:
+        lock.release()
+
+
+def _finalize(out: Path, verify: bool) -> dict:
+    plan = _read_json(out / PLAN)
+    if plan is None:
+        raise UserError(f"{out / PLAN} is unreadable (corrupt JSON): re-run `cllama preprocess` with --overwrite")
     s = plan["settings"]
     n = len(plan["groups"])
     missing = [g for g in range(n) if not _group_record_path(out, g).is_file()]
     if missing:
         raise UserError(f"{len(missing)} of {n} groups are not finished (first missing: group {missing[0]}); "
                         "re-run the tasks that own them (the same command resumes), then finalize again")
-    records = [json.loads(_group_record_path(out, g).read_text()) for g in range(n)]
+    records = []
+    for g in range(n):
+        r = _read_json(_group_record_path(out, g))
+        if r is None:
+            raise UserError(f"{_group_record_path(out, g)} is unreadable: delete it and re-run the task that owns "
+                            f"group {g} (the same command redoes it)")
+        records.append(r)
     dtype = np.dtype(s["dtype"])
     block = s["block_size"]
     splits: dict = {}
-    dropped = {}
     for split in SPLITS:
         shards = [r["shards"][split] for r in records if r["shards"][split]]
         tail_path = out / f"{split}-tail.arrow"
         writer = ShardWriter(tail_path, block, dtype, s["record_boundaries"])
         packer = Packer(block, dtype, writer, s["record_boundaries"])
-        for r in records:
-            rem = r["remainder"][split]
-            if rem["tokens"]:
-                packer.feed_with_starts(np.asarray(rem["tokens"], dtype=dtype), np.asarray(rem["starts"], dtype=np.int64))
-        if writer.sequences:
-            shards.append(writer.close())
-        else:
+        try:
+            for r in records:
+                rem = r["remainder"][split]
+                if rem["tokens"]:
+                    packer.feed_with_starts(np.asarray(rem["tokens"], dtype=dtype),
+                                            np.asarray(rem["starts"], dtype=np.int64))
+            if writer.sequences:
+                shards.append(writer.close())
+            else:
+                writer.abort()
+                tail_path.unlink(missing_ok=True)
+        except BaseException:
             writer.abort()
-            tail_path.unlink(missing_ok=True)
-        dropped[split] = len(packer.carry)
+            raise
         splits[split] = {
             "shards": shards,
-            "sequences": sum(x["sequences"] for x in shards),
-            "tokens": sum(x["tokens"] for x in shards),
             "documents": sum(r["documents"][split] for r in records),
             "document_tokens": sum(r["tokens"][split] for r in records),
-            "dropped_tail_tokens": dropped[split],
+            "dropped_tail_tokens": len(packer.carry),
         }
     skipped = SkipCounter()
     for r in records:
         skipped.update(r["skipped"])
-    manifest = {
+    manifest = build_manifest(s, splits, inputs=plan["inputs"], skipped=skipped.as_dict(),
+                              characters=sum(r["characters"] for r in records),
+                              plan={"chunks": len(plan["chunks"]), "groups": n})
+    verify_shards(out, manifest, checksums=verify)
+    _write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / SPILL, ignore_errors=True)
+    return manifest
+
+
+def build_manifest(settings: dict, splits: dict, *, inputs: list[dict], skipped: dict, characters: int,
+                   plan: dict) -> dict:
+    """manifest.json from the plan's settings and, per split, its shard records ({"shards": [record, ...],
+    "documents", "document_tokens", "dropped_tail_tokens"}). The one place a manifest is made (finalize, and
+    the benchmarks' synthetic shard sets)."""
+    s = settings
+    full = {}
+    for split, info in splits.items():
+        shards = info["shards"]
+        full[split] = {"shards": shards,
+                       "sequences": sum(x["sequences"] for x in shards),
+                       "tokens": sum(x["tokens"] for x in shards),
+                       "documents": info.get("documents", 0),
+                       "document_tokens": info.get("document_tokens", sum(x["tokens"] for x in shards)),
+                       "dropped_tail_tokens": info.get("dropped_tail_tokens", 0)}
+    return {
         "format": FORMAT,
         "tool": f"cllama-dist {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": s["tokenizer"],
-        "block_size": block,
+        "block_size": s["block_size"],
         "dtype": s["dtype"],
         "add_bos": s["add_bos"],
         "add_eos": s["add_eos"],
         "record_boundaries": s["record_boundaries"],
         "columns": ["input_ids"] + (["doc_starts"] if s["record_boundaries"] else []),
-        "splits": splits,
-        "totals": {"sequences": sum(v["sequences"] for v in splits.values()),
-                   "tokens": sum(v["tokens"] for v in splits.values()),
-                   "documents": sum(v["documents"] for v in splits.values()),
-                   "characters": sum(r["characters"] for r in records)},
-        "skipped": skipped.as_dict(),
+        "splits": full,
+        "totals": {"sequences": sum(v["sequences"] for v in full.values()),
+                   "tokens": sum(v["tokens"] for v in full.values()),
+                   "documents": sum(v["documents"] for v in full.values()),
+                   "characters": characters},
+        "skipped": skipped,
         "remainder_policy": "each group's partial last sequence is packed into the -tail shard; only the final "
                             "remainder (< block_size tokens per split) is dropped",
         "split": {"method": "blake2b-64 of the document's UTF-8 text, keyed by seed; validation if below "
                             "validation_fraction * 2**64",
                   "validation_fraction": s["validation_fraction"], "seed": s["seed"]},
-        "inputs": plan["inputs"],
-        "plan": {"chunks": len(plan["chunks"]), "groups": n},
+        "inputs": inputs,
+        "plan": plan,
         "config": s,
     }
-    verify_shards(out, manifest, checksums=verify)
-    _write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / SPILL, ignore_errors=True)
-    return manifest
 
 
 def preprocess(cfg: PreprocessConfig) -> dict | None:

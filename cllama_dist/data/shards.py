@@ -11,18 +11,27 @@ offsets inside the sequence where a document begins. Read one with
 
 ``manifest.json`` names the tokenizer fingerprint, block size, dtype, BOS/EOS policy and, per shard,
 its file, sequences, tokens and sha256. The trainer calls ``check_manifest`` before building anything.
+
+Readers: ``MappedShard`` (zero-copy views on a memory map, what ``loader.TokenBlocks`` is made of) and
+``shard_tokens`` (one array, a copy, for tools). ``verify_shards`` checks shards against the manifest, in full
+or by subsets that ranks can share (docs/hazards.md#h16).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import stat
+import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 
+from .. import files
 from ..errors import UserError
 
 MANIFEST = "manifest.json"
@@ -50,14 +59,22 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class ShardWriter:
-    """Writes sequences to ``path + '.tmp'``; ``close()`` renames it into place and returns its record."""
+    """Writes sequences to ``path + '.tmp'``; ``close()`` renames it into place and returns its record.
+
+    The record (size, sha256) is taken from the finished temporary file, after it reached the disk (fsync), and
+    before the rename: a shard under its final name is always complete, and its record describes the bytes this
+    writer wrote. An OS error (a full disk) is raised as a one-line UserError naming the file.
+    """
 
     def __init__(self, path: Path, block_size: int, dtype: np.dtype, boundaries: bool):
         self.path, self.block, self.dtype, self.boundaries = Path(path), block_size, dtype, boundaries
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.schema = schema(block_size, dtype, boundaries)
-        self._sink = pa.OSFile(str(self.tmp), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        try:
+            self._sink = pa.OSFile(str(self.tmp), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
         self._rows: list[np.ndarray] = []
         self._starts: list[list[int]] = []
         self._pending = 0
@@ -85,21 +102,33 @@ class ShardWriter:
         if self.boundaries:
             cols.append(pa.array(self._starts[:n], type=pa.list_(pa.int32())))
             self._starts = self._starts[n:]
-        self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
+        try:
+            self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
 
     def close(self) -> dict:
-        if self._pending:
-            self._flush(self._pending)
-        self._writer.close()
-        self._sink.close()
-        os.replace(self.tmp, self.path)
+        try:
+            if self._pending:
+                self._flush(self._pending)
+            self._writer.close()
+            self._sink.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
+            digest = sha256_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
         return {"file": self.path.name, "sequences": self.sequences, "tokens": self.sequences * self.block,
-                "bytes": self.path.stat().st_size, "sha256": sha256_file(self.path)}
+                "bytes": size, "sha256": digest}
 
     def abort(self) -> None:
         try:
             self._writer.close()
             self._sink.close()
+        except Exception:  # noqa: BLE001  (a full disk fails the close too, or it was closed: the file goes either way)
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -109,14 +138,203 @@ def read_shard(path: str | os.PathLike) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
 
 
+def check_schema(path: str | os.PathLike, sch: pa.Schema, block_size: int | None = None,
+                 dtype: np.dtype | str | None = None, columns: list[str] | None = None) -> tuple[int, np.dtype]:
+    """Refuse a shard whose Arrow schema is not what the manifest says; returns (block size, dtype) it holds.
+
+    Checked here, by name, so that a manifest that does not belong to its shards (copied from another run, a
+    hand edit) is an error naming the shard instead of a numpy broadcast error deep in the loader.
+    """
+    if "input_ids" not in sch.names:
+        raise UserError(f"shard {path} has no input_ids column (columns: {', '.join(sch.names)}): not a cllama shard")
+    t = sch.field("input_ids").type
+    if not pa.types.is_fixed_size_list(t):
+        raise UserError(f"shard {path}: input_ids is {t}, not a fixed-size list of token ids: not a cllama shard")
+    held_dtype = np.dtype(t.value_type.to_pandas_dtype())
+    problems = []
+    if block_size is not None and t.list_size != int(block_size):
+        problems.append(f"its sequences hold {t.list_size} tokens, the manifest's block_size is {block_size}")
+    if dtype is not None and held_dtype != np.dtype(dtype):
+        problems.append(f"its token ids are {held_dtype.name}, the manifest's dtype is {np.dtype(dtype).name}")
+    if columns is not None and list(sch.names) != list(columns):
+        problems.append(f"its columns are {list(sch.names)}, the manifest's are {list(columns)}")
+    if problems:
+        raise UserError(f"shard {path}: " + "; ".join(problems)
+                        + " (the manifest does not describe this shard: re-run `cllama preprocess`)")
+    return t.list_size, held_dtype
+
+
+def _arrow_failure(path: str | os.PathLike, exc: Exception) -> UserError:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return files.os_error(exc, path, "read")
+    return UserError(f"shard {path} is not a readable Arrow stream, it is corrupt or truncated ({exc})")
+
+
+class MappedShard:
+    """One shard's ``input_ids`` as zero-copy views on a read-only memory map of the file.
+
+    Nothing is copied: the rows are read from the page cache when they are touched, so a process's memory does
+    not grow with the number or size of the shards it opens (the mapped pages it has touched count in its RSS as
+    file pages, shared with every other process on the node, and the kernel may drop them at any time).
+
+    A shard is an Arrow IPC stream of record batches, each a message (header + body) of its own, so the rows
+    are not one contiguous array: each batch's values lie at their own offset in the file. Those offsets are
+    found by reading message headers only. The writer's batches all have the same size but the last
+    (ROWS_PER_BATCH rows, no nulls, no variable-length column), so their messages have the same length: with the
+    manifest's row count the offsets follow from the first batch, and the middle and last batches and the end of
+    stream are read to confirm it; a shard laid out otherwise (doc_starts column, another writer) has every
+    header read. Either way only a few pages of the file are touched per batch at most, never the rows.
+    """
+
+    def __init__(self, path: str | os.PathLike, block_size: int | None = None, dtype: np.dtype | str | None = None,
+                 rows: int | None = None, columns: list[str] | None = None):
+        self.path = Path(path)
+        try:
+            self._map = pa.memory_map(str(self.path), "r")
+        except FileNotFoundError:
+            raise UserError(f"shard {self.path} named in the manifest is missing") from None
+        except Exception as exc:
+            raise _arrow_failure(self.path, exc) from None
+        self.size = self._map.size()
+        if self.size == 0:
+            raise UserError(f"shard {self.path} is empty (0 bytes): corrupt or cut short; re-run `cllama preprocess`")
+        self._whole = self._map.read_buffer(self.size)  # zero-copy: the whole mapping, for base address and views
+        try:
+            self._schema_end = self._read_schema()
+            self.block_size, self.dtype = check_schema(self.path, self.schema, block_size, dtype, columns)
+            offsets, counts = self._layout(rows)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise _arrow_failure(self.path, exc) from None
+        itemsize = self.dtype.itemsize
+        if np.any(offsets % itemsize):
+            raise UserError(f"shard {self.path}: token ids not aligned to {itemsize} bytes: not written by cllama")
+        self.batch_rows = counts.astype(np.int64)
+        self.batch_elem = (offsets // itemsize).astype(np.int64)  # element offset of each batch's first token
+        self.rows = int(self.batch_rows.sum())
+        # The whole file as one array of token-sized elements: a batch's rows are a slice of it.
+        self.flat = np.frombuffer(self._whole, dtype=self.dtype, count=self.size // itemsize)
+
+    # -- reading headers
+
+    def _message_at(self, pos: int):
+        """(message, end position) of the IPC message starting at byte ``pos``, None at end of stream."""
+        self._map.seek(pos)
+        try:
+            msg = pa.ipc.read_message(self._map)
+        except (StopIteration, EOFError):
+            return None, self._map.tell()
+        return msg, self._map.tell()
+
+    def _read_schema(self) -> int:
+        msg, end = self._message_at(0)
+        if msg is None or msg.type != "schema":
+            raise UserError(f"shard {self.path} does not start with an Arrow schema: not an Arrow stream file")
+        self.schema = pa.ipc.read_schema(msg)
+        return end
+
+    def _batch_at(self, pos: int):
+        """(rows, absolute offset of its input_ids values, end) of the record batch message at ``pos``."""
+        msg, end = self._message_at(pos)
+        if msg is None:
+            return None
+        if msg.type != "record batch":
+            raise UserError(f"shard {self.path}: unexpected Arrow message {msg.type!r} at byte {pos}")
+        batch = pa.ipc.read_record_batch(msg, self.schema)
+        col = batch.column(0)
+        values = col.values
+        if col.null_count or col.offset or values.offset or values.null_count:
+            raise UserError(f"shard {self.path}: input_ids of the batch at byte {pos} has nulls or offsets: "
+                            "not written by cllama")
+        buf = values.buffers()[1]
+        need = batch.num_rows * self.block_size * self.dtype.itemsize
+        if buf is None and need:
+            raise UserError(f"shard {self.path}: the batch at byte {pos} has no token buffer")
+        if need and buf.size < need:
+            raise UserError(f"shard {self.path}: the batch at byte {pos} holds {buf.size} bytes of tokens, "
+                            f"{batch.num_rows} rows need {need}")
+        addr = buf.address - self._whole.address if buf is not None else 0
+        if need and not 0 <= addr <= self.size - need:
+            raise UserError(f"shard {self.path}: the batch at byte {pos} points outside the file")
+        return batch.num_rows, addr, end
+
+    def _end_of_stream(self, pos: int) -> bool:
+        return pos == self.size - 8 and self._whole[pos:pos + 8].to_pybytes() == b"\xff\xff\xff\xff\0\0\0\0" \
+            or pos == self.size - 4 and self._whole[pos:pos + 4].to_pybytes() == b"\0\0\0\0"
+
+    def _layout(self, rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+        first = self._batch_at(self._schema_end)
+        if first is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        predicted = self._predict(first, rows) if rows else None
+        return predicted if predicted is not None else self._scan()
+
+    def _predict(self, first: tuple[int, int, int], rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The layout from the first batch and the row count, confirmed at the middle and last batches."""
+        per, addr0, end0 = first
+        if per <= 0:
+            return None
+        n = -(-rows // per)
+        stride = end0 - self._schema_end
+        counts = np.full(n, per, dtype=np.int64)
+        counts[-1] = rows - (n - 1) * per
+        starts = self._schema_end + stride * np.arange(n, dtype=np.int64)
+        offsets = starts + (addr0 - self._schema_end)
+        end = end0
+        for k in sorted({n // 2, n - 1} - {0}):
+            try:
+                got = self._batch_at(int(starts[k]))
+            except Exception:  # noqa: BLE001  (not where predicted: read every header instead)
+                return None
+            if got is None or got[0] != counts[k] or got[1] != offsets[k]:
+                return None
+            end = got[2]
+        if not self._end_of_stream(end):
+            return None
+        return offsets, counts
+
+    def _scan(self) -> tuple[np.ndarray, np.ndarray]:
+        offsets, counts = [], []
+        pos = self._schema_end
+        while True:
+            if pos >= self.size:
+                raise UserError(f"shard {self.path} ends without the Arrow end-of-stream marker: cut short "
+                                "(a copy or a write that did not finish?)")
+            if self._end_of_stream(pos):
+                break
+            got = self._batch_at(pos)
+            if got is None:
+                break
+            counts.append(got[0])
+            offsets.append(got[1])
+            pos = got[2]
+        return np.asarray(offsets, np.int64), np.asarray(counts, np.int64)
+
+    # -- the rows
+
+    def batches(self) -> list[np.ndarray]:
+        """Each record batch's rows as an (n, block_size) view on the map (no copy)."""
+        b = self.block_size
+        return [self.flat[e:e + r * b].reshape(r, b) for e, r in zip(self.batch_elem.tolist(), self.batch_rows.tolist())]
+
+    def close(self) -> None:
+        self.flat = None  # type: ignore[assignment]
+        self._whole = None
+        self._map.close()
+
+
 def shard_tokens(path: str | os.PathLike) -> np.ndarray:
-    """The shard's ``input_ids`` as an (n, block_size) numpy view on the memory map."""
-    table = read_shard(path)
-    col = table.column("input_ids")
-    if col.num_chunks == 0:
-        return np.zeros((0, col.type.list_size), dtype=col.type.value_type.to_pandas_dtype())
-    block = col.type.list_size
-    parts = [c.values.to_numpy(zero_copy_only=True).reshape(-1, block) for c in col.chunks]
+    """The shard's ``input_ids`` as ONE (n, block_size) array: a COPY of every row when the shard has more than
+    one record batch (every shard of over 1,024 sequences), a view on the memory map otherwise.
+
+    For tests and tools that want one array; the trainer and eval use ``loader.TokenBlocks``, which copies
+    nothing.
+    """
+    shard = MappedShard(path)
+    parts = shard.batches()
+    if not parts:
+        return np.zeros((0, shard.block_size), dtype=shard.dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -156,14 +374,178 @@ def check_manifest(manifest: dict, fingerprint: dict, block_size: int, where: st
                         + " (re-run `cllama preprocess` with this tokenizer and block size)")
 
 
-def verify_shards(folder: str | os.PathLike, manifest: dict, checksums: bool = True) -> None:
-    """Every shard the manifest names exists with its size and (optionally) its sha256."""
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            p = Path(folder) / shard["file"]
-            if not p.is_file():
-                raise UserError(f"shard {p} named in the manifest is missing")
-            if p.stat().st_size != shard["bytes"]:
-                raise UserError(f"shard {p} has {p.stat().st_size} bytes, the manifest says {shard['bytes']}: corrupt")
-            if checksums and sha256_file(p) != shard["sha256"]:
-                raise UserError(f"shard {p} does not match its sha256 in the manifest: corrupt")
+# ------------------------------------------------------------------------------ verification
+
+
+class _HashingReader(io.RawIOBase):
+    """A file read once, sequentially, hashing every byte on its way to the reader."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        if n:
+            self.h.update(memoryview(b)[:n])
+            self.n += n
+        return n
+
+    def tell(self) -> int:
+        return self.n
+
+    def drain(self) -> None:
+        buf = bytearray(1 << 22)
+        while self.readinto(buf):
+            pass
+
+
+def shard_list(manifest: dict) -> list[dict]:
+    """Every shard the manifest names, train then validation, each with its split under "split"."""
+    return [{**shard, "split": split} for split, info in manifest["splits"].items() for shard in info["shards"]]
+
+
+def shard_subsets(manifest: dict, world: int) -> list[list[str]]:
+    """The shards cut into ``world`` subsets of about equal bytes (largest first onto the lightest subset):
+    the same cut on every rank, so that ranks can share the verification."""
+    subsets: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for shard in sorted(shard_list(manifest), key=lambda x: (-int(x["bytes"]), x["file"])):
+        k = min(range(world), key=lambda i: (load[i], i))
+        subsets[k].append(shard["file"])
+        load[k] += int(shard["bytes"])
+    return subsets
+
+
+RECORD_FORMAT = "cllama-verified-shards/1"
+
+
+def _read_record(path: Path, folder: Path, vocab: int) -> dict:
+    try:
+        r = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged record only costs a re-check
+    if r.get("format") != RECORD_FORMAT or r.get("folder") != str(folder.resolve()) or r.get("vocab_size") != vocab:
+        return {}
+    return r.get("shards", {})
+
+
+def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | None = None, *,
+                  checksums: bool = True, which: tuple[int, int] | None = None,
+                  shards: Iterable[str] | None = None, record: str | os.PathLike | None = None) -> dict:
+    """Check shards against the manifest; raise a UserError naming the first shard that differs, and how.
+
+    Always: the file exists, has the manifest's size, and its Arrow schema has the manifest's columns, block
+    size (the fixed list size) and dtype. With ``checksums`` (the default), also in one sequential pass per shard
+    read with ordinary reads (not a memory map: touching every page of a map would count the whole shard in this
+    process's RSS): its sha256, its row count (the manifest's ``sequences``), every token id < ``vocab_size``
+    (default: the manifest tokenizer's) and every doc_starts offset inside its sequence.
+
+    ``which=(rank, world)`` checks only this rank's share (``shard_subsets``), ``shards`` only the named files.
+    ``record``: a JSON file of the shards already verified ({file: [size, mtime_ns, ctime_ns, sha256]}, with the
+    folder and vocabulary size); a shard whose size and times are unchanged and whose sha256 is still the
+    manifest's is skipped, and the file is updated after each shard checked. Give each rank a record file of
+    its own (concurrent writers lose updates: only the saving, never the check).
+
+    Returns {"shards": checked, "bytes": bytes read in full (0 without checksums), "from_record": skipped,
+    "seconds": wall time}. Speed: about 1 GB/s per process when the file is in the page cache (sha256 is the
+    bound: 1.3 GB/s alone), on one core of an AMD EPYC; one pass with the hash in the reader measured 5-10%
+    faster than hashing and parsing in two reads.
+    """
+    t0 = time.time()
+    folder = Path(folder)
+    vocab = int(vocab_size if vocab_size is not None else manifest["tokenizer"]["vocab_size"])
+    block, dtype = int(manifest["block_size"]), np.dtype(manifest["dtype"])
+    columns = manifest.get("columns")
+    todo = shard_list(manifest)
+    if shards is not None:
+        wanted = set(shards)
+        unknown = wanted - {x["file"] for x in todo}
+        if unknown:
+            raise UserError(f"{folder}: the manifest names no shard {sorted(unknown)[0]}")
+        todo = [x for x in todo if x["file"] in wanted]
+    if which is not None:
+        rank, world = which
+        mine = set(shard_subsets(manifest, world)[rank])
+        todo = [x for x in todo if x["file"] in mine]
+    rec_path = Path(record) if record else None
+    done = _read_record(rec_path, folder, vocab) if rec_path and checksums else {}
+    checked = from_record = nbytes = 0
+    for shard in todo:
+        p = folder / shard["file"]
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise UserError(f"shard {p} named in the manifest is missing") from None
+        except OSError as exc:
+            raise files.os_error(exc, p, "read") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"shard {p} is not a regular file")
+        if st.st_size != shard["bytes"]:
+            raise UserError(f"shard {p} has {st.st_size:,} bytes, the manifest says {shard['bytes']:,}: corrupt or "
+                            "cut short (re-run `cllama preprocess`, or restore the file)")
+        if not checksums:
+            try:
+                with pa.OSFile(str(p), "rb") as f:
+                    check_schema(p, pa.ipc.open_stream(f).schema, block, dtype, columns)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise _arrow_failure(p, exc) from None
+            checked += 1
+            continue
+        if done.get(shard["file"]) == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, shard["sha256"]]:
+            from_record += 1
+            continue
+        _verify_one(p, shard, block, dtype, columns, vocab)
+        checked += 1
+        nbytes += st.st_size
+        if rec_path:
+            done[shard["file"]] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, shard["sha256"]]
+            files.write_atomic(rec_path, json.dumps({"format": RECORD_FORMAT, "folder": str(folder.resolve()),
+                                                     "vocab_size": vocab, "shards": done}, indent=0) + "\n")
+    return {"shards": checked, "bytes": nbytes, "from_record": from_record, "seconds": round(time.time() - t0, 3)}
+
+
+def _verify_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list[str] | None, vocab: int) -> None:
+    rows = 0
+    try:
+        with open(p, "rb") as raw:
+            hr = _HashingReader(raw)
+            reader = pa.ipc.open_stream(pa.PythonFile(hr, mode="r"))
+            check_schema(p, reader.schema, block, dtype, columns)
+            starts_col = reader.schema.names.index("doc_starts") if "doc_starts" in reader.schema.names else None
+            for batch in reader:
+                ids = batch.column(0)
+                if ids.null_count:
+                    raise UserError(f"shard {p}: input_ids has nulls near sequence {rows:,}: corrupt")
+                values = ids.flatten().to_numpy(zero_copy_only=False)
+                if len(values) != batch.num_rows * block:
+                    raise UserError(f"shard {p}: a batch near sequence {rows:,} holds {len(values):,} token ids "
+                                    f"for {batch.num_rows:,} sequences of {block}: corrupt")
+                if len(values) and int(values.max()) >= vocab:
+                    at = int(np.argmax(values >= vocab))
+                    raise UserError(f"shard {p}: sequence {rows + at // block:,} holds token id {int(values[at]):,}, "
+                                    f"outside the tokenizer's {vocab:,} ids (shards of another tokenizer?)")
+                if starts_col is not None:
+                    ds = batch.column(starts_col).flatten().to_numpy(zero_copy_only=False)
+                    if len(ds) and (int(ds.min()) < 0 or int(ds.max()) >= block):
+                        raise UserError(f"shard {p}: a doc_starts offset near sequence {rows:,} is outside 0..{block - 1}")
+                rows += batch.num_rows
+            hr.drain()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _arrow_failure(p, exc) from None
+    if rows != shard["sequences"]:
+        raise UserError(f"shard {p} holds {rows:,} sequences, the manifest says {shard['sequences']:,}")
+    if hr.n != shard["bytes"]:
+        raise UserError(f"shard {p}: read {hr.n:,} bytes, the manifest says {shard['bytes']:,} (it changed while "
+                        "being checked?)")
+    if hr.h.hexdigest() != shard["sha256"]:
+        raise UserError(f"shard {p} does not match its sha256 in the manifest: corrupt (re-run `cllama preprocess`, "
+                        "or restore the file)")

@@ -129,3 +129,158 @@ def test_byte_ranges_tile_a_file(tmp_path, fmt, zh_docs):
     second = whole[1][0]
     first = [d.text for d in RecordReader().read(src, 0, second)]
     assert len(first) == 1
+
+
+# ------------------------------------------------------------------------------ what a folder may hold
+
+
+def _resolve_with_alarm(patterns, seconds=10):
+    """resolve_inputs and a full read, failing (instead of hanging the suite) if anything blocks."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("blocked: a special file was opened")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        sources = resolve_inputs([str(p) for p in patterns])
+        reader = RecordReader()
+        return sources, [d.text for s in sources for d in reader.read(s)]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_special_files_in_a_folder_are_skipped_and_counted_never_opened(tmp_path, capsys):
+    import os
+    import socket
+
+    (tmp_path / "a.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "s.txt"))
+    try:
+        sources, docs = _resolve_with_alarm([tmp_path], seconds=5)
+    finally:
+        sock.close()
+    assert docs == DOCS
+    assert [s.path for s in sources] == [str(tmp_path / "a.txt")]
+    assert sources.skipped["special"] == [str(tmp_path / "pipe.jsonl"), str(tmp_path / "s.txt")]
+    assert "skipped 2 special files (FIFO, socket or device)" in capsys.readouterr().err
+
+
+def test_a_fifo_named_directly_is_refused(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(UserError, match=r"pipe.jsonl is a FIFO \(named pipe\), not a regular file"):
+        _resolve_with_alarm([tmp_path / "pipe.jsonl"], seconds=5)
+
+
+def test_dangling_symlinks_are_skipped_in_folders_and_named_when_given(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    sources, docs = _resolve_with_alarm([tmp_path])
+    assert docs == DOCS and sources.skipped["dangling"] == [str(tmp_path / "gone.jsonl")]
+    assert "skipped 1 dangling symlink" in capsys.readouterr().err
+    with pytest.raises(UserError, match=rf"gone.jsonl is a symlink to {tmp_path / 'missing.jsonl'}, which does not exist"):
+        resolve_inputs([str(tmp_path / "gone.jsonl")])
+
+
+def test_a_file_reached_twice_through_symlinks_is_read_once(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "up").symlink_to(tmp_path)  # a loop back to the top: followed once, never forever
+    sources, docs = _resolve_with_alarm([tmp_path, tmp_path / "b.txt", str(tmp_path / "*.txt")])
+    assert docs == DOCS
+    assert [s.path for s in sources] == [str(tmp_path / "a.txt")]
+
+
+def test_a_linked_folder_inside_a_corpus_folder_is_read(tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "x.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "wiki").symlink_to(other)
+    assert _resolve_with_alarm([corpus])[1] == DOCS
+
+
+def _unprivileged(fn, *args) -> str:
+    """fn(*args) in a forked child that has dropped root (root reads every file whatever its mode); returns
+    what it returned, as a string."""
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            out = str(fn(*args))
+        except BaseException as exc:  # noqa: BLE001  (reported to the parent)
+            out = f"{type(exc).__name__}: {exc}"
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read().decode()
+    os.waitpid(pid, 0)
+    return got
+
+
+def _read_error(target: str) -> str:
+    try:
+        [list(RecordReader().read(s)) for s in resolve_inputs([target])]
+    except UserError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_an_unreadable_file_says_permission_denied():
+    import os
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp()
+    p = os.path.join(d, "secret.jsonl")
+    try:
+        os.chmod(d, 0o755)
+        with open(p, "w") as f:
+            f.write('{"text": "x"}\n')
+        os.chmod(p, 0o000)
+        for target in (p, d):
+            got = _unprivileged(_read_error, target)
+            assert f"cannot read {p}: permission denied" in got, got
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_file_that_changes_while_it_is_read_is_an_error(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("".join(f"文档{i}\n" for i in range(20000)), encoding="utf-8")
+    src = resolve_inputs([str(p)])[0]
+    reader = RecordReader()
+    it = reader.read(src)
+    next(it)
+    with open(p, "r+b") as f:  # shrink it mid-read, as a second job rewriting it would
+        f.truncate(src.size // 2)
+    with pytest.raises(UserError, match=rf"{p}: changed while being read \(size {src.size:,} -> {src.size // 2:,} bytes"):
+        list(it)
+    # A byte range read after the change is refused before it yields anything.
+    with pytest.raises(UserError, match="changed while being read"):
+        list(RecordReader().read(src, src.size // 2, src.size))
+    # Parquet and compressed files too.
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "e.parquet")
+    (tmp_path / "g.txt.gz").write_bytes(gzip.compress(("\n".join(DOCS) + "\n").encode()))
+    for name in ("e.parquet", "g.txt.gz"):
+        s = resolve_inputs([str(tmp_path / name)])[0]
+        (tmp_path / name).write_bytes((tmp_path / name).read_bytes() + b"\0")
+        with pytest.raises(UserError, match=f"{name}: changed while being read"):
+            list(RecordReader().read(s))

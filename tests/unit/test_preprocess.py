@@ -1,4 +1,5 @@
 import hashlib
+import os
 import json
 from pathlib import Path
 
@@ -209,3 +210,189 @@ def test_readable_by_datasets_and_boundaries(tiny_merged, corpus, tmp_path):
     for row in ds.select(range(20)):
         ids, starts = row["input_ids"], row["doc_starts"]
         assert starts == [i for i, t in enumerate(ids) if t == 1]
+
+
+# ------------------------------------------------------------------------------ outputs never touch inputs
+
+
+def test_an_output_that_holds_the_corpus_is_refused_even_with_overwrite(tiny_merged, corpus, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "c.jsonl").write_bytes(Path(corpus).read_bytes())
+    (d / "notes.txt").write_text("not a corpus, not ours")
+    before = folder_bytes(d)
+    for inputs, out, relation in (([str(d / "c.jsonl")], d, "contains"), ([str(d)], d, "is"),
+                                  ([str(d)], d / "shards", "lies inside")):
+        with pytest.raises(UserError, match=f"output {out} {relation} the corpus"):
+            preprocess(cfg(tiny_merged, corpus, out, inputs=inputs, overwrite=True))
+    with pytest.raises(UserError, match="contains the tokenizer"):
+        preprocess(cfg(tiny_merged, corpus, tiny_merged.parent, overwrite=True))
+    assert folder_bytes(d) == before and not (d / "shards").exists()
+
+
+def folder_bytes(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_deletes_only_a_shards_folder_this_project_made(tiny_merged, corpus, tmp_path):
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("years of work")
+    with pytest.raises(UserError, match="did not create .* never deleted"):
+        preprocess(cfg(tiny_merged, corpus, foreign, overwrite=True))
+    assert (foreign / "chapter1.tex").read_text() == "years of work"
+    # A folder of an earlier version (plan.json and manifest.json, no marker) is ours: replaced.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "plan.json").write_text('{"inputs": [], "chunks": [], "groups": [], "settings": {}}')
+    (legacy / "manifest.json").write_text("{}")
+    (legacy / "train-000000.arrow").write_bytes(b"old")
+    with pytest.raises(UserError, match="other settings"):
+        preprocess(cfg(tiny_merged, corpus, legacy))
+    m = preprocess(cfg(tiny_merged, corpus, legacy, overwrite=True))
+    fresh = tmp_path / "fresh"
+    preprocess(cfg(tiny_merged, corpus, fresh))
+    assert folder_digest(legacy) == folder_digest(fresh) and m["splits"]["train"]["sequences"] > 0
+    from cllama_dist.files import MARKER
+
+    assert json.loads((legacy / MARKER).read_text())["kind"] == "shards"
+
+
+def test_one_line_errors_for_what_an_operator_gets_wrong(tiny_merged, corpus, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder"):
+        preprocess(cfg(tiny_merged, corpus, tmp_path / "afile"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    for tok, what in ((hf / "tokenizer.json", "is a JSON file"), (hf, "a folder without tokenizer.model"),
+                      (Path(corpus), "not a SentencePiece model")):
+        with pytest.raises(UserError, match=what):
+            preprocess(cfg(tiny_merged, corpus, tmp_path / "o", tokenizer=str(tok)))
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ inputs that change
+
+
+def test_a_corpus_edited_in_place_is_refused_or_redone(tiny_merged, corpus, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(Path(corpus).read_bytes())
+    out = tmp_path / "o"
+    preprocess(cfg(tiny_merged, src, out))
+    old = folder_digest(out)
+    data = bytearray(src.read_bytes())
+    i = data.index("第".encode())
+    data[i:i + 3] = "版".encode()  # same size, another character
+    st = src.stat()
+    src.write_bytes(bytes(data))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its old modification time (cp -p, rsync -t)
+    with pytest.raises(UserError, match=rf"made from other inputs: {src} changed \(its content differs\)"):
+        preprocess(cfg(tiny_merged, src, out))
+    assert folder_digest(out) == old
+    os.utime(src)
+    with pytest.raises(UserError, match=rf"{src} changed \(modified .* -> .*, its content differs\)"):
+        preprocess(cfg(tiny_merged, src, out))
+    preprocess(cfg(tiny_merged, src, out, overwrite=True))
+    preprocess(cfg(tiny_merged, src, tmp_path / "fresh"))
+    assert folder_digest(out) == folder_digest(tmp_path / "fresh") != old
+
+
+def test_a_corpus_that_shrinks_during_the_run_is_an_error(tiny_merged, corpus, tmp_path, monkeypatch):
+    import cllama_dist.data.preprocess as pp
+
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(Path(corpus).read_bytes())
+    size = src.stat().st_size
+    real = pp._encode_chunk
+    calls = []
+
+    def encode_then_truncate(args):
+        calls.append(args[0])
+        r = real(args)
+        if len(calls) == 1:  # another job rewrites the corpus while this one reads it
+            with open(src, "r+b") as f:
+                f.truncate(size * 88 // 100)
+        return r
+
+    monkeypatch.setattr(pp, "_encode_chunk", encode_then_truncate)
+    out = tmp_path / "o"
+    with pytest.raises(UserError, match=rf"{src}: changed while being read \(size {size:,} -> {size * 88 // 100:,}"):
+        preprocess(cfg(tiny_merged, src, out))
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.arrow.tmp")) and not list((out / ".tmp").glob("chunk-*"))
+
+
+# ------------------------------------------------------------------------------ one writer per output
+
+
+def test_a_second_writer_and_an_early_finalize_are_refused_naming_the_holder(tiny_merged, corpus, tmp_path):
+    import os
+
+    from cllama_dist.files import Lock
+
+    out = tmp_path / "o"
+    run_task(cfg(tiny_merged, corpus, out, num_tasks=3, task_id=0))
+    # Another process holding task 1 of 3 (here: this process, which is alive, so its lock is live).
+    holder = Lock(out / ".task-000001-of-000003.lock", "preprocess task 1 of 3").acquire()
+    try:
+        with pytest.raises(UserError, match=rf"cannot finalize {out}: .* another preprocess task 1 of 3: pid {os.getpid()}"):
+            finalize(str(out))
+        with pytest.raises(UserError, match=rf"another preprocess task 1 of 3: pid {os.getpid()}"):
+            run_task(cfg(tiny_merged, corpus, out, num_tasks=3, task_id=1))
+        # A plain single-task run covers every group, so it overlaps task 1's: refused as well.
+        with pytest.raises(UserError, match="another preprocess task 1 of 3"):
+            run_task(cfg(tiny_merged, corpus, out))
+        with pytest.raises(UserError, match=rf"cannot replace {out}: .* task 1 of 3"):
+            run_task(cfg(tiny_merged, corpus, out, block_size=128, overwrite=True))
+        run_task(cfg(tiny_merged, corpus, out, num_tasks=3, task_id=2))  # disjoint groups: runs
+    finally:
+        holder.release()
+    run_task(cfg(tiny_merged, corpus, out, num_tasks=3, task_id=1))
+    finalize(str(out))
+    one = tmp_path / "one"
+    preprocess(cfg(tiny_merged, corpus, one))
+    assert folder_digest(out) == folder_digest(one)
+
+
+# ------------------------------------------------------------------------------ partial writes
+
+
+def test_disk_full_says_so_removes_partial_files_and_resumes(tiny_merged, corpus, tmp_path, monkeypatch):
+    import errno
+
+    from cllama_dist.data.shards import ShardWriter
+
+    real = ShardWriter._flush
+    calls = {"n": 0}
+
+    def flush_until_full(self, n):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real(self, n)
+
+    monkeypatch.setattr(ShardWriter, "_flush", flush_until_full)
+    out = tmp_path / "o"
+    with pytest.raises(UserError) as exc:
+        preprocess(cfg(tiny_merged, corpus, out))
+    msg = str(exc.value)
+    assert "\n" not in msg and ": disk full" in msg and ".arrow.tmp" in msg and "run the same command again" in msg
+    committed = len(list((out / GROUPS).glob("group-*.json")))
+    assert 0 < committed < len(json.loads((out / "plan.json").read_text())["groups"])
+    assert not list(out.rglob("*.arrow.tmp")) and not list(out.rglob(".*.tmp")) and not list((out / ".tmp").iterdir())
+    monkeypatch.setattr(ShardWriter, "_flush", real)
+    preprocess(cfg(tiny_merged, corpus, out))
+    preprocess(cfg(tiny_merged, corpus, tmp_path / "fresh"))
+    assert folder_digest(out) == folder_digest(tmp_path / "fresh")
+
+
+def test_a_committed_group_whose_shard_was_cut_short_is_redone(tiny_merged, corpus, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_task(cfg(tiny_merged, corpus, out))
+    victim = out / "train-000002.arrow"
+    victim.write_bytes(victim.read_bytes()[:1000])  # a crash after the rename, before the data reached the disk
+    preprocess(cfg(tiny_merged, corpus, out))
+    assert f"redoing group 2 of {out}: its shard {victim} has 1,000 bytes" in capsys.readouterr().err
+    preprocess(cfg(tiny_merged, corpus, tmp_path / "fresh"))
+    assert folder_digest(out) == folder_digest(tmp_path / "fresh")
