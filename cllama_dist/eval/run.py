@@ -228,12 +228,14 @@ def eval_text(model, tokenizer: Tokenizer, cfg: EvalConfig, block: int, device: 
 
 def eval_shards(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device) -> Totals:
     from ..data.loader import TokenBlocks
-    from ..data.shards import check_manifest, load_manifest
+    from ..data.shards import check_manifest, load_manifest, verify_shards
 
     manifest = load_manifest(cfg.shards)
     if tokenizer.fingerprint is None:
         raise UserError("--shards needs a SentencePiece tokenizer (tokenizer.model) to check the shards against")
     check_manifest(manifest, tokenizer.fingerprint, manifest["block_size"], where=cfg.shards)
+    # A damaged shard would be scored as text it is not, and an id >= the vocabulary would crash the model.
+    verify_shards(cfg.shards, manifest, tokenizer.size, checksums=True)
     if cfg.split not in manifest["splits"] or not manifest["splits"][cfg.split]["sequences"]:
         raise UserError(f"{cfg.shards} has no {cfg.split} split; it has {sorted(manifest['splits'])} (--split)")
     blocks = TokenBlocks(cfg.shards, manifest, cfg.split)

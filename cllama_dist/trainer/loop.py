@@ -92,8 +92,12 @@ class Trainer:
         self.block = block
 
     def _verify_shards(self) -> None:
-        if dist.is_main():
-            verify_shards(self.cfg.data.path, self.manifest, checksums=False)
+        """Every shard checked against the manifest (size, sha256, schema, ids below the vocabulary) before any
+        step: each rank checks its share, and a record in the run folder lets a resume skip unchanged shards."""
+        record = self.run_dir / ".verified" / f"rank-{dist.rank()}.json"
+        done = verify_shards(self.cfg.data.path, self.manifest, self.vocab.new_vocab, checksums=True,
+                             which=(dist.rank(), dist.world_size()), record=record)
+        self.verified = done
         cfg = self.cfg
         self.train_blocks = TokenBlocks(cfg.data.path, self.manifest, "train")
         self.validator = Validator(TokenBlocks(cfg.data.path, self.manifest, "validation"), cfg.data.micro_batch_size,
@@ -221,6 +225,9 @@ class Trainer:
         say(f"  FLOPs per token: {self.flops['actual'] / 1e9:,.3f} G as computed (LoRA: ~4N + recompute + attention), "
             f"{self.flops['conventional'] / 1e9:,.3f} G conventional (6N + 12LHs)"
             + ("" if self.peak_flops else "; MFU not reported (unknown device peak: set logging.peak_tflops)"))
+        v = self.verified
+        say(f"  shards verified: {v['shards']} on this rank ({v['bytes'] / 1e6:,.1f} MB hashed in {v['seconds']:.1f} s, "
+            f"{v['from_record']} unchanged since an earlier check), all ranks agreeing")
         say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
         for note in self.notes:
             say(f"  {note}")

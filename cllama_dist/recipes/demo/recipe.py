@@ -91,10 +91,10 @@ def tokenizer_report(folder: Path, r: dict) -> dict:
 
 def shards(folder: Path, r: dict) -> dict:
     # 5% of the training documents' blocks form the validation split the trainer evaluates on.
+    out = folder / "shards"  # the stage's folder is the stage runner's; the shards folder is the preprocessor's
     m = stages.preprocess(PreprocessConfig(inputs=[r["corpus"]["train"]], tokenizer=r["merge"]["tokenizer"],
-                                           output=str(folder), block_size=DEMO_BLOCK, validation_fraction=0.05,
-                                           overwrite=True))
-    return {"folder": str(folder), "block_size": DEMO_BLOCK, "train_sequences": m["splits"]["train"]["sequences"],
+                                           output=str(out), block_size=DEMO_BLOCK, validation_fraction=0.05))
+    return {"folder": str(out), "block_size": DEMO_BLOCK, "train_sequences": m["splits"]["train"]["sequences"],
             "validation_sequences": m["splits"]["validation"]["sequences"], "train_tokens": m["splits"]["train"]["tokens"]}
 
 
