@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..config import dump_yaml, to_dict
-from ..files import LOCK, Lock, check_not_input, claim_folder, write_atomic
+from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
 from ..data.loader import GlobalOrder, TokenBlocks, step_positions
 from ..data.shards import check_manifest, load_manifest, verify_shards
 from ..errors import UserError
@@ -95,6 +95,10 @@ class Trainer:
         """Every shard checked against the manifest (size, sha256, schema, ids below the vocabulary) before any
         step: each rank checks its share, and a record in the run folder lets a resume skip unchanged shards."""
         record = self.run_dir / ".verified" / f"rank-{dist.rank()}.json"
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, record.parent, "create") from None
         done = verify_shards(self.cfg.data.path, self.manifest, self.vocab.new_vocab, checksums=True,
                              which=(dist.rank(), dist.world_size()), record=record)
         self.verified = done
