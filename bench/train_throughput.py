@@ -100,7 +100,7 @@ def train_config(spec: dict, overrides: dict):
     from cllama_dist.model.config import LLAMA_PROJECTIONS
     from cllama_dist.trainer.config import TrainConfig
 
-    values = {"output_dir": spec["run_dir"],
+    values = {"output_dir": str(Path(spec["run_dir"]) / "run"),  # beside spec.json, in a folder of its own
               "model": {"config": spec["model_config"], "tokenizer": spec["tokenizer"], "embeddings": "new-rows",
                         "gradient_checkpointing": True, "attn_implementation": spec["attn"]},
               "lora": {"rank": spec["lora_rank"], "alpha": 2 * spec["lora_rank"], "dropout": 0.05,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 from pathlib import Path
 
 import submitit
@@ -55,7 +56,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         if self.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
         cfg = dataclasses.replace(self.cfg, checkpoint=dataclasses.replace(self.cfg.checkpoint, resume="auto"))
-        code = stages.train(cfg)
+        try:
+            code = stages.train(cfg)
+        except UserError as exc:  # refused input: one line in the job's log, status 2 as the result
+            print(f"cllama train: error: {exc}", file=sys.stderr, flush=True)
+            return 2
         if code == EXIT_STOPPED:
             if env.rank == 0:
                 # The checkpoint is written; now let submitit's own handler requeue the job.

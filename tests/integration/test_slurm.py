@@ -120,7 +120,7 @@ def test_submitit_launcher_over_two_nodes_with_preemption(slurm_cluster, setup, 
 
     cfg, out = configure(setup, "submitit")
     job = submit_train(load(TrainConfig, cfg), SubmitConfig(nodes=2, device="cpu", cpus=1, time="10",
-                                                            folder=str(setup[3] / "submitit")))
+                                                            folder=str(setup[3] / "submitit-jobs")))
     wait_for_step(out, 2)
     # submitit's preemption/timeout signal, to every task.
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, env=slurm_cluster)

@@ -72,9 +72,9 @@ def chinese_tokenizer(folder: Path, r: dict) -> dict:
 
 
 def merged_tokenizer(folder: Path, r: dict) -> dict:
-    out = stages.merge(MergeConfig(base=r["base"]["tokenizer"], add=r["tokenizer"]["model"], out=str(folder),
-                                   overwrite=True))
-    return {"tokenizer": str(folder), "orig_vocab_size": out["orig_vocab_size"],
+    # The stage folder is the stage runner's (its markers); the tokenizer folder is the merge's own.
+    out = stages.merge(MergeConfig(base=r["base"]["tokenizer"], add=r["tokenizer"]["model"], out=str(folder / "tokenizer")))
+    return {"tokenizer": str(folder / "tokenizer"), "orig_vocab_size": out["orig_vocab_size"],
             "new_vocab_size": out["new_vocab_size"], "added": out["added"]}
 
 
