@@ -87,7 +87,7 @@ def init(timeout_minutes: float = 10) -> str:
     map_slurm_env()
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if use_cuda:
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(cuda_device())
     import deepspeed
 
     for name in ("RANK", "WORLD_SIZE"):
@@ -97,7 +97,7 @@ def init(timeout_minutes: float = 10) -> str:
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
-    return f"cuda:{local_rank()}" if use_cuda else "cpu"
+    return f"cuda:{cuda_device()}" if use_cuda else "cpu"
 
 
 def rank() -> int:
@@ -110,6 +110,20 @@ def world_size() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cuda_device(visible: int | None = None) -> int:
+    """This process's GPU: its local rank when it sees all of the node's GPUs (torchrun, deepspeed,
+    ``srun --gpus-per-node``), device 0 when Slurm bound one GPU to it (``--gpus-per-task=1``: it sees one)."""
+    n = torch.cuda.device_count() if visible is None else visible
+    r = local_rank()
+    if r < n:
+        return r
+    if n == 1:
+        return 0
+    raise UserError(f"local rank {r} but this process sees {n} GPUs (CUDA_VISIBLE_DEVICES="
+                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU, with every GPU "
+                    "visible or exactly one")
 
 
 def local_world_size() -> int:

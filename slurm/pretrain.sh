@@ -18,7 +18,7 @@
 #SBATCH --nodes=2                   # nodes; override with sbatch -N
 #SBATCH --ntasks-per-node=1         # one launcher per node: torchrun starts the per-GPU processes
 #SBATCH --gpus-per-node=8           # GPUs per node (0 on CPU nodes: SBATCH_GPUS_PER_NODE=0)
-#SBATCH --cpus-per-task=2           # CPU cores per node for the launcher and its workers; raise on GPU nodes
+#SBATCH --exclusive                 # whole nodes: every core of a node goes to its GPU processes (below)
 #SBATCH --time=24:00:00             # wall-clock limit of one attempt; the job requeues itself after it
 #SBATCH --signal=B:USR1@300         # USR1 to this script 300 s before the limit: time to save
 #SBATCH --requeue                   # allow scontrol requeue (also after preemption)
@@ -82,7 +82,10 @@ NNODES=$SLURM_JOB_NUM_NODES
 # export NCCL_DEBUG=WARN                   # INFO when diagnosing hangs
 # export NCCL_ASYNC_ERROR_HANDLING=1       # fail instead of hanging on a lost peer
 # export TORCH_NCCL_BLOCKING_WAIT=0
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# The node's cores shared out between its processes (8 GPUs on a 96-core node: 12 threads each); a job
+# allocated on part of a node (sbatch -c N without --exclusive in a copy of this script) gets N / processes.
+CORES=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / NPROC_PER_NODE > 0 ? CORES / NPROC_PER_NODE : 1 ))}
 export PYTHONUNBUFFERED=1
 
 STOPPING=0

@@ -203,3 +203,11 @@ def test_dry_run_counts(arch, total, full_trainable):
     if arch is LLAMA_7B:
         assert round(100 * full.share, 2) == 6.22  # the paper's figure
         assert rows.optimizer_bytes(True) == 12 * rows.trainable
+
+
+def test_each_process_takes_its_own_gpu_however_slurm_binds_them(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.cuda_device(visible=8) == 3   # every GPU of the node visible: the local rank's
+    assert distributed.cuda_device(visible=1) == 0   # --gpus-per-task=1: the one it sees
+    with pytest.raises(UserError, match="local rank 3 but this process sees 2 GPUs"):
+        distributed.cuda_device(visible=2)
