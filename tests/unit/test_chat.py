@@ -209,3 +209,48 @@ def test_session_drops_the_oldest_turns_to_fit_the_context(loaded, sp):
     assert two.prompt_ids == encode_prompt(user_turn("第二个问题"), t, sp)
     with pytest.raises(UserError, match="the message is too long"):
         s.answer("很长" * 200)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_interactive_ctrl_c_stops_an_answer_then_ends_the_chat(alpaca_model, sp, tmp_path, capsys, monkeypatch):
+    import cllama_dist.chat as chat_module
+
+    typed = iter(["你好", "第二个", "第三个", "/reset", "第四个"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt
+
+    real = chat_module.generate_ids
+
+    def interrupted_second(model, ids, eos, sampling, device, on_token=None):
+        if len(calls) == 1:  # the second answer: two tokens out, then Ctrl-C
+            calls.append(ids)
+            for t in sp.encode("好的")[:2]:
+                on_token(t)
+            raise KeyboardInterrupt
+        calls.append(ids)
+        return real(model, ids, eos, sampling, device, on_token)
+
+    calls = []
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("sys.stdin", _Terminal())
+    monkeypatch.setattr(chat_module, "generate_ids", interrupted_second)
+    code, out, err = _chat(["--model", alpaca_model, "--temperature", 0, "--max-new-tokens", 3,
+                            "--json-out", tmp_path / "t.json"], capsys)
+    assert code == 0, err
+    assert "/reset clears the history" in err and "[answer interrupted: left out of the history]" in err
+    first, second = json.loads((tmp_path / "t.json").read_text())["conversations"]
+    assert [t["stop"] for t in first] == ["max_new_tokens", "interrupted", "max_new_tokens"]
+    assert first[1]["assistant"] == sp.decode(sp.encode("好的")[:2]) and first[1]["answer_ids"] == sp.encode("好的")[:2]
+    alpaca = templates.builtin("alpaca")
+    # The interrupted answer stays out of the history; the chat goes on after it.
+    assert first[2]["prompt_ids"] == encode_prompt(user_turn("第三个", [("你好", first[0]["assistant"])]), alpaca, sp)
+    assert second[0]["prompt_ids"] == encode_prompt(user_turn("第四个"), alpaca, sp)
+    assert out.count("\n") == 4
