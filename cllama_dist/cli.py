@@ -10,6 +10,8 @@
     cllama export adapter   --run runs/7b --out out/adapter
     cllama export merged    --base llama-7b/ --adapter out/adapter --out out/merged-7b
     cllama eval             --model llama-7b/ --adapter out/adapter --inputs heldout.jsonl --generate
+    cllama eval             --model out/merged-sft --instructions heldout_instructions.jsonl
+    cllama chat             --model out/merged-sft [--template alpaca] [--message "..."]
     cllama submit train     --config run.yaml --nodes 2 -- --optim.lr 1e-4
     cllama demo
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, stages
+from .chat_config import ChatConfig
 from .config import add_flags, flag_values, load, load_yaml, normalise_flags
 from .data.config import FinalizeConfig, PreprocessConfig
 from .errors import UserError
@@ -193,8 +196,12 @@ COMMANDS = [
     Command(("export", "merged"), ExportMergedConfig, "a full Hugging Face model: base + adapter, merged shard by shard",
             _simple(stages.export_merged, _print_export_merged)),
     Command(("eval",), EvalConfig, "loss, perplexity and bits per character of a model (base, merged, or base + "
-                                   "adapter) on held-out text or shards; --generate samples continuations",
-            _simple(stages.evaluate, _print_eval)),
+                                   "adapter) on held-out text or shards; --generate samples continuations (through "
+                                   "the chat template: --template); --instructions: exact-match share of held-out "
+                                   "instructions", _simple(stages.evaluate, _print_eval)),
+    Command(("chat",), ChatConfig, "chat with an instruction-tuned model through its chat template (interactive, "
+                                   "multi-turn, streaming; --message for a scripted conversation)",
+            _simple(stages.chat, lambda cfg, r: None)),
     Command(("submit",), SubmitConfig, "submit training or preprocessing through submitit (Slurm or local)", _submit),
     Command(("demo",), DemoConfig, "run the whole pipeline on the shipped corpus (CPU, tiny model)",
             _simple(stages.demo, lambda cfg, r: None)),
@@ -224,6 +231,10 @@ def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None
     elif words == ("submit",):
         p.add_argument("what", choices=["train", "preprocess"])
         p.epilog = "Flags after a lone -- go to the trainer / preprocessor (their --help lists them)."
+    elif words == ("chat",):
+        p.epilog = ("In the chat: /reset clears the history, /exit or Ctrl-D ends, Ctrl-C stops an answer (at the "
+                    "prompt: ends); a line ending with \\ continues on the next. A --message that starts with '-' "
+                    "is given as --message=TEXT.")
     elif words == ("demo",):
         from .recipes.demo.recipe import STAGE_NAMES
 

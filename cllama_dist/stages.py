@@ -12,6 +12,7 @@ CLI) imports nothing heavy: the offline stages never import torch.
 
 from __future__ import annotations
 
+from .chat_config import ChatConfig
 from .data.config import FinalizeConfig, PreprocessConfig
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
@@ -123,7 +124,7 @@ def export_adapter(cfg: ExportAdapterConfig) -> dict:
     """A PEFT adapter (LoRA + new rows) from the run's newest complete checkpoint (or ``cfg.step``)."""
     from .export.run import export_adapter as export
 
-    return export(cfg.run, cfg.out, cfg.step or None, overwrite=cfg.overwrite)
+    return export(cfg.run, cfg.out, cfg.step or None, overwrite=cfg.overwrite, template=cfg.template)
 
 
 def export_merged(cfg: ExportMergedConfig) -> dict:
@@ -134,8 +135,16 @@ def export_merged(cfg: ExportMergedConfig) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Loss, perplexity and bits per character (text) of a model, with optional generation."""
+    """Loss, perplexity and bits per character (text) of a model, with optional generation (raw continuation or
+    through the chat template) and the exact-match share of held-out instructions (``cfg.instructions``)."""
     from .eval.run import evaluate as run
+
+    return run(cfg)
+
+
+def chat(cfg: ChatConfig) -> dict:
+    """A chat through the model's template: interactive, or scripted by ``cfg.message``; returns the transcript."""
+    from .chat import chat as run
 
     return run(cfg)
 

@@ -35,7 +35,20 @@ class EvalConfig(CorpusConfig):
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     generate: bool = option(False, "Also sample continuations of --prompts and report generation speed (tokens/s).")
     prompts: list[str] = option(ZH_PROMPTS, "Prompts for --generate.", aliases=["--prompt"])
-    max_new_tokens: int = option(48, "Tokens generated per prompt.")
+    template: str = option(
+        "auto", "How --generate and --instructions format prompts: auto (the model's own chat_template, from "
+                "tokenizer_config.json in the tokenizer, adapter or model folder; without one --generate continues the "
+                "raw prompt), none (raw continuation), or alpaca, llama2, a .jinja file: each prompt becomes a "
+                "single-turn instruction, encoded as training encoded it, and its answer ends at EOS.")
+    instructions: PathStr = option(
+        "", "Held-out instructions (Alpaca JSON / JSON Lines: instruction, input, output; or chat records, the last "
+            "assistant message expected): report the share answered exactly. Each answer is generated greedily "
+            "through the chat template until EOS (or a token budget of the expected answer's UTF-8 bytes + 8, past "
+            "which no answer can match) and decoded with SentencePiece; answer and expected output are compared as "
+            "strings after str.strip() of each (whitespace at both ends), nothing else normalised. Records with a "
+            "'task' field are also counted per task. --max-documents limits the records.")
+    max_new_tokens: int = option(48, "Tokens generated per prompt (raw continuations are always this long; answers "
+                                     "through a template stop at EOS).")
     temperature: float = option(0.7, "Sampling temperature for --generate; 0: greedy.")
     top_p: float = option(0.9, "Nucleus sampling threshold for --generate.")
     seed: int = option(0, "Seed of the sampling.")
@@ -44,8 +57,13 @@ class EvalConfig(CorpusConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.model), "model", "is required (a Hugging Face model folder)")
-        check(bool(self.inputs) != bool(self.shards), "inputs",
-              "give either --inputs (text: bits per character) or --shards (tokens), not both or neither")
+        if self.instructions:
+            check(not (self.inputs and self.shards), "inputs",
+                  "give --inputs (text: bits per character) or --shards (tokens), not both")
+        else:
+            check(bool(self.inputs) != bool(self.shards), "inputs",
+                  "give either --inputs (text: bits per character) or --shards (tokens), not both or neither "
+                  "(or only --instructions)")
         check(self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")

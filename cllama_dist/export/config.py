@@ -16,6 +16,9 @@ class ExportAdapterConfig(Section):
     step: int = option(0, "Checkpoint step (0: the newest valid one).")
     out: PathStr = option("", "Output folder.")
     overwrite: bool = option(False, "Replace an adapter folder exported earlier (never any other folder).")
+    template: str = option("", "Chat template to write into the exported tokenizer_config.json: alpaca, llama2 or a "
+                               ".jinja file (default: the one the run trained through, named in its data manifest; "
+                               "none for a pre-training run). Refused when the run names another.")
 
     def validate(self) -> None:
         check(bool(self.run), "run", "is required (the run folder)")

@@ -13,12 +13,19 @@ The new rows go in PEFT's own trainable-tokens format (``trainable_token_indices
 lm_head. This format stores the n_new x H rows only; ``save_embedding_layers`` would store the whole
 V' x H matrices of which the first V rows are the base's unchanged rows. With ``embeddings: full`` every
 row trained, so the indices cover the whole vocabulary.
+
+Instruction tuning: the chat template a run trained through (named, with its text and sha256, in the
+run's data manifest) is written as ``chat_template`` into the exported tokenizer_config.json, so that
+stock ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` formats inference prompts
+as training formatted them, and ``cllama chat`` / ``cllama eval --generate`` find it. Its name and
+sha256 go into cllama_export.json; ``export merged`` carries the adapter folder's template over.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -28,13 +35,15 @@ from ..config import build
 from ..errors import UserError
 from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
 from ..model.vocab import BASE_ROWS, NEW_ROWS
+from ..sft import templates
+from ..sft.templates import Template
 from ..trainer import checkpoint
 from ..trainer.config import TrainConfig
 
 EMB_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "merge_report.json",
-                   "tokenizer.json", "TOKENIZER.md")
+                   "tokenizer.json", "TOKENIZER.md", "chat_template.jinja")
 
 
 def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
@@ -112,11 +121,94 @@ def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False) -> dict:
-    """Write the adapter of ``run_dir``'s newest valid checkpoint (or of ``step``) into ``out``."""
+# --------------------------------------------------------------------------------------------------
+# The chat template of a run.
+
+
+def template_entry(entry, where: str) -> Template:
+    """A manifest's ``template`` entry ({name, sha256, source}) as a Template, its text checked against its hash."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise UserError(f"{where}: the template entry must be a mapping with name, sha256 and source, not {entry!r}")
+    name, sha, source = entry["name"], entry.get("sha256"), entry.get("source")
+    if source is None:
+        if name in templates.BUILTIN and templates.builtin(name).sha256 == sha:
+            return Template(name, templates.BUILTIN[name], where)
+        raise UserError(f"{where}: the template entry {name!r} has no source text (and is not a built-in of that sha256)")
+    if not isinstance(source, str):
+        raise UserError(f"{where}: the template entry {name!r} has a source that is not text")
+    t = templates.from_jinja(source, name=name, origin=where)
+    if sha is not None and t.sha256 != sha:
+        raise UserError(f"{where}: the text of template {name!r} has sha256 {t.sha256[:16]}..., the entry records "
+                        f"{str(sha)[:16]}... (edited after preprocessing?)")
+    return t
+
+
+def run_template(state: dict, cfg: TrainConfig) -> tuple[Template | None, str | None]:
+    """The chat template a run trained through, or None (a pre-training run), and a note when it cannot be told.
+
+    Looked for in the checkpoint's trainer_state.json (``template``, where the trainer records it) and
+    then in the manifest of the run's data folder (``template``, which the SFT preprocessor writes).
+    """
+    from ..data.shards import MANIFEST
+
+    if state.get("template") is not None:
+        return template_entry(state["template"], "the checkpoint's trainer_state.json"), None
+    if not cfg.data.path:
+        return None, None
+    path = Path(cfg.data.path) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        why = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
+        return None, (f"note: the run's data manifest {path} is {why}: cannot tell whether the run trained through "
+                      "a chat template; exporting without one (--template NAME|FILE installs one)")
+    entry = manifest.get("template") if isinstance(manifest, dict) else None
+    return (template_entry(entry, str(path)) if entry is not None else None), None
+
+
+def choose_template(state: dict, cfg: TrainConfig, spec: str = "") -> Template | None:
+    """The template to export: the run's, or ``spec`` (a built-in name or a file), refused when the run names another."""
+    found, note = run_template(state, cfg)
+    if not spec:
+        if note:
+            print(note, flush=True)
+        return found
+    given = templates.resolve(spec, cfg.model.tokenizer or None)
+    if found is not None and found.sha256 != given.sha256:
+        raise UserError(f"--template {spec} (sha256 {given.sha256[:16]}...) is not the template the run trained with: "
+                        f"{found.name} (sha256 {found.sha256[:16]}..., {found.origin}); leave --template out")
+    return found or given
+
+
+def install_template(ex: "_Export", template: Template | None) -> dict | None:
+    """Write ``template`` into the exported tokenizer_config.json; what the folder's chat template now is."""
+    cfg_path = ex.out / "tokenizer_config.json"
+    if template is not None:
+        if not cfg_path.is_file():
+            raise UserError(f"the run trained through chat template {template.name}, but the tokenizer folder gave "
+                            f"{ex.out} no tokenizer_config.json to write it into")
+        cfg_path.chmod(cfg_path.stat().st_mode | stat.S_IWUSR)  # copied with a read-only source's mode bits
+        templates.install_chat_template(ex.out, template)
+        return {"name": template.name, "sha256": template.sha256, "origin": template.origin}
+    from ..chat import has_template
+
+    if has_template(ex.out):  # the tokenizer's own, copied with it
+        t = templates.from_tokenizer(ex.out)
+        return {"name": "tokenizer", "sha256": t.sha256, "origin": "copied with the tokenizer"}
+    return None
+
+
+def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None, overwrite: bool = False,
+                   template: str = "") -> dict:
+    """Write the adapter of ``run_dir``'s newest valid checkpoint (or of ``step``) into ``out``.
+
+    ``template``: "" exports the chat template the run trained through (none for a pre-training run); a
+    built-in name or a Jinja file installs that one (refused when the run names another).
+    """
     ckpt = pick_checkpoint(run_dir, step)
     state = checkpoint.read_state(ckpt)
     cfg: TrainConfig = build(TrainConfig, state["config"])
+    chat_template = choose_template(state, cfg, template)
     orig, new = state["orig_vocab"], state["new_vocab"]
     sd = trained_tensors(ckpt)
     tensors: dict[str, torch.Tensor] = {}
@@ -132,12 +224,12 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
         tensors[target] = rows.contiguous()
     indices = list(range(0 if state["embeddings"] == "full" else orig, new))
     with _Export(out, "adapter", {"run": run_dir, "tokenizer": cfg.model.tokenizer}, overwrite) as ex:
-        meta = _write_adapter(ex, run_dir, ckpt, state, cfg, tensors, indices, orig, new)
+        meta = _write_adapter(ex, run_dir, ckpt, state, cfg, tensors, indices, orig, new, chat_template)
     return meta
 
 
 def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainConfig, tensors: dict, indices: list,
-                   orig: int, new: int) -> dict:
+                   orig: int, new: int, chat_template: Template | None = None) -> dict:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -153,19 +245,26 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy(tok_dir / name, ex.path(name))
+    installed = install_template(ex, chat_template)
     meta = {"tool": f"cllama-dist {__version__}", "run": str(run_dir), "checkpoint": str(ckpt), "step": state["step"],
             "base_model": cfg.model.path or "built from model.config", "model_config": cfg.model.config or None,
             "orig_vocab": orig, "new_vocab": new, "embeddings": state["embeddings"],
-            "tokenizer_sha256": state["tokenizer_sha256"],
+            "tokenizer_sha256": state["tokenizer_sha256"], "chat_template": installed,
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
+    chat_note = ""
+    if installed is not None:
+        chat_note = (f"tokenizer_config.json carries the chat template `{installed['name']}` (sha256 "
+                     f"{installed['sha256'][:16]}...): `tok.apply_chat_template(messages, add_generation_prompt=True)` "
+                     "formats a prompt as training did; `cllama chat --model BASE --adapter ADAPTER_DIR` chats "
+                     "through it.\n\n")
     ex.path("README.md").write_text(
         f"# LoRA adapter + {new - orig:,} new embedding rows (cllama-dist)\n\n"
         f"Step {state['step']} of `{run_dir}`. Base: `{meta['base_model']}`, vocabulary {orig:,} -> {new:,}.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
         "tok = AutoTokenizer.from_pretrained(ADAPTER_DIR)\nbase = AutoModelForCausalLM.from_pretrained(BASE)\n"
         "base.resize_token_embeddings(len(tok))  # rows are restored from the adapter\n"
-        "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n"
-        "cllama_export.json records the tokenizer fingerprint and the training config.\n")
+        "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n" + chat_note +
+        "cllama_export.json records the tokenizer fingerprint, the chat template and the training config.\n")
     # Last: an adapter folder without it is an interrupted export, refused by read_adapter.
     write_atomic(ex.path("cllama_export.json"), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
@@ -263,13 +362,31 @@ def export_merged(base: str | Path, adapter: str | Path, out: str | Path, dtype:
         raise UserError(f"the base {base} is not a Hugging Face model folder: {str(exc).splitlines()[0]}") from None
     meta, acfg = read_adapter(adapter, base, config.vocab_size)
     dtype = base_dtype(base, config) if dtype == "auto" else dtype
+    chat_template = adapter_template(adapter, meta)
     with _Export(out, "merged-model", {"base model": base, "adapter": adapter}, overwrite) as ex:
-        n_shards, n_lora = _write_merged(ex, base, adapter, config, meta, acfg, DTYPES[dtype])
-    return {"out": str(out), "shards": n_shards, "vocab_size": meta["new_vocab"], "lora_modules": n_lora, "dtype": dtype}
+        n_shards, n_lora = _write_merged(ex, base, adapter, config, meta, acfg, DTYPES[dtype], chat_template, dtype)
+    return {"out": str(out), "shards": n_shards, "vocab_size": meta["new_vocab"], "lora_modules": n_lora, "dtype": dtype,
+            "chat_template": chat_template}
+
+
+def adapter_template(adapter: Path, meta: dict) -> dict | None:
+    """The adapter folder's chat template ({name, sha256, origin}) as a merged model carries it over, or None.
+
+    The text is the one in the adapter's tokenizer_config.json (copied with the tokenizer); its name is
+    the one cllama_export.json records when the hashes agree, else "tokenizer".
+    """
+    from ..chat import has_template
+
+    if not has_template(adapter):
+        return None
+    t = templates.from_tokenizer(adapter)
+    recorded = meta.get("chat_template") or {}
+    name = recorded.get("name") if recorded.get("sha256") == t.sha256 else "tokenizer"
+    return {"name": name or "tokenizer", "sha256": t.sha256, "origin": str(adapter)}
 
 
 def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, acfg: dict,
-                  torch_dtype: torch.dtype) -> tuple[int, int]:
+                  torch_dtype: torch.dtype, chat_template: dict | None = None, dtype: str = "") -> tuple[int, int]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
@@ -321,6 +438,11 @@ def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, 
             shutil.copy(adapter / name, ex.path(name))
     if (base / "generation_config.json").is_file():
         shutil.copy(base / "generation_config.json", ex.path("generation_config.json"))
+    record = {"tool": f"cllama-dist {__version__}", "kind": "merged", "base": str(base), "adapter": str(adapter),
+              "dtype": dtype, "orig_vocab": meta["orig_vocab"], "new_vocab": new,
+              "tokenizer_sha256": meta["tokenizer_sha256"], "chat_template": chat_template,
+              "adapter_export": {k: meta.get(k) for k in ("run", "checkpoint", "step", "embeddings", "chat_template")}}
+    write_atomic(ex.path("cllama_export.json"), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     # Last: config.json makes the folder loadable; an interrupted export leaves none.
     config.vocab_size = new
     config.dtype = torch_dtype
