@@ -125,6 +125,14 @@ class LoggingConfig(Section):
     tensorboard: bool = option(True, "Write TensorBoard events to OUTPUT_DIR/tb.", legacy="tensorboard")
     peak_tflops: float = option(
         0.0, "Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).", legacy="peak_tflops")
+    trackers: list[Literal["wandb", "mlflow"]] = option(
+        [], "Experiment trackers beside metrics.jsonl and TensorBoard (optional packages: pip install wandb / "
+            "mlflow-skinny). Each gets the resolved config at start and every metrics record.")
+    wandb_project: str = option("cllama-dist", "W&B project.")
+    wandb_mode: Literal["offline", "online"] = option(
+        "offline", "W&B mode: offline writes under RUN/wandb (cluster nodes often have no internet; `wandb sync` later).")
+    mlflow_tracking_uri: str = option("", "MLflow tracking URI (default: the folder RUN/mlruns, file store).")
+    mlflow_experiment: str = option("cllama-dist", "MLflow experiment name.")
 
     def validate(self) -> None:
         check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")

@@ -198,7 +198,17 @@ class Trainer:
         peak = cfg.logging.peak_tflops or (flops.peak_tflops(torch.cuda.get_device_name())
                                            if self.device.startswith("cuda") else 0.0)
         self.peak_flops = peak * 1e12
-        self.logger = Logger(self.run_dir, cfg.logging.tensorboard, self.start_step if self.resume_from else -1)
+        trackers: list = []
+
+        def open_on_main() -> None:
+            if cfg.logging.trackers and dist.is_main():
+                from .trackers import open_trackers
+
+                trackers.extend(open_trackers(cfg.logging.trackers, self.run_dir, to_dict(cfg), cfg.logging))
+
+        dist.agree("opening the trackers", open_on_main)  # a tracker that is not installed stops every rank
+        self.logger = Logger(self.run_dir, cfg.logging.tensorboard, self.start_step if self.resume_from else -1,
+                             trackers)
         self.throughput = Throughput(self.plan.tokens_per_step, self.plan.world, self.device, self.flops, self.peak_flops)
         dist.on_main("writing the run's settings", self._write_settings)
         self._announce()

@@ -44,10 +44,11 @@ def peak_memory_bytes(device: str) -> int:
 class Logger:
     """Rank 0 only: metrics.jsonl, TensorBoard events and console lines."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int, trackers=()):
         self.main = dist.is_main()
         self.path = run_dir / METRICS
         self.tb = None
+        self.trackers = list(trackers)  # trackers.py: W&B, MLflow (rank 0 only)
         if not self.main:
             return
         if self.path.exists() and resume_step >= 0:
@@ -75,6 +76,8 @@ class Logger:
         record = {**record, "time": round(time.time(), 3)}  # when it happened: runs span days and requeues
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for t in self.trackers:
+            t.log(record)
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "type", "time") and isinstance(value, (int, float)) and math.isfinite(value):
@@ -87,6 +90,9 @@ class Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
 
 
 class Throughput:

@@ -14,6 +14,7 @@ with the pip command, not at the first log line.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,7 +73,12 @@ class MLflowTracker:
             raise UserError("logging.trackers names mlflow, which is not installed: pip install mlflow-skinny "
                             "(or mlflow)") from None
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri or (run_dir / "mlruns").resolve().as_uri())
+        uri = tracking_uri or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store only behind this switch; a folder is what a cluster job without a
+            # tracking server can write (SQLite on NFS is not safe).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
         # One MLflow run per training run, found again by its name on resume.
         found = mlflow.search_runs(filter_string=f"tags.cllama_run = '{name}'", output_format="list")
