@@ -47,6 +47,17 @@ class EvalConfig(CorpusConfig):
             "which no answer can match) and decoded with SentencePiece; answer and expected output are compared as "
             "strings after str.strip() of each (whitespace at both ends), nothing else normalised. Records with a "
             "'task' field are also counted per task. --max-documents limits the records.")
+    choices: list[PathStr] = option(
+        [], "Multiple-choice files in C-Eval / CMMLU CSV form (question, options A-D, answer; the subject is the file "
+            "name without _val/_test/_dev and .csv) or folders of them: accuracy per subject and overall, each "
+            "option scored by the model's log-likelihood of it after the question (see choices_score).")
+    choices_dev: list[PathStr] = option(
+        [], "Few-shot examples: CSV files or folders of the same form ({subject}_dev.csv), the first --shots of each "
+            "subject put before its questions with their answers.")
+    shots: int = option(0, "Few-shot examples per question, from choices_dev (C-Eval's and CMMLU's convention: 0 or 5).")
+    choices_score: Literal["letter", "text"] = option(
+        "letter", "What is scored after the prompt (which ends '答案：'): the option's letter (A-D, as C-Eval's and "
+                  "CMMLU's own evaluations and lm-eval do), or the option's text (its summed log-likelihood).")
     max_new_tokens: int = option(48, "Tokens generated per prompt (raw continuations are always this long; answers "
                                      "through a template stop at EOS).")
     temperature: float = option(0.7, "Sampling temperature for --generate; 0: greedy.")
@@ -57,13 +68,15 @@ class EvalConfig(CorpusConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.model), "model", "is required (a Hugging Face model folder)")
-        if self.instructions:
+        if self.instructions or self.choices:
             check(not (self.inputs and self.shards), "inputs",
                   "give --inputs (text: bits per character) or --shards (tokens), not both")
         else:
             check(bool(self.inputs) != bool(self.shards), "inputs",
                   "give either --inputs (text: bits per character) or --shards (tokens), not both or neither "
-                  "(or only --instructions)")
+                  "(or only --instructions / --choices)")
+        check(0 <= self.shots <= 10, "shots", f"must be within 0..10, got {self.shots}")
+        check(not self.shots or bool(self.choices_dev), "shots", "few-shot examples need choices_dev (the dev files)")
         check(self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be at least 1, got {self.max_new_tokens}")

@@ -61,7 +61,7 @@ class Tokenizer:
 
             try:
                 self.hf = AutoTokenizer.from_pretrained(str(path))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError):
                 raise UserError(f"no tokenizer in {path} (neither tokenizer.model nor a Hugging Face tokenizer; "
                                 "pass --tokenizer)") from None
             self.sp = None
@@ -341,6 +341,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         from .instructions import evaluate_instructions
 
         result["instructions"] = evaluate_instructions(cfg, model, tokenizer, device, template=inst_template)
+    if cfg.choices:
+        from .choices import evaluate_choices
+
+        result["choices"] = evaluate_choices(cfg, model, tokenizer, device)
     result["config"] = to_dict(cfg)
     if cfg.json_out:
         write_atomic(cfg.json_out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -352,7 +356,8 @@ def check_outputs(cfg: EvalConfig) -> None:
     if cfg.json_out:
         check_file_output(cfg.json_out, "eval JSON")
         check_not_input(cfg.json_out, {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
-                                       "corpus": cfg.inputs, "shards": cfg.shards, "instructions": cfg.instructions},
+                                       "corpus": cfg.inputs, "shards": cfg.shards, "instructions": cfg.instructions,
+                                       "multiple-choice files": list(cfg.choices) + list(cfg.choices_dev)},
                         "eval JSON")
 
 
@@ -373,4 +378,8 @@ def format_result(r: dict) -> str:
         from .instructions import format_instructions
 
         lines += format_instructions(r["instructions"])
+    if "choices" in r:
+        from .choices import format_choices
+
+        lines += format_choices(r["choices"])
     return "\n".join(lines)
