@@ -180,7 +180,7 @@ def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
     from .launch.submit import submit_preprocess, submit_train
 
     # The job's own settings: its YAML (--config) and the flags after a lone --, parsed by the stage's parser.
-    stage_cls = TrainConfig if args.what == "train" else PreprocessConfig
+    stage_cls = {"train": TrainConfig, "preprocess": PreprocessConfig, "preprocess-sft": SFTPreprocessConfig}[args.what]
     stage_parser = argparse.ArgumentParser(prog=f"cllama submit {args.what} ... --")
     add_flags(stage_parser, stage_cls)
     values, origins = flag_values(stage_parser.parse_args(args.rest), stage_cls)
@@ -243,7 +243,7 @@ def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None
         g.add_argument("--launcher", choices=["torchrun", "deepspeed"], default=None,
                        help="which launcher starts the processes (default torchrun)")
     elif words == ("submit",):
-        p.add_argument("what", choices=["train", "preprocess"])
+        p.add_argument("what", choices=["train", "preprocess", "preprocess-sft"])
         p.epilog = "Flags after a lone -- go to the trainer / preprocessor (their --help lists them)."
     elif words == ("demo",):
         from .recipes.demo.recipe import STAGE_NAMES
