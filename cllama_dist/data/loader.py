@@ -31,6 +31,9 @@ class TokenBlocks:
     rows_key = "sequences"  # the shard record's row count
 
     def __init__(self, folder: str | Path, manifest: dict, split: str):
+        if manifest.get("format") == SFT_FORMAT and self.shard_class is MappedShard:
+            raise UserError(f"{folder} holds instruction-tuning shards ({SFT_FORMAT}): read them with SFTBlocks, "
+                            "which gives their loss mask and example boundaries too")
         info = manifest["splits"].get(split, {"shards": []})
         self.block_size = int(manifest["block_size"])
         dtype = np.dtype(manifest["dtype"])

@@ -15,6 +15,11 @@ its file, sequences, tokens and sha256. The trainer calls ``check_manifest`` bef
 Readers: ``MappedShard`` (zero-copy views on a memory map, what ``loader.TokenBlocks`` is made of) and
 ``shard_tokens`` (one array, a copy, for tools). ``verify_shards`` checks shards against the manifest, in full
 or by subsets that ranks can share (docs/hazards.md#h16).
+
+Instruction-tuning shards (``cllama preprocess-sft``, format SFT_FORMAT) are the second kind: the same stream
+files with four columns (input_ids, loss_mask, example_starts, n_tokens; see the section at the end), their own
+manifest format (``load_sft_manifest``, ``check_sft_manifest``), read by ``MappedSFTShard`` /
+``loader.SFTBlocks`` and verified by the same ``verify_shards``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 
 from cllama_dist.data.config import SFTPreprocessConfig
-from cllama_dist.data.loader import SFTBlocks, position_ids, segment_ids
+from cllama_dist.data.loader import SFTBlocks, TokenBlocks, position_ids, segment_ids
 from cllama_dist.data.preprocess import GROUPS, split_of
 from cllama_dist.data.sft import RowPacker, finalize, preprocess_sft, record_key, run_task
 from cllama_dist.data.shards import (SFT_COLUMNS, SFT_FORMAT, SFTShardWriter, check_manifest, check_sft_manifest,
@@ -379,6 +379,13 @@ def test_outputs_never_touch_inputs_and_only_our_kind_is_replaced(tiny_merged, t
         load_manifest(out)
     with pytest.raises(UserError, match=r"pre-training shards .* expected instruction-tuning shards"):
         load_sft_manifest(tiny_shards)
+    with pytest.raises(UserError, match="read them with SFTBlocks"):
+        TokenBlocks(out, load_sft_manifest(out), "train")
+    # An input edited since the plan: refused, naming it (the same plan checks as pre-training).
+    with open(d / "a.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"instruction": "新问题", "output": "新回答"}, ensure_ascii=False) + "\n")
+    with pytest.raises(UserError, match=rf"made from other inputs: {d / 'a.jsonl'} changed \(size"):
+        preprocess_sft(cfg(tiny_merged, d, out, max_length=64))
 
 
 def test_a_second_writer_and_an_early_finalize_are_refused(tiny_merged, data, tmp_path):
@@ -507,6 +514,10 @@ def test_the_shipped_instruction_set(tiny_merged, tmp_path, layout):
     assert m["totals"]["truncated"] == 0 and v["examples"] > 0
     assert (t["rows"] == t["examples"]) == (layout == "padded")
     verify_shards(out, m)
+    rec = [tmp_path / f"rank-{k}.json" for k in range(2)]
+    shares = [verify_shards(out, m, which=(k, 2), record=rec[k])["shards"] for k in range(2)]
+    assert sum(shares) == len(t["shards"]) + len(v["shards"])
+    assert [verify_shards(out, m, which=(k, 2), record=rec[k])["from_record"] for k in range(2)] == shares
     ds = datasets.Dataset.from_file(str(out / t["shards"][0]["file"]))
     assert len(ds) == t["shards"][0]["rows"] and len(ds[0]["input_ids"]) == 256 and ds[0]["example_starts"][0] == 0
     print(f"\nshipped set, {layout}: {json.dumps({k: m['totals'][k] for k in m['totals']})}; train rows {t['rows']}, "
