@@ -734,6 +734,11 @@ def finalize_groups(output: str, stage: Stage, verify: bool, body: Callable[[Pat
         raise UserError(f"the {stage.kind} output {out} is a file, not a folder")
     if not (out / PLAN).is_file():
         raise UserError(f"{out} holds no {PLAN}: run `{stage.command}` (or its array tasks) first")
+    kind = files.folder_kind(out)
+    if kind != stage.kind:
+        other = {PRETRAIN.kind: PRETRAIN.command, "sft-shards": "cllama preprocess-sft"}.get(kind or "")
+        raise UserError(f"{out} holds {kind or 'unmarked'} output, not {stage.kind}: "
+                        + (f"finalize it with `{other} finalize`" if other else f"not made by `{stage.command}`"))
     plan_lock = _plan_lock(out, stage)
     try:
         _live_locks_refuse(out, "finalize", finalize_too=False, stage=stage)

@@ -406,6 +406,11 @@ def test_a_second_writer_and_an_early_finalize_are_refused(tiny_merged, data, tm
     finally:
         holder.release()
     run_task(cfg(tiny_merged, data, out, num_tasks=3, task_id=1))
+    from cllama_dist.data.preprocess import finalize as finalize_pretraining
+
+    with pytest.raises(UserError, match=r"holds sft-shards output, not shards: finalize it with `cllama "
+                                        r"preprocess-sft finalize`"):
+        finalize_pretraining(str(out))
     finalize(str(out))
     preprocess_sft(cfg(tiny_merged, data, tmp_path / "one"))
     assert digest(out) == digest(tmp_path / "one")
@@ -538,3 +543,20 @@ def test_cli_and_yaml(tiny_merged, data, tmp_path, capsys):
     assert "packed rows of 96 tokens" in out and "template llama2" in out
     assert main(["preprocess-sft", "--config", str(y), "--output", str(tmp_path / "x"), "--max-length", "8"]) == 2
     assert "--max-length: must be at least 16 tokens" in capsys.readouterr().err
+
+
+def test_compressed_inputs_read_as_the_plain_ones(tiny_merged, data, tmp_path):
+    import gzip
+
+    plain, packed = tmp_path / "plain", tmp_path / "gz"
+    plain.mkdir()
+    packed.mkdir()
+    for f in data.iterdir():
+        (plain / f.name).write_bytes(f.read_bytes())
+        with gzip.open(packed / (f.name + ".gz"), "wb") as g:
+            g.write(f.read_bytes())
+    a = preprocess_sft(cfg(tiny_merged, plain, tmp_path / "a", shard_size_mb=100))
+    b = preprocess_sft(cfg(tiny_merged, packed, tmp_path / "b", shard_size_mb=100))
+    assert a["plan"]["chunks"] > b["plan"]["chunks"] == 3  # a compressed file is one chunk
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert [i["format"] for i in b["inputs"]] == ["jsonl", "json", "jsonl"]
