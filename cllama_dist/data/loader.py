@@ -122,7 +122,7 @@ class SFTBlocks(TokenBlocks):
         self.layout = manifest.get("layout")
         self.pad_id = manifest.get("pad_id")
         shards: list[MappedSFTShard] = self.shards  # type: ignore[assignment]
-        cat = lambda name: np.concatenate([getattr(m, name) for m in shards] or [np.zeros(0)]).astype(np.int64)  # noqa: E731
+        cat = lambda name: np.concatenate([getattr(m, name) for m in shards] or [np.zeros(0)]).astype(np.int64)
         self._batch_mask, self._batch_ntok = cat("batch_mask"), cat("batch_ntok")
         self._batch_soff, self._batch_sval = cat("batch_soff"), cat("batch_sval")
 

@@ -442,7 +442,7 @@ def _conversations(src: Source, start: int, end: int | None, s: dict,
         try:
             is_chat = fmt == "chat" or (fmt == "auto" and isinstance(obj, dict) and key in obj)
             conv = rec.chat_record(obj, key) if is_chat else rec.alpaca_record(obj, fields)
-        except rec._Skip as skip:  # noqa: SLF001  (records' per-record verdict: reason and detail)
+        except rec._Skip as skip:  # (records' per-record verdict: reason and detail)
             _bad(src, here, line, counts, s, skip.reason, skip.detail)
             continue
         yield conv, line, here

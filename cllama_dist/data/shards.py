@@ -652,7 +652,8 @@ class SFTShardWriter(_StreamWriter):
         n = len(input_ids)
         if n == 0:
             return
-        part = (np.asarray(input_ids, self.dtype).reshape(n, self.block), np.asarray(loss_mask, np.uint8).reshape(n, self.block),
+        part = (np.asarray(input_ids, self.dtype).reshape(n, self.block),
+                np.asarray(loss_mask, np.uint8).reshape(n, self.block),
                 np.asarray(n_tokens, np.int32), np.asarray(starts, np.int32), np.asarray(starts_per_row, np.int64))
         self._parts.append(part)
         self._pending += n

@@ -197,7 +197,8 @@ def test_masks_cover_exactly_the_responses(tiny_merged, tmp_path):
     source = f"{ALPACA_HEADER}\n\n### Instruction:\n把下面的词倒过来写\n天气\n\n### Response: "
     prompt, answer = [BOS] + sp.encode(source), sp.encode("气天") + [EOS]
     assert run("a", "alpaca") == (prompt + answer, [0] * len(prompt) + [1] * len(answer))
-    prompt = [BOS] + sp.encode(f"[INST] <<SYS>>\n{LLAMA2_DEFAULT_SYSTEM}\n<</SYS>>\n\n把下面的词倒过来写\n天气 [/INST]")
+    v2 = f"[INST] <<SYS>>\n{LLAMA2_DEFAULT_SYSTEM}\n<</SYS>>\n\n把下面的词倒过来写\n天气 [/INST]"
+    prompt = [BOS] + sp.encode(v2)
     assert run("a", "llama2") == (prompt + answer, [0] * len(prompt) + [1] * len(answer))
     # Two turns: every assistant turn and its EOS carry loss, nothing else (BOS, system, both user turns).
     p1 = [BOS] + sp.encode("[INST] <<SYS>>\n你是助手。\n<</SYS>>\n\n你好 [/INST]")
@@ -311,8 +312,8 @@ def test_refusals_name_the_file_and_the_problem(tiny_merged, data, tmp_path):
     write_jsonl(tmp_path / "pretrain.jsonl", [{"text": "一段文字"}] * 10)
     (tmp_path / "notes.txt").write_text("hello\n")
     (tmp_path / "prose.jsonl").write_text("这不是 JSON\n也不是\n")
-    for bad, what in ((tmp_path / "pretrain.jsonl", r"pretrain.jsonl:1: neither an Alpaca-style record .* its fields "
-                                                    r"are 'text'"),
+    foreign = r"pretrain.jsonl:1: neither an Alpaca-style record .* its fields are 'text'"
+    for bad, what in ((tmp_path / "pretrain.jsonl", foreign),
                       (tmp_path / "notes.txt", "instruction data is JSON .* not txt"),
                       (tmp_path / "prose.jsonl", "not instruction data: none of its first lines is JSON")):
         with pytest.raises(UserError, match=what):
@@ -447,7 +448,8 @@ def test_disk_full_says_so_removes_partial_files_and_resumes(tiny_merged, data, 
 def _one_shard(folder: Path, rows: list[tuple[list[int], list[int], list[int], int]], block: int = 8) -> dict:
     w = SFTShardWriter(folder / "train-000000.arrow", block, np.dtype(np.uint16))
     for ids, mask, starts, n in rows:
-        w.add(np.array([ids], np.uint16), np.array([mask], np.uint8), np.array([n]), np.array(starts), np.array([len(starts)]))
+        w.add(np.array([ids], np.uint16), np.array([mask], np.uint8), np.array([n]), np.array(starts),
+              np.array([len(starts)]))
     shard = w.close()
     return {"format": SFT_FORMAT, "tokenizer": {"vocab_size": 100, "sha256": "0" * 64}, "block_size": block,
             "dtype": "uint16", "columns": SFT_COLUMNS, "layout": "packed",
