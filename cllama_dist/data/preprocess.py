@@ -125,18 +125,17 @@ def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
     }
 
 
-def plan_chunks(sources: list[Source], chunk_mb: float,
-                splittable: Callable[[Source], bool] | None = None) -> list[list]:
+def plan_chunks(sources: list[Source], chunk_mb: float) -> list[list]:
     """Each source cut into chunks ``[source index, start, end, estimated input bytes]``, from the sources alone.
 
-    A splittable file (``splittable(src)``, default ``src.splittable``) is cut into byte ranges of ``chunk_mb``;
-    an uncompressed Parquet file into runs of row groups; anything else is one chunk (end None), read whole.
+    A splittable file (``Source.splittable``: plain .txt / .jsonl) is cut into byte ranges of ``chunk_mb``; an
+    uncompressed Parquet file into runs of row groups; anything else (compressed, or a JSON array, whose Source
+    format data/sft.py sets to "json") is one chunk (end None), read whole.
     """
     chunk_bytes = max(int(chunk_mb * 1e6), 1)
-    can_split = splittable or (lambda s: s.splittable)
     chunks: list[list] = []
     for i, src in enumerate(sources):
-        if can_split(src):
+        if src.splittable:
             for a in range(0, max(src.size, 1), chunk_bytes):
                 chunks.append([i, a, min(a + chunk_bytes, src.size), min(chunk_bytes, src.size - a)])
         elif src.fmt == "parquet" and not src.compression:
