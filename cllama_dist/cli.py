@@ -5,6 +5,7 @@
     cllama tokenizer report --tokenizer llama/tokenizer.model --tokenizer out/merged --corpus heldout.jsonl
     cllama preprocess       --corpus data/ --tokenizer out/merged --output shards/ --block-size 512
     cllama preprocess finalize --output shards/
+    cllama preprocess-sft   --inputs alpaca_zh.json --tokenizer out/merged --template alpaca --output sft/
     cllama train            --config configs/llama-7b.yaml --dry-run
     torchrun --nproc_per_node 2 -m cllama_dist.train --config run.yaml   (or: deepspeed cllama_dist/train.py ...)
     cllama export adapter   --run runs/7b --out out/adapter
@@ -32,7 +33,7 @@ from typing import Any, Callable
 from . import __version__, stages
 from .chat_config import ChatConfig
 from .config import add_flags, flag_values, load, load_yaml, normalise_flags
-from .data.config import FinalizeConfig, PreprocessConfig
+from .data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
 from .errors import UserError
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
@@ -147,6 +148,24 @@ def _preprocess(cfg: PreprocessConfig, args: argparse.Namespace) -> None:
     _print_manifest(cfg.output, m)
 
 
+def _preprocess_sft(cfg: SFTPreprocessConfig, args: argparse.Namespace) -> None:
+    from .data.preprocess import resolve_task
+    from .data.sft import summary
+
+    if args.action == "prepare":
+        plan = stages.preprocess_sft_prepare(cfg)
+        print(f"{cfg.output}: {len(plan['groups'])} shard groups over {resolve_task(cfg).num_tasks} task(s), "
+              f"{len(plan['chunks'])} input chunks; ready for the tasks")
+        return
+    m = stages.preprocess_sft(cfg)
+    if m is None:
+        task = resolve_task(cfg)
+        print(f"task {task.task_id} of {task.num_tasks} done; after all tasks: "
+              f"cllama preprocess-sft finalize --output {cfg.output}")
+        return
+    print(summary(cfg.output, m))
+
+
 def _train(cfg: TrainConfig, args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_dry_run(cfg, stages.dry_run(cfg))
@@ -164,7 +183,7 @@ def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
     from .launch.submit import submit_preprocess, submit_train
 
     # The job's own settings: its YAML (--config) and the flags after a lone --, parsed by the stage's parser.
-    stage_cls = TrainConfig if args.what == "train" else PreprocessConfig
+    stage_cls = {"train": TrainConfig, "preprocess": PreprocessConfig, "preprocess-sft": SFTPreprocessConfig}[args.what]
     stage_parser = argparse.ArgumentParser(prog=f"cllama submit {args.what} ... --")
     add_flags(stage_parser, stage_cls)
     values, origins = flag_values(stage_parser.parse_args(args.rest), stage_cls)
@@ -189,6 +208,8 @@ COMMANDS = [
             _simple(stages.merge, _print_merge)),
     Command(("tokenizer", "report"), ReportConfig, "compare tokenizers on a corpus", _simple(stages.report, _print_report)),
     Command(("preprocess",), PreprocessConfig, "tokenize a corpus into packed Arrow shards (offline, CPU)", _preprocess),
+    Command(("preprocess-sft",), SFTPreprocessConfig, "render instruction data through a chat template and tokenize "
+            "it into Arrow shards with a loss mask over the responses (offline, CPU)", _preprocess_sft),
     Command(("train",), TrainConfig, "train LoRA + new embedding rows (one process of a job; start several with "
                                      "torchrun / deepspeed / srun)", _train),
     Command(("export", "adapter"), ExportAdapterConfig, "a PEFT adapter (LoRA + new embedding rows) with the merged "
@@ -209,7 +230,7 @@ COMMANDS = [
 
 
 def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None:
-    if words == ("preprocess",):
+    if words in (("preprocess",), ("preprocess-sft",)):
         p.add_argument("action", nargs="?", choices=["prepare", "finalize"],
                        help="prepare: check the flags and create the output folder's plan (before an array of "
                             "tasks); finalize: check and join the tasks' output into manifest.json")
@@ -229,7 +250,7 @@ def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None
         g.add_argument("--launcher", choices=["torchrun", "deepspeed"], default=None,
                        help="which launcher starts the processes (default torchrun)")
     elif words == ("submit",):
-        p.add_argument("what", choices=["train", "preprocess"])
+        p.add_argument("what", choices=["train", "preprocess", "preprocess-sft"])
         p.epilog = "Flags after a lone -- go to the trainer / preprocessor (their --help lists them)."
     elif words == ("chat",):
         p.epilog = ("In the chat: /reset clears the history, /exit or Ctrl-D ends, Ctrl-C stops an answer (at the "
@@ -263,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(cmd: Command, args: argparse.Namespace):
-    if cmd.words == ("preprocess",) and args.action == "finalize":
+    if cmd.words in (("preprocess",), ("preprocess-sft",)) and args.action == "finalize":
         # finalize needs only the output folder: from the flag, or from the preprocessing YAML.
         output = getattr(args, "output", None) or (load_yaml(args.config).get("output") if args.config else None)
         return FinalizeConfig(output=output or "")
@@ -311,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(cmd, args)
         if cmd.words == ("preprocess",) and args.action == "finalize":
             _print_manifest(cfg.output, stages.preprocess_finalize(cfg))
+            return 0
+        if cmd.words == ("preprocess-sft",) and args.action == "finalize":
+            from .data.sft import summary
+
+            print(summary(cfg.output, stages.preprocess_sft_finalize(cfg)))
             return 0
         code = cmd.run(cfg, args)
     except UserError as exc:

@@ -13,7 +13,7 @@ CLI) imports nothing heavy: the offline stages never import torch.
 from __future__ import annotations
 
 from .chat_config import ChatConfig
-from .data.config import FinalizeConfig, PreprocessConfig
+from .data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
 from .recipes.demo.config import DemoConfig
@@ -71,6 +71,35 @@ def preprocess_finalize(cfg: FinalizeConfig) -> dict:
 def preprocess(cfg: PreprocessConfig) -> dict | None:
     """This task, then finalize when it is the only one; returns the manifest, or None for one of several tasks."""
     from .data.preprocess import preprocess as run
+
+    return run(cfg)
+
+
+def preprocess_sft_prepare(cfg: SFTPreprocessConfig) -> dict:
+    """Instruction data: check the settings, tokenizer, template and inputs, and write the output folder's plan."""
+    from .data.sft import prepare
+
+    return prepare(cfg)
+
+
+def preprocess_sft_task(cfg: SFTPreprocessConfig) -> dict:
+    """Instruction data: render and encode this task's share into shards (``task_id`` of ``num_tasks``)."""
+    from .data.sft import run_task
+
+    return run_task(cfg)
+
+
+def preprocess_sft_finalize(cfg: FinalizeConfig) -> dict:
+    """Instruction data: join every task's output into manifest.json; returns the manifest."""
+    from .data.sft import finalize
+
+    return finalize(cfg.output, verify=cfg.verify)
+
+
+def preprocess_sft(cfg: SFTPreprocessConfig) -> dict | None:
+    """Instruction data: this task, then finalize when it is the only one; the manifest, or None for one of
+    several tasks."""
+    from .data.sft import preprocess_sft as run
 
     return run(cfg)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Literal
+
 from ..config import PathStr, Section, check, option
 
 
@@ -66,6 +68,81 @@ class PreprocessConfig(CorpusConfig):
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.num_tasks >= 0, "num_tasks", f"must be >= 0, got {self.num_tasks}")
         check(self.max_doc_chars >= 0, "max_doc_chars", f"must be >= 0, got {self.max_doc_chars}")
+        if self.num_tasks and self.task_id >= 0:
+            check(self.task_id < self.num_tasks, "task_id",
+                  f"{self.task_id} is outside 0..{self.num_tasks - 1} (num_tasks {self.num_tasks})")
+
+
+MIN_SFT_LENGTH = 16  # below this no template's prompt leaves room for a response
+
+
+@dataclass
+class SFTPreprocessConfig(Section):
+    """Offline preprocessing of instruction data: rendered through a chat template, tokenized, into Arrow shards
+    with a loss mask over the responses (cllama preprocess-sft)."""
+
+    inputs: list[PathStr] = option(
+        [], "Instruction files, folders (searched recursively) or glob patterns: Alpaca-style records as JSON Lines "
+            "or one JSON array (.jsonl / .json), chat records ({\"messages\": [...]}) as JSON Lines; each "
+            "optionally .gz or .zst.", aliases=["--input", "--data"])
+    tokenizer: PathStr = option("", "The merged tokenizer folder (holding tokenizer.model) or its SentencePiece "
+                                    ".model file.")
+    template: str = option(
+        "alpaca", "Chat template: alpaca (the paper's v1 prompt), llama2 (v2, [INST] <<SYS>>), tokenizer (the "
+                  "tokenizer folder's own chat_template), or a Jinja file (.jinja).")
+    output: PathStr = option("", "Output folder for the Arrow shards and manifest.json.", aliases=["--out"])
+    format: Literal["auto", "alpaca", "chat"] = option(
+        "auto", "Record format: alpaca (instruction / input / output), chat (messages), or auto (per record: an "
+                "object with the messages key is chat, any other Alpaca).")
+    instruction_field: str = option("instruction", "Alpaca records: the instruction field.")
+    input_field: str = option("input", "Alpaca records: the optional input field, appended to the instruction after "
+                                       "a newline when not empty (empty: no input field).")
+    output_field: str = option("output", "Alpaca records: the response field.")
+    system_field: str = option("", "Alpaca records: an optional per-record system prompt field (empty: none).")
+    messages_key: str = option("messages", "Chat records: the field holding the list of {role, content} messages.")
+    system: str | None = option(
+        None, "System prompt for records that have none of their own (unset: the template's default; \"\": no "
+              "system prompt).")
+    max_length: int = option(
+        512, "Tokens per row: the longest example (prompt + response + EOS), and the row length of both layouts.")
+    overflow: Literal["truncate", "skip"] = option(
+        "truncate", "An example longer than max_length: truncate it to max_length (the paper's), or skip it "
+                    "(counted as too_long). An example whose prompt alone fills max_length is always skipped.")
+    layout: Literal["padded", "packed"] = option(
+        "padded", "padded: one example per row, padded to max_length (the paper's); packed: as many whole "
+                  "examples per row as fit, never split (example_starts says where each begins).")
+    validation_fraction: float = option(
+        0.02, "Share of records sent to the validation split, chosen by a keyed hash of each record's messages "
+              "(the same record always lands in the same split, whatever the order, workers or tasks).")
+    seed: int = option(0, "Key of the split hash.")
+    strict: bool = option(
+        False, "Fail on the first bad record (malformed JSON, missing field, empty response, wrong role order, too "
+               "long with overflow skip, ...), naming file and line, instead of skipping and counting it.")
+    shard_size_mb: float = option(
+        256.0, "Target size of one train shard, in MB of output (estimated from input sizes, so shard boundaries "
+               "do not depend on workers or tasks).")
+    chunk_mb: float = option(
+        16.0, "Input bytes one worker reads at a time (JSON Lines files are cut by byte range; a JSON array or a "
+              "compressed file is one chunk).")
+    workers: int = option(0, "Worker processes (0: all cores).")
+    num_tasks: int = option(0, "Number of tasks sharing the input (0: SLURM_ARRAY_TASK_COUNT, else 1).")
+    task_id: int = option(-1, "This task's index, 0-based (-1: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, else 0).")
+    overwrite: bool = option(False, "Delete an existing output folder made with other settings instead of refusing.")
+
+    def validate(self) -> None:
+        check(bool(self.tokenizer), "tokenizer", "is required (the merged tokenizer folder)")
+        check(bool(self.output), "output", "is required (the shards folder to write)")
+        check(bool(self.template), "template", "is required: alpaca, llama2, tokenizer or a .jinja file")
+        check(self.max_length >= MIN_SFT_LENGTH, "max_length",
+              f"must be at least {MIN_SFT_LENGTH} tokens, got {self.max_length}")
+        for name in ("instruction_field", "output_field", "messages_key"):
+            check(bool(getattr(self, name)), name, "must not be empty")
+        check(0.0 <= self.validation_fraction < 1.0, "validation_fraction",
+              f"must be within [0, 1), got {self.validation_fraction}")
+        check(self.shard_size_mb > 0, "shard_size_mb", f"must be positive, got {self.shard_size_mb}")
+        check(self.chunk_mb > 0, "chunk_mb", f"must be positive, got {self.chunk_mb}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.num_tasks >= 0, "num_tasks", f"must be >= 0, got {self.num_tasks}")
         if self.num_tasks and self.task_id >= 0:
             check(self.task_id < self.num_tasks, "task_id",
                   f"{self.task_id} is outside 0..{self.num_tasks - 1} (num_tasks {self.num_tasks})")

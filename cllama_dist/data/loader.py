@@ -10,11 +10,12 @@ step whatever the number of processes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import UserError
-from .shards import MappedShard
+from .shards import SFT_FORMAT, MappedSFTShard, MappedShard
 
 
 class TokenBlocks:
@@ -26,16 +27,24 @@ class TokenBlocks:
     rows asked for.
     """
 
+    shard_class: type = MappedShard
+    rows_key = "sequences"  # the shard record's row count
+
     def __init__(self, folder: str | Path, manifest: dict, split: str):
+        if manifest.get("format") == SFT_FORMAT and self.shard_class is MappedShard:
+            raise UserError(f"{folder} holds instruction-tuning shards ({SFT_FORMAT}): read them with SFTBlocks, "
+                            "which gives their loss mask and example boundaries too")
         info = manifest["splits"].get(split, {"shards": []})
         self.block_size = int(manifest["block_size"])
         dtype = np.dtype(manifest["dtype"])
         _room_for_open_files(len(info["shards"]))
-        self.shards = [MappedShard(Path(folder) / s["file"], self.block_size, dtype, int(s["sequences"]),
-                                   manifest.get("columns")) for s in info["shards"]]
+        key = self.rows_key
+        self.shards = [self.shard_class(Path(folder) / s["file"], self.block_size, dtype, int(s[key]),
+                                        manifest.get("columns")) for s in info["shards"]]
         for s, m in zip(info["shards"], self.shards):
-            if m.rows != s["sequences"]:
-                raise UserError(f"shard {m.path} holds {m.rows:,} sequences, the manifest says {s['sequences']:,}")
+            if m.rows != s[key]:
+                raise UserError(f"shard {m.path} holds {m.rows:,} {'rows' if key == 'rows' else key}, the manifest "
+                                f"says {s[key]:,}")
         sizes = [m.rows for m in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n = int(self.starts[-1])
@@ -56,8 +65,12 @@ class TokenBlocks:
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
             bad = idx[(idx < 0) | (idx >= self.n)][0]
             raise IndexError(f"sequence {bad} is outside 0..{self.n - 1}")
-        b = np.searchsorted(self._batch_first, idx, side="right") - 1
+        b = self._batches(idx)
         return self._batch_shard[b], self._batch_elem[b] + (idx - self._batch_first[b]) * self.block_size
+
+    def _batches(self, idx: np.ndarray) -> np.ndarray:
+        """The global record-batch index of each row in ``idx`` (already range-checked)."""
+        return np.searchsorted(self._batch_first, idx, side="right") - 1
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Rows ``indices`` as one int64 array (k, block_size): a gather per shard touched, no loop per row."""
@@ -73,6 +86,109 @@ class TokenBlocks:
         shard, first = self._locate(np.array([i]))
         start = int(first[0])
         return self.shards[int(shard[0])].flat[start:start + self.block_size]
+
+
+class SFTRows(NamedTuple):
+    """Rows of instruction-tuning shards, copied out of the memory maps (numpy; no torch).
+
+    input_ids (k, block) int64; loss_mask (k, block) uint8, 1 where the loss counts (response tokens and their
+    EOS); n_tokens (k,) int64, real tokens per row (the rest is padding: no attention, no loss);
+    example_starts: k int64 arrays, the offset of each example in its row (the first is 0).
+    The labels for a causal LM are ``input_ids`` where ``loss_mask`` is 1 and -100 elsewhere, shifted by the
+    model as usual; ``position_ids`` and ``segment_ids`` give what a document-aware attention needs.
+    """
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    n_tokens: np.ndarray
+    example_starts: list[np.ndarray]
+
+
+class SFTBlocks(TokenBlocks):
+    """All rows of one split of instruction-tuning shards (SFT_FORMAT), indexed globally, read in place.
+
+    The same contract as TokenBlocks (memory-mapped, nothing copied at start-up, ``take`` copies only the rows
+    asked for, ``len`` is the row count the trainer's GlobalOrder permutes); ``take`` returns all four columns.
+    """
+
+    shard_class = MappedSFTShard
+    rows_key = "rows"
+
+    def __init__(self, folder: str | Path, manifest: dict, split: str):
+        if manifest.get("format") != SFT_FORMAT:
+            raise UserError(f"{folder}: format {manifest.get('format')!r} is not instruction-tuning shards "
+                            f"({SFT_FORMAT!r})")
+        super().__init__(folder, manifest, split)
+        self.layout = manifest.get("layout")
+        self.pad_id = manifest.get("pad_id")
+        shards: list[MappedSFTShard] = self.shards  # type: ignore[assignment]
+        cat = lambda name: np.concatenate([getattr(m, name) for m in shards] or [np.zeros(0)]).astype(np.int64)
+        self._batch_mask, self._batch_ntok = cat("batch_mask"), cat("batch_ntok")
+        self._batch_soff, self._batch_sval = cat("batch_soff"), cat("batch_sval")
+
+    def take(self, indices: np.ndarray) -> SFTRows:  # type: ignore[override]
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shard, first = self._locate(idx)
+        b = self._batches(idx)
+        local = idx - self._batch_first[b]  # row inside its record batch
+        k, block = len(idx), self.block_size
+        ids = np.empty((k, block), dtype=np.int64)
+        mask = np.empty((k, block), dtype=np.uint8)
+        ntok = np.empty(k, dtype=np.int64)
+        starts: list[np.ndarray] = [np.zeros(0, np.int64)] * k
+        for s in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == s)
+            m: MappedSFTShard = self.shards[s]  # type: ignore[assignment]
+            ids[rows] = m.flat[first[rows, None] + self._cols]
+            mask[rows] = m.u8[(self._batch_mask[b[rows]] + local[rows] * block)[:, None] + self._cols]
+            ntok[rows] = m.i32[self._batch_ntok[b[rows]] + local[rows]]
+            off = self._batch_soff[b[rows]] + local[rows]
+            lo, hi = m.i32[off], m.i32[off + 1]
+            base = self._batch_sval[b[rows]]
+            for r, a, z, v in zip(rows.tolist(), lo.tolist(), hi.tolist(), base.tolist()):
+                starts[r] = m.i32[v + a:v + z].astype(np.int64)
+        return SFTRows(ids, mask, ntok, starts)
+
+    def view(self, i: int) -> SFTRows:  # type: ignore[override]
+        """Row ``i`` as views on its shard's memory map (no copy; read-only): arrays of shape (1, block)."""
+        idx = np.array([i], dtype=np.int64)
+        shard, first = self._locate(idx)
+        b = int(self._batches(idx)[0])
+        local = i - int(self._batch_first[b])
+        m: MappedSFTShard = self.shards[int(shard[0])]  # type: ignore[assignment]
+        start, block = int(first[0]), self.block_size
+        mpos = int(self._batch_mask[b]) + local * block
+        npos = int(self._batch_ntok[b]) + local
+        off = int(self._batch_soff[b]) + local
+        v = int(self._batch_sval[b])
+        return SFTRows(m.flat[start:start + block][None], m.u8[mpos:mpos + block][None], m.i32[npos:npos + 1],
+                       [m.i32[v + int(m.i32[off]):v + int(m.i32[off + 1])]])
+
+
+def position_ids(rows: SFTRows) -> np.ndarray:
+    """(k, block) int64 positions restarting at 0 at every example start, and again for the padding tail:
+    what a packed row needs so that each example sees the positions it would alone (pack.Block.position_ids)."""
+    k, block = rows.input_ids.shape
+    pos = np.broadcast_to(np.arange(block, dtype=np.int64), (k, block)).copy()
+    for r in range(k):
+        bounds = np.append(rows.example_starts[r], rows.n_tokens[r])
+        for a, z in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            pos[r, a:z] -= a
+        pos[r, rows.n_tokens[r]:] -= int(rows.n_tokens[r])
+    return pos
+
+
+def segment_ids(rows: SFTRows) -> np.ndarray:
+    """(k, block) int64: 1, 2, ... for the tokens of a row's first, second, ... example, 0 on padding. A token
+    may attend to another iff both are non-zero, equal and the other is not later (document-aware causal mask)."""
+    k, block = rows.input_ids.shape
+    seg = np.zeros((k, block), dtype=np.int64)
+    for r in range(k):
+        n = int(rows.n_tokens[r])
+        marks = np.zeros(n, dtype=np.int64)
+        marks[rows.example_starts[r]] = 1
+        seg[r, :n] = np.cumsum(marks)
+    return seg
 
 
 def _room_for_open_files(n: int) -> None:

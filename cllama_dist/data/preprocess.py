@@ -49,6 +49,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -78,6 +79,20 @@ TOKENS_PER_INPUT_BYTE = 0.25
 COMPRESSION_ESTIMATE = 3.0  # decompressed bytes per compressed byte, for planning only
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What tells the preprocessors apart in the machinery they share (plan, locks, tasks, finalize): the
+    output folder's kind (``files.claim_folder``), the command that makes it (for messages) and the name its
+    locks are held under. The instruction-tuning preprocessor (data/sft.py) is the other one."""
+
+    kind: str
+    command: str
+    label: str
+
+
+PRETRAIN = Stage(KIND, "cllama preprocess", "preprocess")
+
+
 # ---------------------------------------------------------------------------------------------- plan
 
 def _settings(cfg: PreprocessConfig, fp: dict) -> dict:
@@ -100,9 +115,25 @@ def _settings(cfg: PreprocessConfig, fp: dict) -> dict:
 
 
 def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
-    chunk_bytes = max(int(cfg.chunk_mb * 1e6), 1)
     itemsize = dtype_for_vocab(fp["vocab_size"]).itemsize
-    chunks: list[list] = []  # [source index, start, end, estimated input bytes]
+    chunks = plan_chunks(sources, cfg.chunk_mb)
+    return {
+        "inputs": [input_identity(s) for s in sources],
+        "chunks": [c[:3] for c in chunks],
+        "groups": plan_groups(chunks, cfg.shard_size_mb, TOKENS_PER_INPUT_BYTE * itemsize),
+        "settings": _settings(cfg, fp),
+    }
+
+
+def plan_chunks(sources: list[Source], chunk_mb: float) -> list[list]:
+    """Each source cut into chunks ``[source index, start, end, estimated input bytes]``, from the sources alone.
+
+    A splittable file (``Source.splittable``: plain .txt / .jsonl) is cut into byte ranges of ``chunk_mb``; an
+    uncompressed Parquet file into runs of row groups; anything else (compressed, or a JSON array, whose Source
+    format data/sft.py sets to "json") is one chunk (end None), read whole.
+    """
+    chunk_bytes = max(int(chunk_mb * 1e6), 1)
+    chunks: list[list] = []
     for i, src in enumerate(sources):
         if src.splittable:
             for a in range(0, max(src.size, 1), chunk_bytes):
@@ -118,21 +149,22 @@ def make_plan(cfg: PreprocessConfig, sources: list[Source], fp: dict) -> dict:
             if meta.num_row_groups == 0:
                 chunks.append([i, 0, 0, 0])
         else:
-            chunks.append([i, 0, None, int(src.size * COMPRESSION_ESTIMATE)])
-    target = cfg.shard_size_mb * 1e6
+            chunks.append([i, 0, None, int(src.size * (COMPRESSION_ESTIMATE if src.compression else 1))])
+    return chunks
+
+
+def plan_groups(chunks: list[list], shard_size_mb: float, output_per_input_byte: float) -> list[list[int]]:
+    """Consecutive chunks whose estimated output (input bytes x ``output_per_input_byte``) reaches
+    ``shard_size_mb`` form a group ``[first chunk, end chunk)``: one train and one validation shard."""
+    target = shard_size_mb * 1e6
     groups: list[list[int]] = []
     first, est = 0, 0.0
     for c, chunk in enumerate(chunks):
-        est += chunk[3] * TOKENS_PER_INPUT_BYTE * itemsize
+        est += chunk[3] * output_per_input_byte
         if est >= target or c == len(chunks) - 1:
             groups.append([first, c + 1])
             first, est = c + 1, 0.0
-    return {
-        "inputs": [input_identity(s) for s in sources],
-        "chunks": [c[:3] for c in chunks],
-        "groups": groups,
-        "settings": _settings(cfg, fp),
-    }
+    return groups
 
 
 def input_identity(src: Source) -> dict:
@@ -358,11 +390,11 @@ def _take(lock: Lock) -> Lock:
     return lock
 
 
-def _plan_lock(out: Path) -> Lock:
+def _plan_lock(out: Path, stage: Stage = PRETRAIN) -> Lock:
     """The folder's lock, waited for: the tasks of an array start together and each holds it for moments."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"the {KIND} output {out} is a file, not a folder; choose a folder path")
-    lock = Lock(out / PLAN_LOCK, "preprocess (checking the plan)")
+        raise UserError(f"the {stage.kind} output {out} is a file, not a folder; choose a folder path")
+    lock = Lock(out / PLAN_LOCK, f"{stage.label} (checking the plan)")
     deadline = time.monotonic() + PLAN_LOCK_WAIT_S
     vanished = 0
     while True:
@@ -384,19 +416,19 @@ def _probe(path: Path, what: str) -> None:
     _take(Lock(path, what)).release()
 
 
-def _live_locks_refuse(out: Path, action: str, finalize_too: bool = True) -> None:
+def _live_locks_refuse(out: Path, action: str, finalize_too: bool = True, stage: Stage = PRETRAIN) -> None:
     """Refuse ``action`` while a task (or finalize) holds its lock in ``out``. Called under the plan lock."""
     names = sorted(p.name for p in out.glob(".task-*.lock") if TASK_LOCK_RE.fullmatch(p.name))
     if finalize_too and (out / FINALIZE_LOCK).exists():
         names.append(FINALIZE_LOCK)
     for name in names:
         try:
-            _probe(out / name, "preprocess")
+            _probe(out / name, stage.label)
         except UserError as exc:
             raise UserError(f"cannot {action} {out}: {exc}") from None
 
 
-def _task_lock(out: Path, plan: dict, cfg: PreprocessConfig) -> Lock:
+def _task_lock(out: Path, plan: dict, cfg, stage: Stage = PRETRAIN) -> Lock:
     """This task's lock, after making sure no live task of any split of the work owns one of its groups (a
     task of 3 and the single task of a plain run overlap). Called under the plan lock, so no task can start in
     between."""
@@ -409,34 +441,36 @@ def _task_lock(out: Path, plan: dict, cfg: PreprocessConfig) -> Lock:
             continue
         theirs = task_groups(n, int(m[2]), int(m[1])) if int(m[1]) < int(m[2]) else range(0)
         if mine and theirs and mine.start < theirs.stop and theirs.start < mine.stop:
-            _probe(p, "preprocess")
-    return _take(Lock(out / name, f"preprocess task {cfg.task_id} of {cfg.num_tasks}"))
+            _probe(p, stage.label)
+    return _take(Lock(out / name, f"{stage.label} task {cfg.task_id} of {cfg.num_tasks}"))
 
 
-def _open_output(cfg: PreprocessConfig, plan: dict, hold_task: bool) -> Lock | None:
+def _open_output(cfg, plan: dict, hold_task: bool, stage: Stage = PRETRAIN) -> Lock | None:
     """Create the output folder with its plan, or check that an existing one has the same plan; then (with
     ``hold_task``) take this task's lock. Only a folder this project made is ever replaced (--overwrite), and
-    never while another writer holds a lock in it."""
+    never while another writer holds a lock in it.
+
+    ``cfg``: any preprocessing config with ``output``, ``overwrite``, ``num_tasks`` and ``task_id``."""
     out = Path(cfg.output)
-    plan_lock = _plan_lock(out)
+    plan_lock = _plan_lock(out, stage)
     try:
         existing = out / PLAN
         old = _read_json(existing) if existing.is_file() else None
         if existing.is_file() and old == plan:
-            files.claim_folder(out, KIND, reuse=True)
+            files.claim_folder(out, stage.kind, reuse=True)
         else:
             if existing.is_file() and not cfg.overwrite:
                 raise UserError(_plan_refusal(out, old, plan))
             if cfg.overwrite:
-                _live_locks_refuse(out, "replace")
-            files.claim_folder(out, KIND, overwrite=cfg.overwrite)
+                _live_locks_refuse(out, "replace", stage=stage)
+            files.claim_folder(out, stage.kind, overwrite=cfg.overwrite)
             _write_json(existing, plan)
         try:
             (out / GROUPS).mkdir(exist_ok=True)
             (out / SPILL).mkdir(exist_ok=True)
         except OSError as exc:
             raise files.os_error(exc, out, "create") from None
-        return _task_lock(out, plan, cfg) if hold_task else None
+        return _task_lock(out, plan, cfg, stage) if hold_task else None
     finally:
         plan_lock.release()
 
@@ -562,8 +596,24 @@ def _space_error(exc: BaseException) -> bool:
 
 
 def _run_task(cfg: PreprocessConfig, out: Path, model: Path, sources: list[Source], plan: dict) -> dict:
-    settings = plan["settings"]
-    dtype = np.dtype(settings["dtype"])
+    dtype = np.dtype(plan["settings"]["dtype"])
+
+    def consume(pending: list[int], results: Iterator[dict], bar: Progress) -> int:
+        return _consume(out, plan, pending, results, dtype, cfg, sources, bar)
+
+    return run_groups(cfg, out, plan, sources, PRETRAIN, init=_init_worker,
+                      initargs=(str(model), plan["settings"], sources, str(out / SPILL)),
+                      encode=_encode_chunk, consume=consume, extra=cfg.batch_docs)
+
+
+def run_groups(cfg, out: Path, plan: dict, sources: list[Source], stage: Stage, *, init: Callable,
+               initargs: tuple, encode: Callable[[tuple], dict],
+               consume: Callable[[list[int], Iterator[dict], Progress], int], extra=None) -> dict:
+    """This task's groups (resolved ``cfg.num_tasks`` / ``cfg.task_id``): skip the committed ones, encode the
+    chunks of the others in a pool of ``cfg.workers`` and hand the ordered results to ``consume``, which writes
+    and commits group by group. ``encode((chunk index, chunk, extra))`` runs in the workers after
+    ``init(*initargs)``. A failure removes the partial files of uncommitted groups; a full disk says so in one
+    line. Shared by both preprocessors."""
     mine = task_groups(len(plan["groups"]), cfg.num_tasks, cfg.task_id)
     pending = []
     for g in mine:
@@ -583,17 +633,15 @@ def _run_task(cfg: PreprocessConfig, out: Path, model: Path, sources: list[Sourc
     done_tokens = 0
     if work:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-        init = (str(model), settings, sources, str(out / SPILL))
         try:
-            with Progress(f"preprocess task {cfg.task_id}/{cfg.num_tasks}", total=total_bytes, unit="B") as bar:
-                jobs = [(c, ch, cfg.batch_docs) for c, ch in work]
+            with Progress(f"{stage.label} task {cfg.task_id}/{cfg.num_tasks}", total=total_bytes, unit="B") as bar:
+                jobs = [(c, ch, extra) for c, ch in work]
                 if workers == 1:
-                    _init_worker(*init)
-                    done_tokens = _consume(out, plan, pending, map(_encode_chunk, jobs), dtype, cfg, sources, bar)
+                    init(*initargs)
+                    done_tokens = consume(pending, map(encode, jobs), bar)
                 else:
-                    with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-                        done_tokens = _consume(out, plan, pending, pool.imap(_encode_chunk, jobs), dtype, cfg,
-                                               sources, bar)
+                    with ctx.Pool(workers, initializer=init, initargs=initargs) as pool:
+                        done_tokens = consume(pending, pool.imap(encode, jobs), bar)
         except BaseException as exc:
             # The workers are stopped (the pool is closed) before this runs: nothing writes any more.
             _discard_uncommitted(out, plan, pending)
@@ -672,28 +720,45 @@ def finalize(output: str, verify: bool = True) -> dict:
     Holds the folder's finalize lock, and refuses while any task still holds its lock (naming the task and its
     holder): a task still writing would leave its group out of the manifest, or change it afterwards.
     """
+    return finalize_groups(output, PRETRAIN, verify, _finalize)
+
+
+def finalize_groups(output: str, stage: Stage, verify: bool, body: Callable[[Path, dict, list[dict]], dict]) -> dict:
+    """The finalize both preprocessors share: under the finalize lock (refused while a task's is live), read the
+    plan and every group's record (refusing a missing one, naming it), let ``body(out, plan, records)`` make the
+    manifest, verify the shards against it (with ``verify``, their sha256 too), write it and drop the spill
+    folder."""
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise UserError(f"the {KIND} output {out} is a file, not a folder")
+        raise UserError(f"the {stage.kind} output {out} is a file, not a folder")
     if not (out / PLAN).is_file():
-        raise UserError(f"{out} holds no {PLAN}: run `cllama preprocess` (or its array tasks) first")
-    plan_lock = _plan_lock(out)
+        raise UserError(f"{out} holds no {PLAN}: run `{stage.command}` (or its array tasks) first")
+    kind = files.folder_kind(out)
+    if kind != stage.kind:
+        other = {PRETRAIN.kind: PRETRAIN.command, "sft-shards": "cllama preprocess-sft"}.get(kind or "")
+        raise UserError(f"{out} holds {kind or 'unmarked'} output, not {stage.kind}: "
+                        + (f"finalize it with `{other} finalize`" if other else f"not made by `{stage.command}`"))
+    plan_lock = _plan_lock(out, stage)
     try:
-        _live_locks_refuse(out, "finalize", finalize_too=False)
-        lock = _take(Lock(out / FINALIZE_LOCK, "preprocess finalize"))
+        _live_locks_refuse(out, "finalize", finalize_too=False, stage=stage)
+        lock = _take(Lock(out / FINALIZE_LOCK, f"{stage.label} finalize"))
     finally:
         plan_lock.release()
     try:
-        return _finalize(out, verify)
+        plan, records = _committed_records(out, stage)
+        manifest = body(out, plan, records)
+        verify_shards(out, manifest, checksums=verify)
+        _write_json(out / MANIFEST, manifest)
+        shutil.rmtree(out / SPILL, ignore_errors=True)
+        return manifest
     finally:
         lock.release()
 
 
-def _finalize(out: Path, verify: bool) -> dict:
+def _committed_records(out: Path, stage: Stage) -> tuple[dict, list[dict]]:
     plan = _read_json(out / PLAN)
     if plan is None:
-        raise UserError(f"{out / PLAN} is unreadable (corrupt JSON): re-run `cllama preprocess` with --overwrite")
-    s = plan["settings"]
+        raise UserError(f"{out / PLAN} is unreadable (corrupt JSON): re-run `{stage.command}` with --overwrite")
     n = len(plan["groups"])
     missing = [g for g in range(n) if not _group_record_path(out, g).is_file()]
     if missing:
@@ -706,6 +771,12 @@ def _finalize(out: Path, verify: bool) -> dict:
             raise UserError(f"{_group_record_path(out, g)} is unreadable: delete it and re-run the task that owns "
                             f"group {g} (the same command redoes it)")
         records.append(r)
+    return plan, records
+
+
+def _finalize(out: Path, plan: dict, records: list[dict]) -> dict:
+    s = plan["settings"]
+    n = len(plan["groups"])
     dtype = np.dtype(s["dtype"])
     block = s["block_size"]
     splits: dict = {}
@@ -737,13 +808,9 @@ def _finalize(out: Path, verify: bool) -> dict:
     skipped = SkipCounter()
     for r in records:
         skipped.update(r["skipped"])
-    manifest = build_manifest(s, splits, inputs=plan["inputs"], skipped=skipped.as_dict(),
-                              characters=sum(r["characters"] for r in records),
-                              plan={"chunks": len(plan["chunks"]), "groups": n})
-    verify_shards(out, manifest, checksums=verify)
-    _write_json(out / MANIFEST, manifest)
-    shutil.rmtree(out / SPILL, ignore_errors=True)
-    return manifest
+    return build_manifest(s, splits, inputs=plan["inputs"], skipped=skipped.as_dict(),
+                          characters=sum(r["characters"] for r in records),
+                          plan={"chunks": len(plan["chunks"]), "groups": n})
 
 
 def build_manifest(settings: dict, splits: dict, *, inputs: list[dict], skipped: dict, characters: int,

@@ -15,6 +15,11 @@ its file, sequences, tokens and sha256. The trainer calls ``check_manifest`` bef
 Readers: ``MappedShard`` (zero-copy views on a memory map, what ``loader.TokenBlocks`` is made of) and
 ``shard_tokens`` (one array, a copy, for tools). ``verify_shards`` checks shards against the manifest, in full
 or by subsets that ranks can share (docs/hazards.md#h16).
+
+Instruction-tuning shards (``cllama preprocess-sft``, format SFT_FORMAT) are the second kind: the same stream
+files with four columns (input_ids, loss_mask, example_starts, n_tokens; see the section at the end), their own
+manifest format (``load_sft_manifest``, ``check_sft_manifest``), read by ``MappedSFTShard`` /
+``loader.SFTBlocks`` and verified by the same ``verify_shards``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from ..errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "cllama-shards/1"
+SFT_FORMAT = "cllama-sft-shards/1"  # instruction tuning: see "Instruction-tuning shards" below
+SFT_COLUMNS = ["input_ids", "loss_mask", "example_starts", "n_tokens"]
 ROWS_PER_BATCH = 1024  # fixed, so that files are byte-identical however the stream arrived
 
 
@@ -58,23 +65,61 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class ShardWriter:
-    """Writes sequences to ``path + '.tmp'``; ``close()`` renames it into place and returns its record.
+class _StreamWriter:
+    """An Arrow IPC stream written to ``path + '.tmp'``; ``_finish()`` renames it into place.
 
     The record (size, sha256) is taken from the finished temporary file, after it reached the disk (fsync), and
     before the rename: a shard under its final name is always complete, and its record describes the bytes this
     writer wrote. An OS error (a full disk) is raised as a one-line UserError naming the file.
     """
 
-    def __init__(self, path: Path, block_size: int, dtype: np.dtype, boundaries: bool):
-        self.path, self.block, self.dtype, self.boundaries = Path(path), block_size, dtype, boundaries
+    def __init__(self, path: Path, sch: pa.Schema):
+        self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.schema = schema(block_size, dtype, boundaries)
+        self.schema = sch
         try:
             self._sink = pa.OSFile(str(self.tmp), "wb")
             self._writer = pa.ipc.new_stream(self._sink, self.schema)
         except OSError as exc:
             raise files.os_error(exc, self.tmp) from None
+
+    def _write(self, cols: list) -> None:
+        try:
+            self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
+
+    def _finish(self) -> tuple[int, str]:
+        """(bytes, sha256) of the finished file, now under its final name."""
+        try:
+            self._writer.close()
+            self._sink.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
+            digest = sha256_file(self.tmp)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
+        return size, digest
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # noqa: BLE001  (a full disk fails the close too, or it was closed: the file goes either way)
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter(_StreamWriter):
+    """Writes pre-training sequences to ``path + '.tmp'``; ``close()`` renames it into place and returns its
+    record (see _StreamWriter)."""
+
+    def __init__(self, path: Path, block_size: int, dtype: np.dtype, boundaries: bool):
+        self.block, self.dtype, self.boundaries = block_size, dtype, boundaries
+        super().__init__(path, schema(block_size, dtype, boundaries))
         self._rows: list[np.ndarray] = []
         self._starts: list[list[int]] = []
         self._pending = 0
@@ -102,35 +147,17 @@ class ShardWriter:
         if self.boundaries:
             cols.append(pa.array(self._starts[:n], type=pa.list_(pa.int32())))
             self._starts = self._starts[n:]
-        try:
-            self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
-        except OSError as exc:
-            raise files.os_error(exc, self.tmp) from None
+        self._write(cols)
 
     def close(self) -> dict:
         try:
             if self._pending:
                 self._flush(self._pending)
-            self._writer.close()
-            self._sink.close()
-            with open(self.tmp, "rb") as f:
-                os.fsync(f.fileno())
-                size = os.fstat(f.fileno()).st_size
-            digest = sha256_file(self.tmp)
-            os.replace(self.tmp, self.path)
         except OSError as exc:
             raise files.os_error(exc, self.tmp) from None
+        size, digest = self._finish()
         return {"file": self.path.name, "sequences": self.sequences, "tokens": self.sequences * self.block,
                 "bytes": size, "sha256": digest}
-
-    def abort(self) -> None:
-        try:
-            self._writer.close()
-            self._sink.close()
-        except Exception:  # noqa: BLE001  (a full disk fails the close too, or it was closed: the file goes either way)
-            pass
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
 
 def read_shard(path: str | os.PathLike) -> pa.Table:
@@ -201,7 +228,7 @@ class MappedShard:
         self._whole = self._map.read_buffer(self.size)  # zero-copy: the whole mapping, for base address and views
         try:
             self._schema_end = self._read_schema()
-            self.block_size, self.dtype = check_schema(self.path, self.schema, block_size, dtype, columns)
+            self.block_size, self.dtype = self._check_schema(block_size, dtype, columns)
             offsets, counts = self._layout(rows)
         except UserError:
             raise
@@ -215,6 +242,9 @@ class MappedShard:
         self.rows = int(self.batch_rows.sum())
         # The whole file as one array of token-sized elements: a batch's rows are a slice of it.
         self.flat = np.frombuffer(self._whole, dtype=self.dtype, count=self.size // itemsize)
+
+    def _check_schema(self, block_size, dtype, columns) -> tuple[int, np.dtype]:
+        return check_schema(self.path, self.schema, block_size, dtype, columns)
 
     # -- reading headers
 
@@ -338,7 +368,9 @@ def shard_tokens(path: str | os.PathLike) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def load_manifest(folder: str | os.PathLike) -> dict:
+def load_manifest(folder: str | os.PathLike, formats: tuple[str, ...] = (FORMAT,)) -> dict:
+    """The folder's manifest.json, refused unless its format is one of ``formats`` (default: pre-training
+    shards; ``load_sft_manifest`` reads instruction-tuning shards)."""
     p = Path(folder) / MANIFEST
     if not p.is_file():
         raise UserError(
@@ -349,8 +381,14 @@ def load_manifest(folder: str | os.PathLike) -> dict:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{p} is corrupt (not valid JSON: {exc})") from None
-    if m.get("format") != FORMAT:
-        raise UserError(f"{p}: unknown shard format {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("format") not in formats:
+        what = {FORMAT: "pre-training shards (`cllama preprocess`)",
+                SFT_FORMAT: "instruction-tuning shards (`cllama preprocess-sft`)"}
+        known = what.get(m.get("format"))
+        if known:
+            raise UserError(f"{p}: these are {known}, format {m.get('format')!r}; expected "
+                            f"{' or '.join(what.get(f, repr(f)) for f in formats)}")
+        raise UserError(f"{p}: unknown shard format {m.get('format')!r}, expected {' or '.join(map(repr, formats))}")
     return m
 
 
@@ -443,7 +481,8 @@ def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | N
     size (the fixed list size) and dtype. With ``checksums`` (the default), also in one sequential pass per shard
     read with ordinary reads (not a memory map: touching every page of a map would count the whole shard in this
     process's RSS): its sha256, its row count (the manifest's ``sequences``), every token id < ``vocab_size``
-    (default: the manifest tokenizer's) and every doc_starts offset inside its sequence.
+    (default: the manifest tokenizer's) and every doc_starts offset inside its sequence. Instruction-tuning
+    shards (format SFT_FORMAT) are checked for their own columns as well (``_verify_sft_one``).
 
     ``which=(rank, world)`` checks only this rank's share (``shard_subsets``), ``shards`` only the named files.
     ``record``: a JSON file of the shards already verified ({file: [size, mtime_ns, ctime_ns, sha256]}, with the
@@ -461,6 +500,8 @@ def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | N
     vocab = int(vocab_size if vocab_size is not None else manifest["tokenizer"]["vocab_size"])
     block, dtype = int(manifest["block_size"]), np.dtype(manifest["dtype"])
     columns = manifest.get("columns")
+    sft = manifest.get("format") == SFT_FORMAT
+    schema_check = check_sft_schema if sft else check_schema
     todo = shard_list(manifest)
     if shards is not None:
         wanted = set(shards)
@@ -491,7 +532,7 @@ def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | N
         if not checksums:
             try:
                 with pa.OSFile(str(p), "rb") as f:
-                    check_schema(p, pa.ipc.open_stream(f).schema, block, dtype, columns)
+                    schema_check(p, pa.ipc.open_stream(f).schema, block, dtype, columns)
             except UserError:
                 raise
             except Exception as exc:
@@ -501,7 +542,10 @@ def verify_shards(folder: str | os.PathLike, manifest: dict, vocab_size: int | N
         if done.get(shard["file"]) == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, shard["sha256"]]:
             from_record += 1
             continue
-        _verify_one(p, shard, block, dtype, columns, vocab)
+        if sft:
+            _verify_sft_one(p, shard, block, dtype, columns, vocab, manifest.get("layout"))
+        else:
+            _verify_one(p, shard, block, dtype, columns, vocab)
         checked += 1
         nbytes += st.st_size
         if rec_path:
@@ -549,3 +593,272 @@ def _verify_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list
     if hr.h.hexdigest() != shard["sha256"]:
         raise UserError(f"shard {p} does not match its sha256 in the manifest: corrupt (re-run `cllama preprocess`, "
                         "or restore the file)")
+
+
+# ------------------------------------------------------------------------------ instruction-tuning shards
+#
+# Format SFT_FORMAT ("cllama-sft-shards/1", written by data/sft.py). Arrow IPC stream files like the pre-training
+# shards, ROWS_PER_BATCH rows per record batch, one row per block of ``block_size`` tokens:
+#   input_ids       fixed_size_list<uint16 | uint32, block_size>  the tokens, then pad_id up to block_size
+#   loss_mask       fixed_size_list<uint8, block_size>            1 on response tokens and their EOS, else 0
+#   example_starts  list<int32>                                   offset of each example in the row: [0, ...]
+#   n_tokens        int32                                         real tokens; [n_tokens, block_size) is padding
+# Row invariants (verify_shards checks every one): ids < vocabulary, loss_mask in {0, 1} and 0 on padding,
+# example_starts non-empty, starting at 0, strictly increasing, below n_tokens, 1 <= n_tokens <= block_size;
+# in the padded layout exactly one example per row.
+
+
+def sft_schema(block_size: int, dtype: np.dtype) -> pa.Schema:
+    return pa.schema([
+        pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), block_size), nullable=False),
+        pa.field("loss_mask", pa.list_(pa.uint8(), block_size), nullable=False),
+        pa.field("example_starts", pa.list_(pa.int32()), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+    ])
+
+
+def check_sft_schema(path: str | os.PathLike, sch: pa.Schema, block_size: int | None = None,
+                     dtype: np.dtype | str | None = None, columns: list[str] | None = None) -> tuple[int, np.dtype]:
+    """``check_schema`` for an instruction-tuning shard: input_ids as there, and the other three columns of
+    SFT_COLUMNS with their exact types."""
+    missing = [c for c in SFT_COLUMNS if c not in sch.names]
+    if missing:
+        raise UserError(f"shard {path} has no {', '.join(missing)} column (columns: {', '.join(sch.names)}): not an "
+                        "instruction-tuning shard (`cllama preprocess-sft` writes them)")
+    block, held = check_schema(path, sch, block_size, dtype, columns)
+    want = sft_schema(block, held)
+    for name in SFT_COLUMNS[1:]:
+        if not sch.field(name).type.equals(want.field(name).type):
+            raise UserError(f"shard {path}: column {name} is {sch.field(name).type}, expected {want.field(name).type}: "
+                            "not written by cllama")
+    return block, held
+
+
+class SFTShardWriter(_StreamWriter):
+    """Writes instruction-tuning rows (SFT_FORMAT) to ``path + '.tmp'``; ``close()`` renames it into place and
+    returns its record: file, rows, examples, tokens (real, not padding), response_tokens, bytes, sha256."""
+
+    def __init__(self, path: Path, block_size: int, dtype: np.dtype):
+        self.block, self.dtype = block_size, np.dtype(dtype)
+        super().__init__(path, sft_schema(block_size, self.dtype))
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending = 0
+        self.rows = self.examples = self.tokens = self.response_tokens = 0
+
+    def add(self, input_ids: np.ndarray, loss_mask: np.ndarray, n_tokens: np.ndarray, starts: np.ndarray,
+            starts_per_row: np.ndarray) -> None:
+        """Append rows: ``input_ids`` and ``loss_mask`` are (n, block_size); ``n_tokens`` (n,); the rows'
+        example_starts are ``starts`` (flat, in row order) cut by ``starts_per_row`` (n,)."""
+        n = len(input_ids)
+        if n == 0:
+            return
+        part = (np.asarray(input_ids, self.dtype).reshape(n, self.block),
+                np.asarray(loss_mask, np.uint8).reshape(n, self.block),
+                np.asarray(n_tokens, np.int32), np.asarray(starts, np.int32), np.asarray(starts_per_row, np.int64))
+        self._parts.append(part)
+        self._pending += n
+        self.rows += n
+        self.examples += int(part[4].sum())
+        self.tokens += int(part[2].sum())
+        self.response_tokens += int(part[1].sum(dtype=np.int64))
+        while self._pending >= ROWS_PER_BATCH:
+            self._flush(ROWS_PER_BATCH)
+
+    def _flush(self, n: int) -> None:
+        if len(self._parts) > 1:
+            self._parts = [tuple(np.concatenate([p[k] for p in self._parts]) for k in range(5))]  # type: ignore[misc]
+        ids, mask, ntok, starts, per_row = self._parts[0]
+        k = int(per_row[:n].sum())
+        rest = (ids[n:], mask[n:], ntok[n:], starts[k:], per_row[n:])
+        self._parts = [rest] if len(rest[0]) else []
+        self._pending = len(rest[0])
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(per_row[:n], out=offsets[1:])
+        cols = [pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(ids[:n]).reshape(-1)), self.block),
+                pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(mask[:n]).reshape(-1)), self.block),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(starts[:k]))),
+                pa.array(np.ascontiguousarray(ntok[:n]))]
+        self._write(cols)
+
+    def close(self) -> dict:
+        try:
+            if self._pending:
+                self._flush(self._pending)
+        except OSError as exc:
+            raise files.os_error(exc, self.tmp) from None
+        size, digest = self._finish()
+        return {"file": self.path.name, "rows": self.rows, "examples": self.examples, "tokens": self.tokens,
+                "response_tokens": self.response_tokens, "bytes": size, "sha256": digest}
+
+
+class MappedSFTShard(MappedShard):
+    """An instruction-tuning shard's four columns as zero-copy views on a read-only memory map.
+
+    As MappedShard, with every record batch's header read (example_starts has a variable length, so batches
+    differ in size): per batch, the offsets of its loss_mask bytes, n_tokens values and example_starts offsets
+    and values inside the file. ``u8`` and ``i32`` view the whole file as bytes and as int32 (Arrow aligns every
+    buffer to 8 bytes, so each column is a slice of one of them).
+    """
+
+    def _check_schema(self, block_size, dtype, columns) -> tuple[int, np.dtype]:
+        return check_sft_schema(self.path, self.schema, block_size, dtype, columns)
+
+    def _layout(self, rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+        offsets, counts, extra = [], [], []
+        pos = self._schema_end
+        while True:
+            if pos >= self.size:
+                raise UserError(f"shard {self.path} ends without the Arrow end-of-stream marker: cut short "
+                                "(a copy or a write that did not finish?)")
+            if self._end_of_stream(pos):
+                break
+            msg, end = self._message_at(pos)
+            if msg is None:
+                break
+            if msg.type != "record batch":
+                raise UserError(f"shard {self.path}: unexpected Arrow message {msg.type!r} at byte {pos}")
+            batch = pa.ipc.read_record_batch(msg, self.schema)
+            n = batch.num_rows
+            b = self.block_size
+            ids, mask, starts, ntok = (batch.column(k) for k in range(4))
+            if any(c.null_count or c.offset for c in (ids, mask, starts, ntok)) or ids.values.offset \
+                    or mask.values.offset or starts.values.offset:
+                raise UserError(f"shard {self.path}: a column of the batch at byte {pos} has nulls or offsets: "
+                                "not written by cllama")
+            addr = [self._addr(ids.values.buffers()[1], n * b * self.dtype.itemsize, pos),
+                    self._addr(mask.values.buffers()[1], n * b, pos),
+                    self._addr(ntok.buffers()[1], n * 4, pos),
+                    self._addr(starts.buffers()[1], (n + 1) * 4, pos),
+                    self._addr(starts.values.buffers()[1], len(starts.values) * 4, pos)]
+            if any(a % 4 for a in addr[2:]):
+                raise UserError(f"shard {self.path}: int32 columns not aligned to 4 bytes: not written by cllama")
+            counts.append(n)
+            offsets.append(addr[0])
+            extra.append(addr[1:])
+            pos = end
+        ex = np.asarray(extra, np.int64).reshape(-1, 4)
+        self.batch_mask = ex[:, 0]           # byte offset of each batch's first loss_mask value
+        self.batch_ntok = ex[:, 1] // 4      # int32 index of its first n_tokens value
+        self.batch_soff = ex[:, 2] // 4      # int32 index of its example_starts offsets
+        self.batch_sval = ex[:, 3] // 4      # int32 index of its example_starts values
+        self.u8 = np.frombuffer(self._whole, dtype=np.uint8)
+        self.i32 = np.frombuffer(self._whole, dtype=np.int32, count=self.size // 4)
+        return np.asarray(offsets, np.int64), np.asarray(counts, np.int64)
+
+    def _addr(self, buf, need: int, pos: int) -> int:
+        if need == 0:
+            return 0
+        if buf is None or buf.size < need:
+            raise UserError(f"shard {self.path}: the batch at byte {pos} holds {0 if buf is None else buf.size} bytes "
+                            f"where its rows need {need}: corrupt")
+        addr = buf.address - self._whole.address
+        if not 0 <= addr <= self.size - need:
+            raise UserError(f"shard {self.path}: the batch at byte {pos} points outside the file")
+        return addr
+
+    def close(self) -> None:
+        self.u8 = self.i32 = None  # type: ignore[assignment]
+        super().close()
+
+
+def load_sft_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of an instruction-tuning shard folder (refusing pre-training shards, naming them)."""
+    return load_manifest(folder, formats=(SFT_FORMAT,))
+
+
+def check_sft_manifest(manifest: dict, fingerprint: dict, block_size: int, where: str = "shards",
+                       template_sha256: str | None = None) -> None:
+    """What the trainer checks before building anything on instruction-tuning shards: the format, the tokenizer
+    fingerprint and block size (``check_manifest``), and, when given, the chat template's sha256 (the template
+    the exported tokenizer will carry must be the one the shards were rendered with)."""
+    if manifest.get("format") != SFT_FORMAT:
+        raise UserError(f"{where}: format {manifest.get('format')!r} is not instruction-tuning shards ({SFT_FORMAT!r}); "
+                        "make them with `cllama preprocess-sft`")
+    check_manifest(manifest, fingerprint, block_size, where)
+    if template_sha256 is not None and manifest["template"]["sha256"] != template_sha256:
+        t = manifest["template"]
+        raise UserError(f"{where} were rendered with chat template {t['name']} (sha256 {t['sha256'][:16]}...), this run "
+                        f"expects sha256 {template_sha256[:16]}...: re-run `cllama preprocess-sft` with this template")
+
+
+def _verify_sft_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list[str] | None, vocab: int,
+                    layout: str | None) -> None:
+    rows = examples = tokens = response = 0
+    try:
+        with open(p, "rb") as raw:
+            hr = _HashingReader(raw)
+            reader = pa.ipc.open_stream(pa.PythonFile(hr, mode="r"))
+            check_sft_schema(p, reader.schema, block, dtype, columns)
+            for batch in reader:
+                n = batch.num_rows
+                where = f"shard {p}: near row {rows:,}"
+                cols = [batch.column(k) for k in range(4)]
+                if any(c.null_count for c in cols):
+                    raise UserError(f"{where}, a column has nulls: corrupt")
+                ids = cols[0].flatten().to_numpy(zero_copy_only=False)
+                mask = cols[1].flatten().to_numpy(zero_copy_only=False)
+                ntok = cols[3].to_numpy(zero_copy_only=False).astype(np.int64)
+                offs = cols[2].offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+                starts = cols[2].flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+                if len(ids) != n * block or len(mask) != n * block:
+                    raise UserError(f"{where}, a batch holds {len(ids):,} ids and {len(mask):,} mask values for {n:,} "
+                                    f"rows of {block}: corrupt")
+                if len(ids) and int(ids.max()) >= vocab:
+                    at = int(np.argmax(ids >= vocab))
+                    raise UserError(f"shard {p}: row {rows + at // block:,} holds token id {int(ids[at]):,}, outside the "
+                                    f"tokenizer's {vocab:,} ids (shards of another tokenizer?)")
+                if len(mask) and int(mask.max()) > 1:
+                    raise UserError(f"{where}, loss_mask holds {int(mask.max())}: a mask is 0 or 1")
+                _check_rows(p, rows, block, mask.reshape(n, block), ntok, offs, starts, layout)
+                rows += n
+                examples += len(starts)
+                tokens += int(ntok.sum())
+                response += int(mask.sum(dtype=np.int64))
+            hr.drain()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _arrow_failure(p, exc) from None
+    got = {"rows": rows, "examples": examples, "tokens": tokens, "response_tokens": response}
+    for key, value in got.items():
+        if key in shard and value != shard[key]:
+            raise UserError(f"shard {p} holds {value:,} {key.replace('_', ' ')}, the manifest says {shard[key]:,}")
+    if hr.n != shard["bytes"]:
+        raise UserError(f"shard {p}: read {hr.n:,} bytes, the manifest says {shard['bytes']:,} (it changed while "
+                        "being checked?)")
+    if hr.h.hexdigest() != shard["sha256"]:
+        raise UserError(f"shard {p} does not match its sha256 in the manifest: corrupt (re-run `cllama preprocess-sft`, "
+                        "or restore the file)")
+
+
+def _check_rows(p: Path, first: int, block: int, mask: np.ndarray, ntok: np.ndarray, offs: np.ndarray,
+                starts: np.ndarray, layout: str | None) -> None:
+    """The row invariants of one batch (see the format above), vectorised; the error names the first bad row."""
+    n = len(ntok)
+    per_row = np.diff(offs)
+    checks: list[tuple[np.ndarray, str]] = []
+    checks.append(((ntok < 1) | (ntok > block), f"n_tokens outside 1..{block}"))
+    checks.append((per_row < 1, "no example_starts"))
+    if layout == "padded":
+        checks.append((per_row != 1, "more than one example (the padded layout holds one a row)"))
+    if len(starts):
+        row_of = np.repeat(np.arange(n), per_row)
+        first_of_row = np.zeros(len(starts), bool)
+        first_of_row[offs[:-1][per_row > 0] - offs[0]] = True
+        r = np.zeros(n, bool)
+        r[row_of[first_of_row & (starts != 0)]] = True
+        checks.append((r, "example_starts does not begin at 0"))
+        r = np.zeros(n, bool)
+        step = np.diff(starts)
+        same_row = ~first_of_row[1:]
+        r[row_of[1:][same_row & (step <= 0)]] = True
+        checks.append((r, "example_starts not strictly increasing"))
+        r = np.zeros(n, bool)
+        r[row_of[starts >= ntok[row_of]]] = True
+        checks.append((r, "an example starts at or after n_tokens"))
+    checks.append((((np.arange(block)[None, :] >= ntok[:, None]) & (mask != 0)).any(axis=1),
+                   "loss_mask is 1 on padding (past n_tokens)"))
+    for rows_bad, what in checks:
+        if rows_bad.any():
+            k = int(np.argmax(rows_bad))
+            raise UserError(f"shard {p}: row {first + k:,}: {what}: corrupt or not written by cllama")

@@ -3,6 +3,7 @@
     cllama submit train --config configs/llama-7b.yaml --nodes 2 --gpus-per-node 8 --partition a100 --time 24:00:00
     cllama submit train --config run.yaml --local --gpus-per-node 2          # a workstation, no Slurm
     cllama submit preprocess --tasks 16 --cpus 32 -- --corpus data/ --tokenizer merged/ --output shards/
+    cllama submit preprocess-sft --tasks 4 -- --inputs alpaca_zh.jsonl --tokenizer merged/ --output sft/
 
     from cllama_dist.config import load
     from cllama_dist.launch.config import SubmitConfig
@@ -32,7 +33,7 @@ from pathlib import Path
 import submitit
 
 from .. import stages
-from ..data.config import FinalizeConfig, PreprocessConfig
+from ..data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
 from ..errors import UserError
 from ..trainer.config import TrainConfig
 from .config import SubmitConfig, minutes
@@ -98,25 +99,30 @@ def submit_train(cfg: TrainConfig, job: SubmitConfig, signal_delay_s: int = 300,
     return ex.submit(TrainJob(cfg, job.device))
 
 
-def _preprocess_task(cfg: PreprocessConfig, task_id: int, num_tasks: int) -> str:
-    stages.preprocess_task(dataclasses.replace(cfg, num_tasks=num_tasks, task_id=task_id))
+def _preprocess_task(cfg: PreprocessConfig | SFTPreprocessConfig, task_id: int, num_tasks: int) -> str:
+    run = stages.preprocess_sft_task if isinstance(cfg, SFTPreprocessConfig) else stages.preprocess_task
+    run(dataclasses.replace(cfg, num_tasks=num_tasks, task_id=task_id))
     return f"task {task_id} done"
 
 
-def _preprocess_finalize(cfg: FinalizeConfig) -> str:
-    stages.preprocess_finalize(cfg)
+def _preprocess_finalize(cfg: FinalizeConfig, sft: bool = False) -> str:
+    (stages.preprocess_sft_finalize if sft else stages.preprocess_finalize)(cfg)
     return "finalized"
 
 
-def submit_preprocess(cfg: PreprocessConfig, job: SubmitConfig):
-    """An array of ``job.tasks`` preprocessing tasks (map_array), then finalize as a dependent job."""
+def submit_preprocess(cfg: PreprocessConfig | SFTPreprocessConfig, job: SubmitConfig):
+    """An array of ``job.tasks`` preprocessing tasks (map_array), then finalize as a dependent job. ``cfg`` is a
+    corpus (PreprocessConfig) or instruction data (SFTPreprocessConfig)."""
     tasks = job.tasks
+    sft = isinstance(cfg, SFTPreprocessConfig)
+    name = "preprocess-sft" if sft else "preprocess"
     try:
-        stages.preprocess_prepare(dataclasses.replace(cfg, num_tasks=tasks, task_id=0))
+        (stages.preprocess_sft_prepare if sft else stages.preprocess_prepare)(
+            dataclasses.replace(cfg, num_tasks=tasks, task_id=0))
     except UserError as exc:
-        raise UserError(f"preprocess prepare: {exc}") from None
+        raise UserError(f"{name} prepare: {exc}") from None
     ex = _executor(job.folder, job.local)
-    params = dict(name="cllama-preprocess", nodes=1, tasks_per_node=1, cpus_per_task=job.cpus,
+    params = dict(name=f"cllama-{name}", nodes=1, tasks_per_node=1, cpus_per_task=job.cpus,
                   timeout_min=minutes(job.time))
     if job.partition and not job.local:
         params["slurm_partition"] = job.partition
@@ -125,9 +131,9 @@ def submit_preprocess(cfg: PreprocessConfig, job: SubmitConfig):
     if job.local:
         for j in array:
             j.result()
-        ex.update_parameters(name="cllama-preprocess-finalize", cpus_per_task=1)
+        ex.update_parameters(name=f"cllama-{name}-finalize", cpus_per_task=1)
     else:
-        ex.update_parameters(name="cllama-preprocess-finalize", cpus_per_task=1,
+        ex.update_parameters(name=f"cllama-{name}-finalize", cpus_per_task=1,
                              slurm_additional_parameters={"dependency": f"afterok:{array[0].job_id.split('_')[0]}"})
-    final = ex.submit(_preprocess_finalize, FinalizeConfig(output=cfg.output))
+    final = ex.submit(_preprocess_finalize, FinalizeConfig(output=cfg.output), sft)
     return array, final
