@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +37,7 @@ from .errors import UserError
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
 from .launch.config import SubmitConfig
+from .quiet import quiet_third_party
 from .recipes.demo.config import DemoConfig
 from .tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
 from .trainer.config import TrainConfig
@@ -114,13 +114,6 @@ class Command:
     help: str
     run: Callable[[Any, argparse.Namespace], int | None]
 
-
-def quiet_library_warnings() -> None:
-    # Deprecation notices from inside torch.distributed and transformers, once per collective call: they
-    # drown the training log and are nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*(gradient_checkpointing|is_gradient_checkpointing).*deprecated",
-                            category=FutureWarning)
 
 
 def _simple(stage: Callable, printer: Callable) -> Callable[[Any, argparse.Namespace], None]:
@@ -277,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
             parent = groups[cmd.words[0]]
         sp = parent.add_parser(cmd.words[-1], help=cmd.help, description=cmd.help)
         sp.add_argument("--config", help="YAML file with this stage's settings; flags override it")
+        sp.add_argument("--verbose", action="store_true",
+                        help="show third-party libraries' logs, warnings and progress bars (quiet by default)")
         _extra_arguments(cmd.words, sp)
         add_flags(sp, cmd.config)
         sp.set_defaults(_command=cmd)
@@ -327,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         args.worker_argv = _without_launch_flags(argv[1:])
     cmd: Command = args._command
     name = "cllama " + " ".join(cmd.words)
-    quiet_library_warnings()
+    quiet_third_party(getattr(args, "verbose", False))
     try:
         cfg = _config(cmd, args)
         if cmd.words == ("preprocess",) and args.action == "finalize":

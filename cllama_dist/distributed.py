@@ -88,6 +88,9 @@ def init(timeout_minutes: float = 10) -> str:
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if use_cuda:
         torch.cuda.set_device(cuda_device())
+    from .quiet import muted_stdout, name_accelerator
+
+    name_accelerator(use_cuda)
     import deepspeed
 
     for name in ("RANK", "WORLD_SIZE"):
@@ -95,8 +98,9 @@ def init(timeout_minutes: float = 10) -> str:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    with muted_stdout():  # DeepSpeed prints "shm_comm_op built successfully" on every rank
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     return f"cuda:{cuda_device()}" if use_cuda else "cpu"
 
 

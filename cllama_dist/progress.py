@@ -45,7 +45,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit or "it", unit_scale=True, file=self.stream,
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, disable=False)  # our own bar: shown even when TQDM_DISABLE mutes libraries
 
     def update(self, n: float = 1, extra: str = "") -> None:
         self.done += n
