@@ -45,3 +45,19 @@ def test_a_resumable_stage_keeps_unfinished_work_unless_its_inputs_changed(tmp_p
     assert calls[2] == []
     assert Stages(tmp_path, True, 1).run("train", {"k": 2}, work, resumable=True)["parts"] == 4
     assert calls[3] == []
+
+
+def test_the_printed_training_command_is_one_cllama_parses_as_the_demo_runs_it(tmp_path, monkeypatch):
+    """What the demo prints before training is pasteable: `cllama train` with an absolute config path (so it works
+    from any folder), two processes, DeepSpeed's launcher; its workers get exactly --config."""
+    from cllama_dist import cli
+    from cllama_dist.recipes.demo.recipe import DEMO_PROCS, train_command
+
+    monkeypatch.chdir(tmp_path)
+    cmd = train_command("runs/demo/train/run.yaml", DEMO_PROCS)
+    assert cmd[:2] == ["cllama", "train"]
+    argv = cli.normalise_flags(cmd[1:])
+    args = cli.build_parser().parse_args(argv)
+    assert (args.nproc_per_node, args.launcher) == (2, "deepspeed")
+    assert args.config == str(tmp_path / "runs/demo/train/run.yaml")
+    assert cli._without_launch_flags(argv[1:]) == ["--config", args.config]

@@ -17,21 +17,66 @@ CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((PROJECT_ROOT / "deepspeed_configs").glob("*.json"))
 
 
+GPU_CONFIGS = [p for p in CONFIGS if p.name != "tiny-cpu.yaml"]
+
+
 def test_there_are_shipped_configs():
-    assert {p.name for p in CONFIGS} >= {"llama-7b.yaml", "llama-13b.yaml", "tinyllama-1b.yaml"}
+    assert {p.name for p in CONFIGS} >= {"tiny-cpu.yaml", "tinyllama-1b.yaml", "llama-7b.yaml", "llama-13b.yaml"}
     assert {p.name for p in DS_CONFIGS} >= {"zero3.json", "zero2.json", "zero3_offload.json", "zero3_multinode.json"}
 
 
+def opening_command(path: Path) -> list[str]:
+    """The first command in the config's opening comment that runs it (`cllama train ...`), continuations joined."""
+    import shlex
+
+    lines = [line[1:].strip() for line in path.read_text().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("cllama train"))
+    text = ""
+    for line in lines[start:]:
+        text += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            break
+    return shlex.split(text.split("#")[0])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_run_configs_build_and_open_with_their_command(path: Path):
+def test_run_configs_open_with_the_command_that_runs_them(path: Path):
+    from cllama_dist import cli
+
+    assert path.read_text().startswith("#")
+    cmd = opening_command(path)
+    args = cli.build_parser().parse_args(cli.normalise_flags(cmd[1:]))
+    assert args.config == "configs/" + path.name and args.nproc_per_node >= 1
+    load(TrainConfig, path)  # builds and validates
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.name for p in GPU_CONFIGS])
+def test_gpu_run_configs_are_the_papers_setup(path: Path):
     cfg = load(TrainConfig, path)
-    assert path.read_text().startswith("#") and "--config configs/" + path.name in path.read_text()
     assert cfg.model.config["vocab_size"] == 32000 and cfg.model.extended_vocab == 49953
     assert cfg.engine.dtype == "bf16" and cfg.model.gradient_checkpointing
     assert cfg.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if path.name.startswith("llama-"):  # the paper's pre-training recipe
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.data.block_size, cfg.data.global_batch_size) == (8, 32.0, 512, 1024)
         assert cfg.optim.lr == 2e-4
+
+
+def test_the_tiny_cpu_config_is_the_demos_training_on_its_artefacts():
+    """configs/tiny-cpu.yaml trains on what `cllama demo --until model` leaves in runs/demo, as the demo itself does
+    (tests/integration/test_cli_processes.py runs it for two steps)."""
+    from cllama_dist.recipes.demo.recipe import run_config
+
+    cfg = load(TrainConfig, PROJECT_ROOT / "configs" / "tiny-cpu.yaml")
+    demo = build(TrainConfig, {**run_config({"model": {"folder": "runs/demo/model/hf"},
+                                             "merge": {"tokenizer": "runs/demo/merge/tokenizer"},
+                                             "shards": {"folder": "runs/demo/shards/shards"}}, 60),
+                               "output_dir": "runs/tiny-cpu"})
+    assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path) == (demo.model.path, demo.model.tokenizer,
+                                                                    demo.data.path)
+    assert (cfg.lora, cfg.optim, cfg.checkpoint, cfg.validation) == (demo.lora, demo.optim, demo.checkpoint,
+                                                                     demo.validation)
+    assert cfg.engine.dtype == "auto" and cfg.data.block_size == 0  # fp32 on a CPU; the shards' block size
+    assert cfg.engine.deepspeed_overrides == demo.engine.deepspeed_overrides
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=[p.name for p in DS_CONFIGS])

@@ -129,6 +129,13 @@ def train(steps: int):
     return run
 
 
+def train_command(config: Path, nproc: int) -> list[str]:
+    """The command a user pastes to run this stage's training by hand: the same launcher, processes, config
+    and environment (cllama train sets DS_ACCELERATOR=cpu and the threads on a CPU, as ``environment`` does)."""
+    return ["cllama", "train", "--config", str(Path(config).resolve()), "--nproc-per-node", str(nproc),
+            "--launcher", "deepspeed"]
+
+
 def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     """LoRA + new rows under ZeRO-3 on ``nproc`` processes, started by DeepSpeed's launcher."""
     import torch
@@ -142,7 +149,7 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     config.write_text(yaml.safe_dump({**run_cfg, "output_dir": str(run)}, sort_keys=False, allow_unicode=True))
     cmd = command(["--config", str(config)], nproc, launcher="deepspeed")
     env = environment(cpu=not torch.cuda.is_available(), nproc=nproc)
-    print("  $ " + shlex.join(cmd), flush=True)
+    print("  $ " + shlex.join(train_command(config, nproc)), flush=True)
     log = folder / "train.log"
     with open(log, "a") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
