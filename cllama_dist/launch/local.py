@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from .. import PROJECT_ROOT
 from ..distributed import free_port
@@ -68,10 +69,16 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
     launcher, from any folder; returns the job's exit status (a worker's own: 2 refused input, 3 stopped
     after saving, 4 non-finite losses).
 
-    torchrun runs in this process (so Ctrl-C reaches it, and it forwards SIGINT to the workers, which save
-    and stop); when a worker fails, its message is already on stderr, and torchrun's own traceback of the
-    failure is replaced by one line.
+    torchrun runs in this process; when a worker fails, its message is already on stderr, and torchrun's own
+    traceback of the failure is replaced by one line.
+
+    Ctrl-C and SIGTERM: torchrun starts each worker in a session of its own, so a terminal's Ctrl-C reaches
+    torchrun alone; it passes the signal on to the workers, which save at the next step boundary and exit 3,
+    and SIGKILLs those still running after its shutdown timeout (30 s; TORCH_ELASTIC_SHUTDOWN_TIMEOUT), then
+    raises: that is reported in one line, with the shell's status for a signal (128 + its number).
     """
+    import signal
+
     import torch
 
     port = master_port or (free_port() if nnodes == 1 else 29500)
@@ -87,7 +94,15 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
         if nnodes > 1:
             cmd[cmd.index("--num_nodes"):cmd.index("--num_nodes") + 2] = ["--num_nodes", str(nnodes),
                                                                         "--node_rank", str(node_rank)]
-        return subprocess.run(cmd, env=os.environ).returncode
+        # Its workers share the terminal's process group: Ctrl-C reaches them directly. Here it only waits for
+        # the launcher (subprocess.run would SIGKILL it 0.25 s after a KeyboardInterrupt); on Ctrl-C DeepSpeed's
+        # launcher also sends the workers SIGTERM, SIGKILLs them 30 s later (fixed) and exits 1.
+        previous = signal.signal(signal.SIGINT, _wait_for_launcher)
+        try:
+            return subprocess.run(cmd, check=False, env=os.environ).returncode
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -95,6 +110,12 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
                         "--master_addr", master_addr, "--master_port", str(port), "-m", "cllama_dist.train", *args])
     try:
         run(targs)
+    except SignalException as exc:
+        print(f"cllama train: {signal.Signals(exc.sigval).name} received: torchrun passed it to the {nproc} "
+              "processes here, which save at the next step boundary (see 'saved checkpoint' above) unless killed after "
+              "its shutdown timeout; the same command resumes",
+              file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         code = next((c for c in codes if c in (2, 3, 4)), codes[0] if codes else 1)
@@ -103,3 +124,7 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
                   f"{', '.join(map(str, codes))}); their messages are above", file=sys.stderr)
         return code if code > 0 else 1
     return 0
+
+
+def _wait_for_launcher(signum, frame) -> None:
+    """Ctrl-C while DeepSpeed's launcher runs: it and the workers have it too; keep waiting for their exit."""
