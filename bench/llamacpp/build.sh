@@ -43,7 +43,7 @@ fi
 if ! "$PREFIX/venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
     # The bindings only: their CMake project builds nothing with both switches off.
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" LLAMA_CPP_LIB_PATH="$PREFIX/build/bin" \
-        "$PREFIX/venv/bin/python" -m pip install --no-deps "$SDIST"
+        "$PREFIX/venv/bin/python" -m pip install "$SDIST"   # its dependencies: diskcache (numpy, jinja2 found)
     "$PREFIX/venv/bin/python" -m pip install --no-deps "$LLAMA/gguf-py"
 fi
 echo "built: $PREFIX/build/bin/libllama.so; converter: $LLAMA/convert_hf_to_gguf.py; venv: $PREFIX/venv"

@@ -15,8 +15,10 @@ not matter to tokenization, and the converter takes the tokenizer from the model
 one. Token ids are compared over every document of --texts (default: the fixture corpus zh_open_mix.jsonl
 when CLLAMA_FIXTURES is set, else the project's shipped Chinese corpus).
 
-Results: a JSON summary on stdout and in WORK/llamacpp_check.json; exit 0 when every document's ids and the
-greedy generation agree, 1 otherwise.
+Results: a JSON summary on stdout and in WORK/llamacpp_check.json; exit 0 when, as converted, every document's
+ids and the greedy generation agree, 1 otherwise. When the ids differ and the GGUF's add_space_prefix is not the
+SentencePiece model's add_dummy_prefix (the converter takes it from tokenizer_config.json's add_prefix_space
+when that key is there), the ids are compared again on a copy with that one key set to the model's value.
 """
 
 from __future__ import annotations
@@ -117,21 +119,24 @@ def convert(model: Path, gguf: Path, llama_src: Path) -> float:
     return time.perf_counter() - t0
 
 
-def check_model(name: str, model: Path, texts: list[str], work: Path, llama_src: Path, new_tokens: int) -> dict:
-    import sentencepiece as spm
-    import torch
-    from llama_cpp import Llama
-    from transformers import AutoModelForCausalLM
+def space_prefix(gguf: Path, value: bool | None = None) -> bool:
+    """The GGUF's tokenizer.ggml.add_space_prefix (llama.cpp's SentencePiece dummy prefix); set it when given."""
+    from gguf import GGUFReader
 
-    gguf = work / f"{name}.f32.gguf"
-    seconds = convert(model, gguf, llama_src)
-    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, seed=0, verbose=False, logits_all=False)
+    reader = GGUFReader(str(gguf), "r" if value is None else "r+")
+    field = reader.get_field("tokenizer.ggml.add_space_prefix")
+    if field is None:
+        return True  # llama.cpp's default for SentencePiece vocabularies
+    if value is not None:
+        field.parts[field.data[0]][0] = value
+        reader.data.flush()
+    return bool(field.parts[field.data[0]][0])
 
-    # Token ids: llama.cpp (BOS added, text not parsed for special tokens) against SentencePiece + BOS.
+
+def compare_ids(sp, llm, texts: list[str]) -> dict:
+    """llama.cpp's ids (BOS added, text not parsed for special tokens) against SentencePiece's + BOS."""
     t0 = time.perf_counter()
-    differ, first = 0, None
-    tokens = 0
+    differ, first, tokens = 0, None, 0
     for i, text in enumerate(texts):
         ours = [sp.bos_id(), *sp.encode(text)]
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -142,7 +147,38 @@ def check_model(name: str, model: Path, texts: list[str], work: Path, llama_src:
                 k = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
                 first = {"document": i, "position": k, "sentencepiece": ours[max(0, k - 3):k + 5],
                          "llama.cpp": theirs[max(0, k - 3):k + 5]}
-    tok_seconds = time.perf_counter() - t0
+    return {"documents": len(texts), "sentencepiece_tokens": tokens, "documents_with_different_ids": differ,
+            "first_difference": first, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def check_model(name: str, model: Path, texts: list[str], work: Path, llama_src: Path, new_tokens: int) -> dict:
+    import shutil
+
+    import sentencepiece as spm
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    gguf = work / f"{name}.f32.gguf"
+    seconds = convert(model, gguf, llama_src)
+    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+    out = {"model": str(model), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
+           "convert_seconds": round(seconds, 1), "vocab": sp.get_piece_size(),
+           "gguf_add_space_prefix": space_prefix(gguf)}
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, seed=0, verbose=False)
+    out["ids_as_converted"] = compare_ids(sp, llm, texts)
+    dummy = sp.encode("a", out_type=str)[0].startswith("\u2581")  # SentencePiece's own add_dummy_prefix
+    if out["ids_as_converted"]["documents_with_different_ids"] and out["gguf_add_space_prefix"] != dummy:
+        # The converter takes add_space_prefix from tokenizer_config.json's add_prefix_space when that key is
+        # there, over the SentencePiece model's add_dummy_prefix; check the ids with the model's own setting.
+        fixed = work / f"{name}.f32.space-prefix-fixed.gguf"
+        shutil.copy(gguf, fixed)
+        space_prefix(fixed, dummy)
+        del llm
+        llm = Llama(model_path=str(fixed), n_ctx=512, n_threads=2, seed=0, verbose=False)
+        out["ids_with_add_space_prefix_set_to_the_models"] = {"gguf": str(fixed), "value": dummy,
+                                                              **compare_ids(sp, llm, texts)}
+    ids_ok = min(v["documents_with_different_ids"] for k, v in out.items() if k.startswith("ids_")) == 0
 
     # Greedy generation in both, from SentencePiece's ids of each prompt; decoded by llama.cpp and by SentencePiece.
     hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
@@ -162,11 +198,11 @@ def check_model(name: str, model: Path, texts: list[str], work: Path, llama_src:
         gens.append({"prompt": prompt, "llama.cpp_ids": ll, "transformers_ids": y, "equal": ll == y,
                      "llama.cpp_text": llm.detokenize(ll).decode("utf-8", errors="replace"),
                      "sentencepiece_text": sp.decode(ll)})
-    return {"model": str(model), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
-            "convert_seconds": round(seconds, 1), "vocab": sp.get_piece_size(), "documents": len(texts),
-            "sentencepiece_tokens": tokens, "documents_with_different_ids": differ, "first_difference": first,
-            "tokenize_seconds": round(tok_seconds, 1), "generations": gens,
-            "ok": differ == 0 and all(g["equal"] for g in gens)}
+    out["generations"] = gens
+    out["ok_as_converted"] = out["ids_as_converted"]["documents_with_different_ids"] == 0 and all(
+        g["equal"] for g in gens)
+    out["ok"] = ids_ok and all(g["equal"] for g in gens)
+    return out
 
 
 def versions(llama_src: Path) -> dict:
@@ -180,7 +216,7 @@ def versions(llama_src: Path) -> dict:
         out[pkg] = version(pkg)
     out["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
@@ -212,7 +248,7 @@ def main() -> int:
         result["checks"][model.name] = check_model(model.name, model, texts, work, llama_src, args.new_tokens)
     (work / "llamacpp_check.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(result, indent=2, ensure_ascii=False))
-    return 0 if all(c["ok"] for c in result["checks"].values()) else 1
+    return 0 if all(c["ok_as_converted"] for c in result["checks"].values()) else 1
 
 
 if __name__ == "__main__":
