@@ -214,10 +214,14 @@ def tokenizer_config(proto, fast: bool) -> dict:
         # LLaMA's convention: BOS before every sequence, no EOS.
         "special_tokens_pattern": "bos",
         "legacy": True,  # encode with SentencePiece as it is (dummy prefix included), like the original
-        # Read only by transformers 4.x's slow LlamaTokenizer (the way 4.x loads this layout): with it on,
-        # decode strips the first piece's "▁" and SentencePiece then strips the next one, so a text that
-        # starts with a space loses it. SentencePiece's own dummy prefix is unaffected (legacy mode).
-        "add_prefix_space": False,
+        # null, neither true nor false, for its two readers. transformers 4.x's slow LlamaTokenizer (the way 4.x
+        # loads this layout) tests it for truth: on, decode strips the first piece's "▁" and SentencePiece then
+        # strips the next one, so a text that starts with a space loses it. llama.cpp's converter
+        # (convert_hf_to_gguf.py) writes any non-null value into the GGUF as add_space_prefix, over the
+        # SentencePiece model's add_dummy_prefix: false there drops the dummy prefix, and every text's ids differ
+        # from SentencePiece's from the first token (bench/llamacpp/check.py found it). SentencePiece's own dummy
+        # prefix is unaffected either way (legacy mode).
+        "add_prefix_space": None,
         **common,
     }
 
