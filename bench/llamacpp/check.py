@@ -181,7 +181,7 @@ def check_model(name: str, model: Path, texts: list[str], work: Path, llama_src:
     ids_ok = min(v["documents_with_different_ids"] for k, v in out.items() if k.startswith("ids_")) == 0
 
     # Greedy generation in both, from SentencePiece's ids of each prompt; decoded by llama.cpp and by SentencePiece.
-    hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     gens = []
     for prompt in PROMPTS:
         ids = [sp.bos_id(), *sp.encode(prompt)]
@@ -228,6 +228,10 @@ def versions(llama_src: Path) -> dict:
 def main() -> int:
     args = parse()
     in_venv(args)
+    from cllama_dist.quiet import name_accelerator, quiet_third_party
+
+    quiet_third_party()  # stdout is the JSON summary: no library chatter on it
+    name_accelerator(cuda=False)
     prefix = Path(args.prefix)
     llama_src = next(prefix.glob("llama_cpp_python-*/vendor/llama.cpp"))
     work = Path(args.work or prefix / "work")
