@@ -149,6 +149,24 @@ class SFTBlocks(TokenBlocks):
                 starts[r] = m.i32[v + a:v + z].astype(np.int64)
         return SFTRows(ids, mask, ntok, starts)
 
+    def predicted_tokens(self, indices: np.ndarray) -> int:
+        """How many positions of rows ``indices`` a causal LM is scored on: loss-mask ones after each row's first
+        token (position 0 has no context). Reads only the mask column, so every rank can count a whole optimizer
+        step's loss tokens (all ranks' rows) without a collective; the trainer normalises the loss by it."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not len(idx):
+            return 0
+        shard, _ = self._locate(idx)
+        b = self._batches(idx)
+        local = idx - self._batch_first[b]
+        total = 0
+        for s in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == s)
+            m: MappedSFTShard = self.shards[s]  # type: ignore[assignment]
+            start = self._batch_mask[b[rows]] + local[rows] * self.block_size
+            total += int(m.u8[start[:, None] + self._cols[1:]].sum(dtype=np.int64))
+        return total
+
     def view(self, i: int) -> SFTRows:  # type: ignore[override]
         """Row ``i`` as views on its shard's memory map (no copy; read-only): arrays of shape (1, block)."""
         idx = np.array([i], dtype=np.int64)
