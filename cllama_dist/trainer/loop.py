@@ -236,7 +236,8 @@ class Trainer:
     def _announce(self) -> None:
         c, say, m = self.counts, self.logger.say, self.cfg.model
         say(f"cllama train: {self.plan.describe()}")
-        say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {m.new_row_init}); "
+        init = "from the model" if self.llama.vocab_size == self.vocab.new_vocab else m.new_row_init
+        say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
             f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, device {self.device}")
         say(f"  parameters: total {c.total:,}, LoRA {c.lora:,}, new rows {c.new_rows:,}, trainable {c.trainable:,} "
@@ -333,6 +334,8 @@ class Trainer:
         bar.update(self.start_step)
         step, bad_in_row, self.last_validated = self.start_step, 0, None
         try:
+            if cfg.validation.at_start and step == 0:
+                self.validate(0)
             self.throughput.restart()
             while step < plan.max_steps:
                 lr_scale = lr_factor(step, cfg.optim, plan.max_steps)

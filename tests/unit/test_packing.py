@@ -91,3 +91,15 @@ def test_a_changed_example_leaves_its_packed_neighbours_logits_unchanged(two_pac
     assert compared >= 4  # examples that shared a row with another one were compared
     # The edit did change something the test could see: the packing of the first row differs.
     assert not np.array_equal(datas[0].rows(np.array([0]))["input_ids"], datas[1].rows(np.array([0]))["input_ids"])
+
+
+def test_loss_tokens_are_the_scored_response_positions(two_packings):
+    """The count the trainer divides by (every rank, without a collective) equals the labels' non-ignored
+    positions after the shift, over any set of rows."""
+    from cllama_dist.data.shards import load_sft_manifest
+
+    d = SFTData(str(two_packings[0]), load_sft_manifest(two_packings[0]), "train")
+    idx = np.array([len(d) - 1, 0, 0])  # out of order, repeated: as a global order hands them out
+    labels = d.rows(idx)["labels"]
+    assert d.loss_tokens(idx) == int((labels[:, 1:] != -100).sum()) > 0
+    assert d.loss_tokens(np.array([], dtype=np.int64)) == 0

@@ -31,6 +31,7 @@ DEMO_ZH_VOCAB = 3000  # what ~150 KB of Chinese supports; the paper used 20,000 
 DEMO_BASE_VOCAB = 4000
 DEMO_BLOCK = 128
 DEMO_PROCS = 2
+DEMO_SFT_LENGTH = 128  # the shipped instructions are short; packed rows of 128 tokens hold several
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -169,7 +170,8 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     evals = read_metrics(run, "eval")
     return {"run": str(run), "log": str(log), "config": str(config),
             "losses": {"first": losses[min(losses)], "last": losses[max(losses)], "steps": max(losses)},
-            "validation_loss": evals[-1]["loss"] if evals else float("nan")}
+            "validation_loss": evals[-1]["loss"] if evals else float("nan"),
+            "validation": {str(e["step"]): e["loss"] for e in evals}}
 
 
 def export(folder: Path, r: dict) -> dict:
@@ -223,6 +225,81 @@ def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
     return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
 
 
+# ------------------------------------------------------------------------------ instruction tuning (the Alpaca half)
+
+
+def sft_shards(folder: Path, r: dict) -> dict:
+    """The shipped instruction set (sft/shipped.py) rendered through the paper's Alpaca template, tokenized with
+    the merged tokenizer that the pre-trained model carries, packed into rows without attention across examples."""
+    from ...data.config import SFTPreprocessConfig
+    from ...sft.shipped import train_files
+
+    out = folder / "shards"
+    m = stages.preprocess_sft(SFTPreprocessConfig(inputs=[str(p) for p in train_files()],
+                                                  tokenizer=r["export"]["merged"], output=str(out), template="alpaca",
+                                                  max_length=DEMO_SFT_LENGTH, layout="packed",
+                                                  validation_fraction=0.05))
+    t, v = m["splits"]["train"], m["splits"]["validation"]
+    return {"folder": str(out), "template": m["template"]["name"], "train_examples": t["examples"],
+            "validation_examples": v["examples"], "train_rows": t["rows"], "response_tokens": t["response_tokens"]}
+
+
+def sft_run_config(r: dict, steps: int) -> dict:
+    """The instruction-tuning run: a fresh LoRA (the paper's r 8 / alpha 32) plus the Chinese rows, on the merged
+    pre-trained model; validation (response tokens only) before the first step and after the last."""
+    every = max(steps // 2, 1)
+    merged = r["export"]["merged"]
+    return {
+        "model": {"path": merged, "tokenizer": merged, "gradient_checkpointing": True},
+        "lora": {"rank": 8, "alpha": 32, "dropout": 0.0},
+        "data": {"path": r["sft-shards"]["folder"], "micro_batch_size": 4, "global_batch_size": 16},
+        "optim": {"max_steps": steps, "lr": 3e-3, "warmup_ratio": 0.03, "weight_decay": 0.0},
+        "engine": {"dtype": "fp32", "deepspeed_config": str(PROJECT_ROOT / "deepspeed_configs" / "zero3.json"),
+                   "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "checkpoint": {"save_every": every, "keep_last": 2},
+        "validation": {"every": every, "at_start": True},
+        "logging": {"log_every": 10},
+    }
+
+
+def sft_train(steps: int):
+    def run(folder: Path, r: dict) -> dict:
+        return train_stage(folder, sft_run_config(r, steps))
+
+    return run
+
+
+def sft_export(folder: Path, r: dict) -> dict:
+    """The instruction-tuned adapter (its chat template in the tokenizer config) and the merged chat model."""
+    meta = stages.export_adapter(ExportAdapterConfig(run=r["sft-train"]["run"], out=str(folder / "adapter")))
+    merged = stages.export_merged(ExportMergedConfig(base=r["export"]["merged"], adapter=str(folder / "adapter"),
+                                                     out=str(folder / "merged"), dtype="fp32"))
+    return {"adapter": str(folder / "adapter"), "merged": merged["out"], "step": meta["step"],
+            "chat_template": (meta.get("chat_template") or {}).get("name")}
+
+
+def sft_chat(folder: Path, r: dict) -> dict:
+    """Held-out mechanical instructions (copy, reverse, ... of phrases no training record holds), answered greedily
+    through the template by the pre-trained and the instruction-tuned model: the share answered exactly."""
+    from ...eval.instructions import evaluate_instructions
+    from ...sft.shipped import instructions_dir
+
+    held = instructions_dir() / "mechanical_heldout.jsonl"
+    out = {}
+    for name, model in (("pre-trained", r["export"]["merged"]), ("instruction-tuned", r["sft-export"]["merged"])):
+        res = evaluate_instructions(EvalConfig(model=model, instructions=str(held), template="alpaca", device="cpu",
+                                               dtype="fp32"))
+        (folder / f"{name}.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        out[name] = {"exact": res["exact"], "records": res["records"], "share": res["share"],
+                     "by_task": {k: v["share"] for k, v in res["by_task"].items()}}
+    answers = json.loads((folder / "instruction-tuned.json").read_text(encoding="utf-8"))["answers"]
+    samples = [{"instruction": a["instruction"], "answer": a["answer"], "expected": a["expected"]}
+               for a in answers[::max(len(answers) // 3, 1)][:3]]
+    for s in samples:
+        print(f"  {s['instruction']} -> {s['answer']}", flush=True)
+    return out | {"folder": str(folder), "samples": samples}
+
+
 # ------------------------------------------------------------------------------ the recipe
 
 
@@ -244,11 +321,24 @@ def recipe(cfg: DemoConfig) -> list[Stage]:
         Stage("export", export, lambda r: {"train": r["train"]}),
         Stage("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"]}),
         Stage("generate", generate, lambda r: {"export": r["export"], "prompts": ZH_PROMPTS}),
+        Stage("sft-shards", sft_shards, lambda r: {"export": r["export"], "shipped": _shipped_key(),
+                                                   "length": DEMO_SFT_LENGTH}),
+        Stage("sft-train", sft_train(cfg.sft_steps), lambda r: {"shards": r["sft-shards"],
+                                                                "config": sft_run_config(r, cfg.sft_steps)},
+              resumable=True),
+        Stage("sft-export", sft_export, lambda r: {"train": r["sft-train"]}),
+        Stage("sft-chat", sft_chat, lambda r: {"export": r["sft-export"], "shipped": _shipped_key()}),
     ]
 
 
+def _shipped_key() -> dict:
+    from ...sft.shipped import instructions_dir
+
+    return {p.name: file_key(p) for p in sorted(instructions_dir().glob("*.jsonl"))}
+
+
 STAGE_NAMES = ("corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export", "eval",
-               "generate")
+               "generate", "sft-shards", "sft-train", "sft-export", "sft-chat")
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -282,6 +372,13 @@ def print_summary(s: dict) -> None:
           f"{ev['merged']['bits_per_char']:.3f} (merged model; base + adapter: {ev['base+adapter']['bits_per_char']:.3f})")
     print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
           f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
+    st, sc = s["sft-train"], s["sft-chat"]
+    before, after = st["validation"]["0"], st["validation_loss"]
+    pre, tuned = sc["pre-trained"], sc["instruction-tuned"]
+    print(f"  instruction tuning, response-only loss {before:.3f} before -> {after:.3f} after {st['losses']['steps']} "
+          f"steps (validation, {s['sft-shards']['validation_examples']} held-out examples)")
+    print(f"  held-out mechanical tasks, exact       {pre['exact']}/{pre['records']} (pre-trained) -> "
+          f"{tuned['exact']}/{tuned['records']} (instruction-tuned, template {s['sft-shards']['template']})")
     print("  artefacts")
     ex = s["export"]
     for label, where in (("base tokenizer", s["base"]["tokenizer"]), ("Chinese tokenizer", s["tokenizer"]["model"]),
@@ -290,5 +387,7 @@ def print_summary(s: dict) -> None:
                          ("training run", f"{tr['run']} (metrics.jsonl, tb/, checkpoints/)"),
                          ("adapter (PEFT)", f"{ex['adapter']} ({ex['adapter_bytes'] / 1e6:.2f} MB)"),
                          ("merged model", ex["merged"]), ("evaluation", ev["folder"]),
-                         ("generations", gen["file"])):
+                         ("generations", gen["file"]), ("SFT shards", s["sft-shards"]["folder"]),
+                         ("SFT run", st["run"]), ("chat model", f"{s['sft-export']['merged']} (cllama chat --model ...)"),
+                         ("held-out answers", sc["folder"])):
         print(f"    {label:<18} {where}")
