@@ -37,6 +37,7 @@ from .validate import Validator
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
 STOP_FILE = "STOP"  # touched by slurm/pretrain.sh (or a user) to ask every rank to save and stop
+START_MODEL = "start-model"  # model.path + model.adapter, merged (model.adapter)
 
 
 class Trainer:
@@ -51,6 +52,9 @@ class Trainer:
         # the next collective until its timeout.
         try:
             dist.on_main("checking the run folder", self._setup_run_folder)
+            if cfg.model.adapter:
+                dist.on_main("merging the starting adapter into its base", self._setup_start_model)
+                cfg.model.path = str(self.run_dir / START_MODEL)
             dist.agree("reading the tokenizer and the shards", self._setup_inputs)
             dist.agree("verifying the shards", self._verify_shards)
             self.resume = dist.on_main("choosing the checkpoint", self._choose_checkpoint)
@@ -75,6 +79,21 @@ class Trainer:
         if note:
             self.notes.append(note)
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
+
+    def _setup_start_model(self) -> None:
+        """Rank 0: model.path + model.adapter merged once into RUN/start-model, the model this run trains on (a
+        folder already merged from the same base and adapter is reused, so a resume trains on the same weights)."""
+        from ..export.run import export_merged
+
+        m, target = self.cfg.model, self.run_dir / START_MODEL
+        record = target / "cllama_export.json"
+        if record.is_file() and (target / "config.json").is_file():
+            done = json.loads(record.read_text())
+            if done.get("base") == str(m.path) and done.get("adapter") == str(m.adapter):
+                self.notes.append(f"note: starting from {target} ({m.path} + {m.adapter}, merged earlier)")
+                return
+        export_merged(m.path, m.adapter, target, overwrite=True)
+        self.notes.append(f"note: starting from {m.path} + adapter {m.adapter}, merged into {target}")
 
     def _setup_inputs(self) -> None:
         from ..model.adapters import load_llama_config

@@ -156,3 +156,29 @@ def test_sft_export_carries_the_template_and_stock_loading_gives_the_training_id
         stock = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True)
         stock = stock["input_ids"] if hasattr(stock, "keys") else stock
         assert list(stock) == prompt_ids
+
+
+def test_sft_from_the_base_and_the_pretraining_adapter(setup, reference, packed, tmp_path):
+    """model.path = the base, model.adapter = the pre-training run's adapter: merged once into RUN/start-model,
+    reused on resume; the run trains on it like on a merged model."""
+    from safetensors.torch import load_file
+
+    from cllama_dist.export.run import export_adapter
+
+    base = setup[0]
+    export_adapter(reference[0], tmp_path / "pt-adapter")
+    cfg, out = sft_config(tmp_path, "from-adapter", base, packed, **{
+        "model.tokenizer": str(setup[1]), "model.adapter": str(tmp_path / "pt-adapter"), "optim.max_steps": 2,
+        "validation.every": 0, "checkpoint.save_every": 0})
+    first = launch.run(cfg, nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "merged into" in first.stdout and "already extended" in first.stdout
+    start = load_file(out / "start-model" / "model.safetensors")
+    rows = load_file(tmp_path / "pt-adapter" / "adapter_model.safetensors")
+    orig = load_file(base / "model.safetensors")["model.embed_tokens.weight"].shape[0]
+    emb = start["model.embed_tokens.weight"]
+    assert torch.equal(emb[:orig], load_file(base / "model.safetensors")["model.embed_tokens.weight"])
+    new_rows = next(v for k, v in rows.items() if "embed_tokens" in k)
+    assert torch.equal(emb[orig:], new_rows)
+    again = launch.run(cfg, nproc=1)  # the same run again: finished, but the start model is found and reused
+    assert again.returncode == 0 and "merged earlier" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
