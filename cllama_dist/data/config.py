@@ -171,7 +171,7 @@ class DataSetConfig(Section):
     weight: float = option(1.0, "Relative share of this set's sequences in the mixture (normalised over all sets).")
 
     @classmethod
-    def from_text(cls, text: str) -> "DataSetConfig":
+    def from_text(cls, text: str) -> DataSetConfig:
         """``NAME=PATH[:WEIGHT]`` (the flag's form)."""
         name, eq, rest = text.partition("=")
         if not eq:
