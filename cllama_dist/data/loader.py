@@ -149,6 +149,24 @@ class SFTBlocks(TokenBlocks):
                 starts[r] = m.i32[v + a:v + z].astype(np.int64)
         return SFTRows(ids, mask, ntok, starts)
 
+    def predicted_tokens(self, indices: np.ndarray) -> int:
+        """How many positions of rows ``indices`` a causal LM is scored on: loss-mask ones after each row's first
+        token (position 0 has no context). Reads only the mask column, so every rank can count a whole optimizer
+        step's loss tokens (all ranks' rows) without a collective; the trainer normalises the loss by it."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not len(idx):
+            return 0
+        shard, _ = self._locate(idx)
+        b = self._batches(idx)
+        local = idx - self._batch_first[b]
+        total = 0
+        for s in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == s)
+            m: MappedSFTShard = self.shards[s]  # type: ignore[assignment]
+            start = self._batch_mask[b[rows]] + local[rows] * self.block_size
+            total += int(m.u8[start[:, None] + self._cols[1:]].sum(dtype=np.int64))
+        return total
+
     def view(self, i: int) -> SFTRows:  # type: ignore[override]
         """Row ``i`` as views on its shard's memory map (no copy; read-only): arrays of shape (1, block)."""
         idx = np.array([i], dtype=np.int64)
@@ -318,7 +336,8 @@ class MixedOrder:
         return sets, ks
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
-        """Global row indices into ``MixedBlocks`` (set s's rows follow those of the sets before it)."""
+        """Global row indices over the sets one after another (set s's rows follow those of the sets before it:
+        trainer/mixture.MixedData)."""
         sets, ks = self.locate(positions)
         out = np.empty(len(sets), np.int64)
         offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
@@ -336,29 +355,6 @@ class MixedOrder:
     def epochs(self, samples: int) -> dict[str, float]:
         """Epochs of each set seen by the first ``samples`` positions (1.5: one full pass and half the next)."""
         return {name: n / size for (name, n), size in zip(self.consumed(samples).items(), self.sizes)}
-
-
-class MixedBlocks:
-    """Several sets' TokenBlocks as one index space (set 0's rows, then set 1's, ...): what ``MixedOrder.indices``
-    addresses, so the trainer's ``take(order.indices(positions))`` reads a mixture as it reads one folder."""
-
-    def __init__(self, parts: list[TokenBlocks]):
-        self.parts = parts
-        self.block_size = parts[0].block_size
-        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
-        self.n = int(self.starts[-1])
-
-    def __len__(self) -> int:
-        return self.n
-
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        part = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty((len(idx), self.block_size), dtype=np.int64)
-        for p in np.unique(part).tolist():
-            here = part == p
-            out[here] = self.parts[p].take(idx[here] - self.starts[p])
-        return out
 
 
 def step_positions(step: int, global_batch: int, micro: int, dp_rank: int, dp_world: int) -> list[np.ndarray]:

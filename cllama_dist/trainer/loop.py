@@ -20,13 +20,16 @@ from .. import distributed as dist
 from ..config import dump_yaml, to_dict
 from ..files import LOCK, Lock, check_not_input, claim_folder, write_atomic
 from ..data.loader import step_positions
+from ..data.shards import SFT_FORMAT
 from ..errors import UserError
 from ..model import flops
 from ..model.config import resolve_dtype
 from ..model.identity import base_fingerprint
+from ..model.scoring import masked_nll
 from ..progress import Progress
 from . import engine as engines
 from . import mixture
+from .batches import labels_of, model_inputs
 from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
@@ -84,7 +87,9 @@ class Trainer:
         self.vocab = read_merged(cfg.model.tokenizer, self.llama.vocab_size, cfg.model.extended_vocab)
         self.single = not cfg.data.sets  # one folder: the order and records it always had
         self.sets, block = mixture.read_sets(cfg.data, self.vocab.fingerprint)
+        # Pre-training blocks or instruction-tuning rows: the manifests' format decides (trainer/batches.py).
         self.manifest = self.sets[0].manifest
+        self.sft = self.manifest.get("format") == SFT_FORMAT
         if block > self.llama.max_position_embeddings:
             raise UserError(f"block size {block} exceeds the model's max_position_embeddings "
                             f"{self.llama.max_position_embeddings}")
@@ -177,6 +182,7 @@ class Trainer:
                                                    self.vocab.new_vocab, DTYPES[self.dtype],
                                                    self.ds_config if zero3 else None, sub)
         self.counts = count_parameters(self.model)
+        self.model_dtype = DTYPES[self.dtype]
 
     def _setup_engine(self) -> None:
         self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
@@ -237,6 +243,16 @@ class Trainer:
         say(f"  shards verified: {v['shards']} on this rank ({v['bytes'] / 1e6:,.1f} MB hashed in {v['seconds']:.1f} s, "
             f"{v['from_record']} unchanged since an earlier check), all ranks agreeing")
         say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
+        if self.llama.vocab_size == self.vocab.new_vocab:
+            say(f"  the model's vocabulary is already extended ({m.path}: a merged model): rows "
+                f"{self.vocab.orig_vocab:,}..{self.vocab.new_vocab - 1:,} train from their values there, "
+                f"rows below stay frozen")
+        if self.sft:
+            t, man = self.manifest["splits"]["train"], self.manifest
+            say(f"  instruction tuning: {t['examples']:,} examples in {t['rows']:,} {man['layout']} rows, template "
+                f"{man['template']['name']}; loss on the {t['response_tokens']:,} response tokens of "
+                f"{t['tokens']:,}, averaged per token over each global batch"
+                + ("; packed examples attend only within themselves" if man["layout"] == "packed" else ""))
         for note in self.notes:
             say(f"  {note}")
         if self.resume_from:
@@ -245,24 +261,32 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------
 
-    def to_device(self, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(rows)
-        if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x
+    def to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The model's forward arguments for ``rows`` (trainer/batches.py), on this rank's device."""
+        return model_inputs(rows, self.device, self.cfg.model.attn_implementation, self.model_dtype)
 
-    def micro_batch_loss(self, x: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
-        return self.engine(input_ids=x, labels=x).loss
+        inputs = self.to_device(rows)
+        if not self.sft:
+            return self.engine(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
+        # Summed NLL over the response tokens, divided by the step's response-token count over all ranks and
+        # scaled by world x accum, which DeepSpeed's gradient averaging and accumulation divide by again: the
+        # gradient is that of the mean over every response token of the global batch.
+        nll, _ = masked_nll(self.engine, inputs, labels_of(rows, self.device))
+        return nll.sum() * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
     def train_step(self, step: int) -> float | None:
         """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
         positions = step_positions(step, self.plan.global_batch, self.plan.micro, dist.rank(), self.plan.world)
+        if self.sft:
+            every = np.arange(step * self.plan.global_batch, (step + 1) * self.plan.global_batch)
+            self.step_loss_tokens = self.train_blocks.loss_tokens(self.order.indices(every))
         losses = []
         for k, pos in enumerate(positions):
-            x = self.to_device(self.train_blocks.take(self.order.indices(pos)))
+            rows = self.train_blocks.rows(self.order.indices(pos))
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
-            loss = self.micro_batch_loss(x, step, k)
+            loss = self.micro_batch_loss(rows, step, k)
             # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
             if dist.any_true(not torch.isfinite(loss).item()):
                 if k:
@@ -281,7 +305,8 @@ class Trainer:
                              block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
                              reason=reason, base_model=self.base_model, schedule=self._schedule(),
                              mixture=mixture.identity(self.sets, self.order, self.single),
-                             config=to_dict(self.cfg))
+                             config=to_dict(self.cfg), template=self.manifest.get("template") if self.sft else None,
+                             base_vocab=self.llama.vocab_size)
         # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
         path = self.checkpointer.save(self.engine, state, expected_bytes=16 * self.counts.trainable)
         self.logger.say(f"saved checkpoint {path} ({reason})")

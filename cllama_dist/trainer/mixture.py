@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..data.config import DataConfig, DataSetConfig
-from ..data.loader import GlobalOrder, MixedBlocks, MixedOrder, TokenBlocks
-from ..data.shards import check_manifest, load_manifest, verify_shards
+from ..data.loader import GlobalOrder, MixedOrder
+from ..data.shards import PRETRAIN_FORMATS, SFT_FORMAT, check_manifest, load_manifest, verify_shards
 from ..errors import UserError
 from ..files import os_error
+from .batches import open_data
 
 
 @dataclass
@@ -44,13 +47,22 @@ def read_sets(data: DataConfig, fingerprint: dict) -> tuple[list[ShardSet], int]
     for s in sets:
         where = f"shards in {s.path}" if not data.sets else f"set {s.name!r} ({s.path})"
         try:
-            manifest = load_manifest(s.path)
+            manifest = load_manifest(s.path, formats=(*PRETRAIN_FORMATS, SFT_FORMAT))
         except UserError as exc:
             raise UserError(f"set {s.name!r}: {exc}" if data.sets else str(exc)) from None
         block = block or int(manifest["block_size"])
         check_manifest(manifest, fingerprint, block, where=where)
+        if out and _kind(manifest) != _kind(out[0].manifest):
+            raise UserError(f"set {s.name!r} ({s.path}) holds {_kind(manifest)}, set {out[0].name!r} holds "
+                            f"{_kind(out[0].manifest)}: a mixture reads one kind of rows")
         out.append(ShardSet(s, manifest))
     return out, block
+
+
+def _kind(manifest: dict) -> str:
+    if manifest.get("format") == SFT_FORMAT:
+        return f"instruction-tuning rows ({manifest.get('layout')})"
+    return "pre-training blocks"
 
 
 def verify(sets: list[ShardSet], vocab: int, run_dir: Path, rank: int, world: int, single: bool) -> dict:
@@ -73,17 +85,51 @@ def verify(sets: list[ShardSet], vocab: int, run_dir: Path, rank: int, world: in
     return total
 
 
+class MixedData:
+    """Several sets' data (trainer/batches.py's PretrainData or SFTData, one kind) as one index space: set 0's
+    rows, then set 1's, ...: what ``MixedOrder.indices`` addresses, so the loop reads a mixture with the calls it
+    reads one folder with (``rows``, ``loss_tokens``)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.kind, self.block = parts[0].kind, parts[0].block
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _split(self, indices: np.ndarray):
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        for p in np.unique(part).tolist():
+            here = np.flatnonzero(part == p)
+            yield p, here, idx[here] - self.starts[p]
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(np.asarray(indices).reshape(-1))
+        out: dict[str, np.ndarray] = {}
+        for p, here, local in self._split(indices):
+            for key, value in self.parts[p].rows(local).items():
+                if key not in out:
+                    out[key] = np.empty((n, *value.shape[1:]), dtype=value.dtype)
+                out[key][here] = value
+        return out
+
+    def loss_tokens(self, indices: np.ndarray) -> int:
+        return sum(self.parts[p].loss_tokens(local) for p, _, local in self._split(indices))
+
+
 def train_data(sets: list[ShardSet], seed: int, single: bool):
-    """(blocks, order): what the loop reads with ``blocks.take(order.indices(positions))``."""
+    """(data, order): what the loop reads with ``data.rows(order.indices(positions))``."""
     if single:
-        blocks = TokenBlocks(sets[0].path, sets[0].manifest, "train")
-        return blocks, GlobalOrder(len(blocks), seed)
-    parts = [TokenBlocks(s.path, s.manifest, "train") for s in sets]
+        data = open_data(sets[0].path, sets[0].manifest, "train")
+        return data, GlobalOrder(len(data), seed)
+    parts = [open_data(s.path, s.manifest, "train") for s in sets]
     for s, p in zip(sets, parts):
         if len(p) == 0:
             raise UserError(f"set {s.name!r} ({s.path}): the train split has no sequences")
     order = MixedOrder([len(p) for p in parts], [s.cfg.weight for s in sets], [s.name for s in sets], seed)
-    return MixedBlocks(parts), order
+    return MixedData(parts), order
 
 
 def identity(sets: list[ShardSet], order, single: bool) -> list[dict]:

@@ -5,6 +5,8 @@ Bits per character = total NLL (nats) / ln 2 / characters of the text the evalua
 from (the preprocessor's n_chars column, format cllama-shards/2); unlike the loss it compares tokenizers and
 languages. Shards of format /1 lack the column: their sets report loss and perplexity only, and say so once.
 
+On instruction-tuning shards the loss is the response tokens' only (the same mask as training).
+
 Every rank takes its share of the sequences (``data/loader.eval_batches``: the same number of batches on
 every rank, because a ZeRO-3 forward is a collective); the scores are model/scoring.py's, the same
 function ``cllama eval`` uses, so both report the same loss for the same model and tokens.
@@ -19,14 +21,16 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..data.loader import TokenBlocks, eval_batches, text_sizes
-from ..model.scoring import causal_nll
+from ..data.shards import SFT_FORMAT
+from ..data.loader import eval_batches, text_sizes
+from ..model.scoring import causal_nll, masked_nll
+from .batches import labels_of, open_data
 
 
 class Validator:
-    def __init__(self, blocks: TokenBlocks, micro: int, sequences: int = 0,
-                 sizes: tuple[np.ndarray, np.ndarray] | None = None):
-        """``sizes``: (characters, UTF-8 bytes) per validation sequence, or None (no bits per character)."""
+    def __init__(self, blocks, micro: int, sequences: int = 0, sizes: tuple[np.ndarray, np.ndarray] | None = None):
+        """``blocks``: trainer/batches.py's PretrainData or SFTData; ``sizes``: (characters, UTF-8 bytes) per
+        validation sequence, or None (no bits per character)."""
         self.blocks, self.micro = blocks, micro
         self.n = min(len(blocks), sequences or len(blocks))
         self.chars = self.bytes = None
@@ -34,19 +38,24 @@ class Validator:
             self.chars, self.bytes = int(sizes[0][:self.n].sum()), int(sizes[1][:self.n].sum())
 
     @torch.no_grad()
-    def run(self, engine, to_device: Callable[[np.ndarray], torch.Tensor]) -> dict[str, float] | None:
+    def run(self, engine, to_device: Callable[[dict], dict]) -> dict[str, float] | None:
         if self.n == 0:
             return None
         engine.eval()
         nll = count = 0.0
         for idx, w in eval_batches(self.n, self.micro, dist.rank(), dist.world_size()):
-            row_nll, row_count = causal_nll(engine, to_device(self.blocks.take(idx)))
+            rows = self.blocks.rows(idx)
+            inputs = to_device(rows)
+            if self.blocks.kind == "sft":
+                row_nll, row_count = masked_nll(engine, inputs, labels_of(rows, str(inputs["input_ids"].device)))
+            else:
+                row_nll, row_count = causal_nll(engine, inputs["input_ids"])
             weight = torch.from_numpy(w)
             nll += float((row_nll.double().cpu() * weight).sum())
             count += float((row_count.double().cpu() * weight).sum())
         engine.train()
         total_nll = dist.total(nll)
-        loss = total_nll / dist.total(count)
+        loss = total_nll / max(dist.total(count), 1.0)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if self.chars:
             out["bits_per_char"] = total_nll / math.log(2) / self.chars
@@ -65,11 +74,11 @@ class Validators:
         self.notes: list[str] = []
         for s in sets:
             sizes = text_sizes(s.path, s.manifest, "validation")
-            if sizes is None:
+            if sizes is None and s.manifest.get("format") != SFT_FORMAT:  # instruction rows: response tokens only
                 self.notes.append(f"note: {'the shards' if single else 'set ' + repr(s.name)} ({s.path}, format "
                                   f"{s.manifest.get('format')}) record no character counts: bits per character "
                                   "left out (re-run `cllama preprocess` to get them)")
-            self.parts.append((s.name, Validator(TokenBlocks(s.path, s.manifest, "validation"), micro, sequences, sizes)))
+            self.parts.append((s.name, Validator(open_data(s.path, s.manifest, "validation"), micro, sequences, sizes)))
 
     def run(self, engine, to_device) -> dict[str, float] | None:
         results = [(name, v.n, v.run(engine, to_device)) for name, v in self.parts]

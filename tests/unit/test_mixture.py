@@ -15,7 +15,6 @@ from cllama_dist.data.config import DataConfig, DataSetConfig
 from cllama_dist.data.loader import (
     MIX_CHUNK,
     GlobalOrder,
-    MixedBlocks,
     MixedOrder,
     TokenBlocks,
     step_positions,
@@ -24,6 +23,7 @@ from cllama_dist.data.preprocess import build_manifest
 from cllama_dist.data.shards import MANIFEST, ShardWriter
 from cllama_dist.errors import UserError
 from cllama_dist.trainer import mixture
+from cllama_dist.trainer.batches import open_data
 from cllama_dist.trainer.config import TrainConfig
 from cllama_dist.trainer.plan import Plan
 from cllama_dist.trainer.validate import Validator, Validators
@@ -64,7 +64,7 @@ def test_shares_are_the_weights_within_sampling_error():
 def test_each_set_is_walked_epoch_by_epoch_and_re_permuted():
     m = MixedOrder([5, 3], [0.5, 0.5], ["zh", "en"], seed=3)
     idx = m.indices(np.arange(4000))
-    en = idx[idx >= 5] - 5  # MixedBlocks puts set 1's rows after set 0's
+    en = idx[idx >= 5] - 5  # set 1's rows come after set 0's (MixedData)
     epochs = en[: len(en) // 3 * 3].reshape(-1, 3)
     assert all(sorted(e) == [0, 1, 2] for e in epochs.tolist())  # every epoch holds each sequence once
     assert len({tuple(e) for e in epochs.tolist()}) > 1  # and epochs are freshly permuted
@@ -150,9 +150,10 @@ def test_mixture_reads_each_set_and_the_plan_shows_shares(tmp_path):
                       micro_batch_size=2, global_batch_size=4)
     sets, block = mixture.read_sets(data, FP)
     blocks, order = mixture.train_data(sets, seed=0, single=False)
-    assert isinstance(blocks, MixedBlocks) and len(blocks) == 35 and block == 4
+    assert isinstance(blocks, mixture.MixedData) and len(blocks) == 35 and block == 4
     pos = np.arange(64)
-    rows = blocks.take(order.indices(pos))
+    rows = blocks.rows(order.indices(pos))["input_ids"]
+    assert blocks.loss_tokens(order.indices(pos)) == 64 * 3
     sets_of, ks = order.locate(pos)
     zh_rows, en_rows = TokenBlocks(zh, sets[0].manifest, "train"), TokenBlocks(en, sets[1].manifest, "train")
     for r, s, k in zip(rows, sets_of, ks):
@@ -171,10 +172,14 @@ def test_mixture_reads_each_set_and_the_plan_shows_shares(tmp_path):
 class Shifted(torch.nn.Module):
     """Logits 2.0 on (input + 1) mod V, 0 elsewhere: P(next = input + 1) = e^2 / (e^2 + V - 1)."""
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **_):
         logits = torch.zeros(*input_ids.shape, VOCAB)
         logits.scatter_(-1, ((input_ids + 1) % VOCAB)[..., None], 2.0)
         return type("Out", (), {"logits": logits})()
+
+
+def to_inputs(rows: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in rows.items()}
 
 
 def test_bits_per_character_per_set_by_hand(tmp_path):
@@ -191,7 +196,7 @@ def test_bits_per_character_per_set_by_hand(tmp_path):
                             DataSetConfig(name="old", path=str(old))])
     sets, _ = mixture.read_sets(data, FP)
     v = Validators(sets, micro=1, sequences=0, single=False)
-    r = v.run(Shifted(), torch.from_numpy)
+    r = v.run(Shifted(), to_inputs)
     zh_bits = -(3 * math.log2(p) + 3 * math.log2(q))
     assert r["zh/bits_per_char"] == pytest.approx(zh_bits / 10, rel=1e-6)
     assert r["zh/bits_per_byte"] == pytest.approx(zh_bits / 20, rel=1e-6)
@@ -205,6 +210,6 @@ def test_bits_per_character_per_set_by_hand(tmp_path):
     line = v.line(10, r)
     assert line.startswith("step 10: validation zh: loss") and "bits/char" in line and "old: loss" in line
     # the first N sequences: N's own characters
-    first = Validator(TokenBlocks(zh, sets[0].manifest, "validation"), 1, 1,
-                      (np.array([6, 4]), np.array([12, 8]))).run(Shifted(), torch.from_numpy)
+    first = Validator(open_data(str(zh), sets[0].manifest, "validation"), 1, 1,
+                      (np.array([6, 4]), np.array([12, 8]))).run(Shifted(), to_inputs)
     assert first["bits_per_char"] == pytest.approx(-3 * math.log2(p) / 6, rel=1e-6)
