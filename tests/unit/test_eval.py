@@ -5,9 +5,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from cllama_dist.eval.config import EvalConfig
 from cllama_dist.errors import UserError
 from cllama_dist.eval import evaluate, windows
+from cllama_dist.eval.config import EvalConfig
 from cllama_dist.eval.run import format_result
 
 from ..conftest import TINY_LLAMA, write_jsonl
@@ -158,3 +158,25 @@ def test_named_inputs_give_a_table_per_model(uniform_model, tiny_model_dir, tiny
         EvalConfig(model=str(path), text=[str(zh)])
     with pytest.raises(UserError, match="not both"):
         EvalConfig(model=str(path), text=[f"zh={zh}"], inputs=[str(zh)])
+
+
+def test_named_shard_sets_in_the_table(tmp_path, tiny_base, tiny_merged, tiny_shards, uniform_model):
+    """--shard-sets: bits per character from the shards' n_chars; a model of another tokenizer shows n/a, named."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cllama_dist.data.shards import load_manifest
+
+    vocab = load_manifest(tiny_shards)["tokenizer"]["vocab_size"]
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY_LLAMA)).save_pretrained(tmp_path / "m")
+    shutil.copy(tiny_merged / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    base, _ = uniform_model
+    shutil.copy(tiny_base / "tokenizer.model", base / "tokenizer.model")
+    r = evaluate(EvalConfig(model=str(tmp_path / "m"), shard_sets=[f"zh={tiny_shards}"], compare=[f"base={base}"],
+                            max_documents=4))
+    cells = r["table"]["cells"]
+    assert cells["model"]["zh"]["documents"] == 4 and cells["model"]["zh"]["bits_per_char"] > 0
+    assert "do not match" in cells["base"]["zh"]["error"]
+    text = format_result(r)
+    assert "n/a" in text and "n/a: base on zh:" in text
