@@ -15,7 +15,13 @@ import numpy as np
 
 from ..data.config import DataConfig, DataSetConfig
 from ..data.loader import GlobalOrder, MixedOrder
-from ..data.shards import PRETRAIN_FORMATS, SFT_FORMAT, check_manifest, load_manifest, verify_shards
+from ..data.shards import (
+    PRETRAIN_FORMATS,
+    SFT_FORMAT,
+    check_manifest,
+    load_manifest,
+    verify_shards,
+)
 from ..errors import UserError
 from ..files import os_error
 from .batches import open_data

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..data.shards import SFT_FORMAT
 from ..data.loader import eval_batches, text_sizes
+from ..data.shards import SFT_FORMAT
 from ..model.scoring import causal_nll, masked_nll
 from .batches import labels_of, open_data
 
