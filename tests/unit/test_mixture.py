@@ -213,3 +213,29 @@ def test_bits_per_character_per_set_by_hand(tmp_path):
     first = Validator(open_data(str(zh), sets[0].manifest, "validation"), 1, 1,
                       (np.array([6, 4]), np.array([12, 8]))).run(Shifted(), to_inputs)
     assert first["bits_per_char"] == pytest.approx(-3 * math.log2(p) / 6, rel=1e-6)
+
+
+def test_mixed_data_assembles_every_column_of_its_parts():
+    """MixedData over two parts of instruction-tuning rows (input_ids, labels, position_ids): each row comes from its
+    part, in the order asked, and the step's loss-token count is the parts' sum."""
+    class Part:
+        kind, block = "sft", 3
+
+        def __init__(self, n, base):
+            self.n, self.base = n, base
+
+        def __len__(self):
+            return self.n
+
+        def rows(self, idx):
+            ids = (self.base + np.asarray(idx))[:, None] + np.zeros((1, 3), np.int64)
+            return {"input_ids": ids, "labels": -ids, "position_ids": np.tile(np.arange(3), (len(idx), 1))}
+
+        def loss_tokens(self, idx):
+            return 2 * len(idx)
+
+    data = mixture.MixedData([Part(4, 100), Part(2, 200)])
+    got = data.rows(np.array([5, 0, 3, 4]))
+    assert got["input_ids"][:, 0].tolist() == [201, 100, 103, 200] and (got["labels"] == -got["input_ids"]).all()
+    assert got["position_ids"].tolist() == [[0, 1, 2]] * 4
+    assert data.loss_tokens(np.array([5, 0, 3])) == 6 and len(data) == 6 and data.kind == "sft"
