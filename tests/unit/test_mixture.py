@@ -239,3 +239,16 @@ def test_mixed_data_assembles_every_column_of_its_parts():
     assert got["input_ids"][:, 0].tolist() == [201, 100, 103, 200] and (got["labels"] == -got["input_ids"]).all()
     assert got["position_ids"].tolist() == [[0, 1, 2]] * 4
     assert data.loss_tokens(np.array([5, 0, 3])) == 6 and len(data) == 6 and data.kind == "sft"
+
+
+def test_a_mixture_of_two_kinds_of_rows_is_refused_by_name(tmp_path):
+    from cllama_dist.data.shards import SFT_FORMAT
+
+    zh = write_set(tmp_path / "zh", {"train": _rows(6), "validation": _rows(2)})
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / MANIFEST).write_text(json.dumps({"format": SFT_FORMAT, "tokenizer": FP, "block_size": 4, "layout": "packed"}))
+    data = DataConfig(sets=[DataSetConfig(name="zh", path=str(zh)), DataSetConfig(name="chat", path=str(sft))])
+    with pytest.raises(UserError, match=r"set 'chat' .* holds instruction-tuning rows \(packed\), set 'zh' holds "
+                                        "pre-training blocks"):
+        mixture.read_sets(data, FP)
