@@ -18,9 +18,9 @@ import torch
 
 from .. import distributed as dist
 from ..config import dump_yaml, to_dict
-from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
-from ..data.loader import GlobalOrder, step_positions
-from ..data.shards import FORMAT, SFT_FORMAT, check_manifest, load_manifest, verify_shards
+from ..files import LOCK, Lock, check_not_input, claim_folder, write_atomic
+from ..data.loader import step_positions
+from ..data.shards import SFT_FORMAT
 from ..errors import UserError
 from ..model import flops
 from ..model.config import resolve_dtype
@@ -28,12 +28,13 @@ from ..model.identity import base_fingerprint
 from ..model.scoring import masked_nll
 from ..progress import Progress
 from . import engine as engines
-from .batches import labels_of, model_inputs, open_data
+from . import mixture
+from .batches import labels_of, model_inputs
 from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
 from .plan import Plan, lr_factor
-from .validate import Validator
+from .validate import Validators
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
 STOP_FILE = "STOP"  # touched by slurm/pretrain.sh (or a user) to ask every rank to save and stop
@@ -71,8 +72,9 @@ class Trainer:
     def _setup_run_folder(self) -> None:
         """Rank 0: the run folder may not touch an input; it is ours (marked) and ours alone (locked)."""
         m = self.cfg.model
-        check_not_input(self.run_dir, {"base model": m.path, "tokenizer": m.tokenizer, "shards": self.cfg.data.path},
-                        "training run")
+        shards = {f"shards{'' if not self.cfg.data.sets else ' of set ' + s.name}": s.path
+                  for s in self.cfg.data.mixture()}
+        check_not_input(self.run_dir, {"base model": m.path, "tokenizer": m.tokenizer, **shards}, "training run")
         claim_folder(self.run_dir, "run", reuse=True)
         self.lock = Lock(self.run_dir / LOCK, "training run").acquire()
         note = self.lock.describe_takeover()
@@ -102,13 +104,11 @@ class Trainer:
         cfg = self.cfg
         self.llama = load_llama_config(cfg.model)
         self.vocab = read_merged(cfg.model.tokenizer, self.llama.vocab_size, cfg.model.extended_vocab)
-        if not cfg.data.path:
-            raise UserError("data.path is required: the preprocessor's output folder")
-        # Pre-training blocks or instruction-tuning rows: the manifest's format decides (trainer/batches.py).
-        self.manifest = load_manifest(cfg.data.path, formats=(FORMAT, SFT_FORMAT))
+        self.single = not cfg.data.sets  # one folder: the order and records it always had
+        self.sets, block = mixture.read_sets(cfg.data, self.vocab.fingerprint)
+        # Pre-training blocks or instruction-tuning rows: the manifests' format decides (trainer/batches.py).
+        self.manifest = self.sets[0].manifest
         self.sft = self.manifest.get("format") == SFT_FORMAT
-        block = cfg.data.block_size or self.manifest["block_size"]
-        check_manifest(self.manifest, self.vocab.fingerprint, block, where=f"shards in {cfg.data.path}")
         if block > self.llama.max_position_embeddings:
             raise UserError(f"block size {block} exceeds the model's max_position_embeddings "
                             f"{self.llama.max_position_embeddings}")
@@ -117,20 +117,14 @@ class Trainer:
     def _verify_shards(self) -> None:
         """Every shard checked against the manifest (size, sha256, schema, ids below the vocabulary) before any
         step: each rank checks its share, and a record in the run folder lets a resume skip unchanged shards."""
-        record = self.run_dir / ".verified" / f"rank-{dist.rank()}.json"
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, record.parent, "create") from None
-        done = verify_shards(self.cfg.data.path, self.manifest, self.vocab.new_vocab, checksums=True,
-                             which=(dist.rank(), dist.world_size()), record=record)
-        self.verified = done
+        self.verified = mixture.verify(self.sets, self.vocab.new_vocab, self.run_dir, dist.rank(), dist.world_size(),
+                                       self.single)
         cfg = self.cfg
-        self.train_blocks = open_data(cfg.data.path, self.manifest, "train")
-        self.validator = Validator(open_data(cfg.data.path, self.manifest, "validation"), cfg.data.micro_batch_size,
-                                   cfg.validation.sequences)
-        self.order = GlobalOrder(len(self.train_blocks), cfg.seed)
-        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks))
+        self.train_blocks, self.order = mixture.train_data(self.sets, cfg.seed, self.single)
+        self.validator = Validators(self.sets, cfg.data.micro_batch_size, cfg.validation.sequences, self.single)
+        self.notes += self.validator.notes
+        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks),
+                              None if self.single else self.order)
 
     def _choose_checkpoint(self) -> dict:
         """Rank 0: the checkpoint to resume (the newest valid one) and its state, or a fresh start."""
@@ -174,7 +168,8 @@ class Trainer:
         """What must not change between a checkpoint and the run that resumes it."""
         return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint,
                 "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
-                "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model}
+                "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model,
+                "mixture": mixture.identity(self.sets, self.order, self.single)}
 
     def _schedule(self) -> dict:
         o = self.cfg.optim
@@ -329,6 +324,7 @@ class Trainer:
                              new_vocab=self.vocab.new_vocab, embeddings=self.cfg.model.embeddings,
                              block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
                              reason=reason, base_model=self.base_model, schedule=self._schedule(),
+                             mixture=mixture.identity(self.sets, self.order, self.single),
                              config=to_dict(self.cfg), template=self.manifest.get("template") if self.sft else None,
                              base_vocab=self.llama.vocab_size)
         # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
@@ -341,7 +337,7 @@ class Trainer:
         result = self.validator.run(self.engine, self.to_device)
         if result is not None:
             self.logger.log({"type": "eval", "step": step, **result})
-            self.logger.say(f"step {step}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+            self.logger.say(self.validator.line(step, result))
         self.last_validated = step
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -371,6 +367,8 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"type": "train", "step": step, "loss": loss, "lr": cfg.optim.lr * lr_scale,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                if not self.single:
+                    record.update({f"epochs/{k}": v for k, v in self.order.epochs(step * plan.global_batch).items()})
                 if step % cfg.logging.log_every == 0 or step == plan.max_steps:
                     record.update(self.throughput.report())
                     self.logger.say(train_line(record))

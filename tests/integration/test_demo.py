@@ -66,6 +66,10 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
     assert ev["merged"]["bits_per_char"] < ev["base"]["bits_per_char"]
     assert ev["merged"]["bits_per_char"] == pytest.approx(ev["base+adapter"]["bits_per_char"], rel=1e-4)
     assert ev["merged"]["tokens_per_char"] * 2 < ev["base"]["tokens_per_char"]
+    # retention: English held-out bits per character before and after (Chinese-only training may cost some)
+    assert 0 < ev["base"]["en_bits_per_char"] and 0 < ev["merged"]["en_bits_per_char"]
+    assert ev["merged"]["en_bits_per_char"] == pytest.approx(ev["base+adapter"]["en_bits_per_char"], rel=1e-4)
+    assert "held-out English" in done.stdout and Path(ev["table"]).is_file()
     # Every step logged once, the resumed ones after the kept ones.
     steps = [json.loads(l)["step"] for l in (out / "train" / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["type"] == "train"]
@@ -124,3 +128,20 @@ def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]
+
+
+def test_demo_with_english_replay(tmp_path):
+    """--replay 0.25: the same model also trained on a zh + en mixture; its summary line beside the run without."""
+    out = tmp_path / "demo"
+    done = demo(out, "--replay", "0.25")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export",
+                             "replay_shards", "train_replay", "export_replay", "eval", "generate"]
+    ev, rp = summary["eval"], summary["train_replay"]
+    assert rp["share"] == 0.25 and set(rp["validation_bits_per_char"]) == {"zh/bits_per_char", "en/bits_per_char"}
+    assert "; mixture: zh " in done.stdout
+    # replaying English keeps English better than Chinese-only training does, on the same model and steps
+    assert ev["merged+replay"]["en_bits_per_char"] < ev["merged"]["en_bits_per_char"]
+    assert ev["merged+replay"]["bits_per_char"] < ev["base"]["bits_per_char"]  # and it still learned Chinese
+    assert "with English replay (25% of sequences)" in done.stdout

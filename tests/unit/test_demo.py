@@ -45,3 +45,22 @@ def test_a_resumable_stage_keeps_unfinished_work_unless_its_inputs_changed(tmp_p
     assert calls[2] == []
     assert Stages(tmp_path, True, 1).run("train", {"k": 2}, work, resumable=True)["parts"] == 4
     assert calls[3] == []
+
+
+def test_replay_adds_its_stages_and_a_mixture_config(tmp_path):
+    from cllama_dist.config import build
+    from cllama_dist.recipes.demo.recipe import REPLAY_STAGE_NAMES, replay_config
+    from cllama_dist.trainer.config import TrainConfig
+
+    names = [s.name for s in recipe(DemoConfig(replay=0.1))]
+    assert names == list(STAGES[:9]) + list(REPLAY_STAGE_NAMES) + list(STAGES[9:])  # before eval, which compares
+    r = {"model": {"folder": "m"}, "merge": {"tokenizer": "t"}, "shards": {"folder": "zh"},
+         "replay_shards": {"folder": "en"}}
+    cfg = build(TrainConfig, {**replay_config(r, 10, 0.1), "output_dir": str(tmp_path)})
+    assert [(s.name, s.path, s.weight) for s in cfg.data.sets] == [("zh", "zh", 0.9), ("en", "en", 0.1)]
+    assert cfg.data.path == "" and cfg.data.global_batch_size == 16
+    with pytest.raises(UserError, match=r"replay: must be within \[0, 1\)"):
+        DemoConfig(replay=1.0)
+    with pytest.raises(UserError, match="not a stage"):
+        DemoConfig(until="train_replay")  # only with --replay
+    assert DemoConfig(until="train_replay", replay=0.1).until == "train_replay"

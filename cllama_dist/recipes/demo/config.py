@@ -21,11 +21,17 @@ class DemoConfig(Section):
     steps: int = option(DEMO_STEPS, "Training steps of the 2-process ZeRO-3 stage.")
     sft_steps: int = option(DEMO_SFT_STEPS, "Steps of the instruction-tuning stage (2-process ZeRO-3).")
     until: str = option("", "Stop after this stage (see `cllama demo --help` for the list).")
+    replay: float = option(
+        0.0, "Also train the same model on a mixture in which this share of the sequences replays the base's English "
+             "text (data.sets), and show its Chinese and English bits per character beside the run without (0: off; "
+             "about the training stage's time again).")
 
     def validate(self) -> None:
-        from .recipe import STAGE_NAMES
+        from .recipe import REPLAY_STAGE_NAMES, STAGE_NAMES
 
         check(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         check(self.sft_steps >= 1, "sft_steps", f"must be at least 1, got {self.sft_steps}")
-        check(not self.until or self.until in STAGE_NAMES, "until",
-              f"{self.until!r}: not a stage; the stages are {', '.join(STAGE_NAMES)}")
+        names = STAGE_NAMES + (REPLAY_STAGE_NAMES if self.replay else ())
+        check(not self.until or self.until in names, "until",
+              f"{self.until!r}: not a stage; the stages are {', '.join(names)}")
+        check(0 <= self.replay < 1, "replay", f"must be within [0, 1), got {self.replay}")
