@@ -425,13 +425,17 @@ def run(cfg: DemoConfig) -> dict:
         runner.run_all(steps)
         print_summary(runner.summary)
     except Reached:
+        print_summary(runner.summary)  # what the stages so far measured
         print(f"stopped after stage '{cfg.until}' (--until); run without --until to continue from here")
     (root / "summary.json").write_text(json.dumps(runner.summary, indent=2, ensure_ascii=False) + "\n")
     return runner.summary
 
 
 def print_summary(s: dict) -> None:
-    rep, m, tr, ev, gen = s["report"], s["merge"], s["train"], s["eval"], s["generate"]
+    """The figures of the stages that ran (all of them, or those up to --until from ``eval`` on)."""
+    if "eval" not in s:
+        return
+    rep, m, tr, ev = s["report"], s["merge"], s["train"], s["eval"]
     loss = tr["losses"]
     print()
     print("cllama demo summary")
@@ -449,15 +453,18 @@ def print_summary(s: dict) -> None:
               f"{rp['bits_per_char']:.3f} (without: {ev['merged']['bits_per_char']:.3f}), English "
               f"{rp['en_bits_per_char']:.3f} (without: {ev['merged']['en_bits_per_char']:.3f}, base "
               f"{ev['base']['en_bits_per_char']:.3f})")
-    print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
-          f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
-    st, sc = s["sft-train"], s["sft-chat"]
-    before, after = st["validation"]["0"], st["validation_loss"]
-    pre, tuned = sc["pre-trained"], sc["instruction-tuned"]
-    print(f"  instruction tuning, response-only loss {before:.3f} before -> {after:.3f} after {st['losses']['steps']} "
-          f"steps (validation, {s['sft-shards']['validation_examples']} held-out examples)")
-    print(f"  held-out mechanical tasks, exact       {pre['exact']}/{pre['records']} (pre-trained) -> "
-          f"{tuned['exact']}/{tuned['records']} (instruction-tuned, template {s['sft-shards']['template']})")
+    gen = s.get("generate")
+    if gen:
+        print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
+              f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
+    st, sc = s.get("sft-train"), s.get("sft-chat")
+    if st and sc:
+        before, after = st["validation"]["0"], st["validation_loss"]
+        pre, tuned = sc["pre-trained"], sc["instruction-tuned"]
+        print(f"  instruction tuning, response-only loss {before:.3f} before -> {after:.3f} after "
+              f"{st['losses']['steps']} steps (validation, {s['sft-shards']['validation_examples']} held-out examples)")
+        print(f"  held-out mechanical tasks, exact       {pre['exact']}/{pre['records']} (pre-trained) -> "
+              f"{tuned['exact']}/{tuned['records']} (instruction-tuned, template {s['sft-shards']['template']})")
     print("  artefacts")
     ex = s["export"]
     for label, where in (("base tokenizer", s["base"]["tokenizer"]), ("Chinese tokenizer", s["tokenizer"]["model"]),
@@ -466,7 +473,9 @@ def print_summary(s: dict) -> None:
                          ("training run", f"{tr['run']} (metrics.jsonl, tb/, checkpoints/)"),
                          ("adapter (PEFT)", f"{ex['adapter']} ({ex['adapter_bytes'] / 1e6:.2f} MB)"),
                          ("merged model", ex["merged"]), ("evaluation", ev["table"]),
-                         ("generations", gen["file"]), ("SFT shards", s["sft-shards"]["folder"]),
-                         ("SFT run", st["run"]), ("chat model", f"{s['sft-export']['merged']} (cllama chat --model ...)"),
-                         ("held-out answers", sc["folder"])):
-        print(f"    {label:<18} {where}")
+                         ("generations", gen and gen["file"]), ("SFT shards", s.get("sft-shards", {}).get("folder")),
+                         ("SFT run", st and st["run"]),
+                         ("chat model", sc and f"{s['sft-export']['merged']} (cllama chat --model ...)"),
+                         ("held-out answers", sc and sc["folder"])):
+        if where:
+            print(f"    {label:<18} {where}")
