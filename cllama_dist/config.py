@@ -164,7 +164,8 @@ def coerce(value: Any, tp: Any, key: str = "") -> Any:
     - Literal: exactly one of the choices (the error lists them, and suggests a near match).
     - list[T]: a list or tuple, each element checked; a single value is taken as a one-element list.
     - dict: a mapping (a flag may give it as a YAML/JSON string).
-    - a Section: a mapping, built field by field (unknown keys refused); an instance is kept.
+    - a Section: a mapping, built field by field (unknown keys refused); an instance is kept; a string when the
+      section has a ``from_text`` (its flag's short form).
     - Optional[T]: None, or a T.
     """
     tp, optional = _optional(tp)
@@ -225,6 +226,11 @@ def coerce(value: Any, tp: Any, key: str = "") -> Any:
             return value
         if isinstance(value, dict):
             return build(tp, value, prefix=key)
+        if isinstance(value, str) and hasattr(tp, "from_text"):  # a flag's short form (DataSetConfig: NAME=PATH:W)
+            try:
+                return tp.from_text(value)
+            except ConfigError as exc:
+                raise ConfigError(key, exc.message) from None
         raise ConfigError(key, f"expected a mapping of {tp.__name__} settings, got {_describe(value)}")
     if origin in (Union, types.UnionType):
         errors = []
@@ -267,7 +273,11 @@ def nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         # A legacy flat key may share its name with a section (``model: /path`` was the model folder,
         # ``model:`` is now the model section): a plain value there is the legacy setting.
-        if key in legacy and (key not in top or (key in sections and not isinstance(value, dict))):
+        if key in sections and isinstance(value, list) and getattr(_optional(hints[key])[0], "list_field", None):
+            # A section that names a list field takes a list for the whole section: ``data: [{name, path,
+            # weight}, ...]`` is ``data: {sets: [...]}``.
+            key = f"{key}.{_optional(hints[key])[0].list_field}"
+        elif key in legacy and (key not in top or (key in sections and not isinstance(value, dict))):
             key = legacy[key]
         parts = key.split(".") if isinstance(key, str) and key not in top else [key]
         node = out

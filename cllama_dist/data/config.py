@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-
 from typing import Literal
 
-from ..config import PathStr, Section, check, option
+from ..config import ConfigError, PathStr, Section, check, option
 
 
 @dataclass
@@ -160,10 +160,55 @@ class FinalizeConfig(Section):
 
 
 @dataclass
+class DataSetConfig(Section):
+    """One shard set of a mixture: a name (in logs and metrics), the preprocessor's output folder, a weight.
+
+    In YAML ``{name: zh, path: shards/zh, weight: 0.9}``; as a flag ``--data.sets zh=shards/zh:0.9 en=shards/en:0.1``.
+    """
+
+    name: str = option("", "Name of the set: the key of its metrics (eval zh/bits_per_char) and of its share.")
+    path: PathStr = option("", "The preprocessor's output folder of this set (Arrow shards + manifest.json).")
+    weight: float = option(1.0, "Relative share of this set's sequences in the mixture (normalised over all sets).")
+
+    @classmethod
+    def from_text(cls, text: str) -> DataSetConfig:
+        """``NAME=PATH[:WEIGHT]`` (the flag's form)."""
+        name, eq, rest = text.partition("=")
+        if not eq:
+            raise ConfigError("", f"expected NAME=PATH[:WEIGHT], got {text!r}")
+        path, colon, weight = rest.rpartition(":")
+        if not colon or not _is_number(weight):
+            path, weight = rest, "1"
+        return cls(name=name.strip(), path=path, weight=weight)
+
+    def validate(self) -> None:
+        check(bool(self.name), "name", "is required (it names the set in logs and metrics)")
+        check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
+              f"{self.name!r} may hold only letters, digits, '_', '.' and '-' (it becomes a metrics key)")
+        check(bool(self.path), "path", f"set {self.name!r}: is required (its shards folder)")
+        check(self.weight > 0, "weight", f"set {self.name!r}: must be positive, got {self.weight}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
 class DataConfig(Section):
-    """What the trainer reads, and how it batches it."""
+    """What the trainer reads, and how it batches it: one shard folder (path), or a weighted mixture of several
+    (sets; ``data:`` given a list in YAML means sets)."""
+
+    list_field = "sets"  # config.nest: `data: [{name, path, weight}, ...]` fills data.sets
 
     path: PathStr = option("", "The preprocessor's output folder (Arrow shards + manifest.json).", legacy="data")
+    sets: list[DataSetConfig] = option(
+        [], "Several shard sets mixed by weight, each {name, path, weight} (instead of path): every sample position "
+            "draws its set from the seed, so a resume on any number of processes continues the same mixture; a set "
+            "that runs out starts a fresh permutation of itself. As flags: --data.sets zh=DIR:0.9 en=DIR:0.1.")
     block_size: int = option(0, "Sequence length; must equal the shards' block size (0: take it from the manifest).",
                              legacy="block_size")
     micro_batch_size: int = option(1, "Sequences per process per forward pass.", legacy="micro_batch_size")
@@ -175,7 +220,20 @@ class DataConfig(Section):
         legacy="global_batch_size")
 
     def validate(self) -> None:
+        check(not (self.path and self.sets), "sets", "give either path (one shard folder) or sets (a mixture), not both")
+        names = [s.name for s in self.sets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, "sets", f"set names must be unique; repeated: {', '.join(dup)}")
+        folders = [s.path for s in self.sets]
+        same = sorted({f for f in folders if folders.count(f) > 1})
+        check(not same, "sets", f"two sets read the same folder {', '.join(same)}")
         check(self.block_size >= 0, "block_size", f"must be >= 0, got {self.block_size}")
         check(self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")
         check(self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}")
         check(self.global_batch_size >= 0, "global_batch_size", f"must be >= 0, got {self.global_batch_size}")
+
+    def mixture(self) -> list[DataSetConfig]:
+        """The sets to read: ``sets``, or the one folder ``path`` as a set of weight 1 named ``data``."""
+        if self.sets:
+            return list(self.sets)
+        return [DataSetConfig(name="data", path=self.path, weight=1.0)] if self.path else []

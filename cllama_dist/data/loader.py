@@ -149,6 +149,24 @@ class SFTBlocks(TokenBlocks):
                 starts[r] = m.i32[v + a:v + z].astype(np.int64)
         return SFTRows(ids, mask, ntok, starts)
 
+    def predicted_tokens(self, indices: np.ndarray) -> int:
+        """How many positions of rows ``indices`` a causal LM is scored on: loss-mask ones after each row's first
+        token (position 0 has no context). Reads only the mask column, so every rank can count a whole optimizer
+        step's loss tokens (all ranks' rows) without a collective; the trainer normalises the loss by it."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not len(idx):
+            return 0
+        shard, _ = self._locate(idx)
+        b = self._batches(idx)
+        local = idx - self._batch_first[b]
+        total = 0
+        for s in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == s)
+            m: MappedSFTShard = self.shards[s]  # type: ignore[assignment]
+            start = self._batch_mask[b[rows]] + local[rows] * self.block_size
+            total += int(m.u8[start[:, None] + self._cols[1:]].sum(dtype=np.int64))
+        return total
+
     def view(self, i: int) -> SFTRows:  # type: ignore[override]
         """Row ``i`` as views on its shard's memory map (no copy; read-only): arrays of shape (1, block)."""
         idx = np.array([i], dtype=np.int64)
@@ -191,6 +209,24 @@ def segment_ids(rows: SFTRows) -> np.ndarray:
     return seg
 
 
+def text_sizes(folder: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(characters, UTF-8 bytes) of the text each sequence of ``split`` came from, in TokenBlocks' order: the
+    n_chars / n_bytes columns (format cllama-shards/2), or None for shards that lack them (format /1)."""
+    if not {"n_chars", "n_bytes"} <= set(manifest.get("columns") or []):
+        return None
+    import pyarrow as pa
+
+    chars, nbytes = [], []
+    for s in manifest["splits"].get(split, {"shards": []})["shards"]:
+        with pa.memory_map(str(Path(folder) / s["file"]), "r") as f:
+            table = pa.ipc.open_stream(f).read_all().select(["n_chars", "n_bytes"])
+            chars.append(table.column("n_chars").to_numpy().astype(np.int64))
+            nbytes.append(table.column("n_bytes").to_numpy().astype(np.int64))
+    if not chars:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(chars), np.concatenate(nbytes)
+
+
 def _room_for_open_files(n: int) -> None:
     """Raise the soft limit on open files when the shards would come near it: a memory map keeps its file
     open, one per shard (a 100 GB corpus at 256 MB per shard is about 800 train and validation shards, and
@@ -207,12 +243,16 @@ def _room_for_open_files(n: int) -> None:
 
 
 class GlobalOrder:
-    """Sample position -> sequence index: a fresh seeded permutation every epoch."""
+    """Sample position -> sequence index: a fresh seeded permutation every epoch.
 
-    def __init__(self, n: int, seed: int):
+    ``stream`` keys a separate order for one set of a mixture (``MixedOrder``); the single-folder run keeps
+    the key ``[seed, epoch]`` it always had, so its order (and resuming its checkpoints) is unchanged.
+    """
+
+    def __init__(self, n: int, seed: int, stream: tuple[int, ...] = (), what: str = "the train split"):
         if n == 0:
-            raise UserError("the train split has no sequences: nothing to train on")
-        self.n, self.seed = n, seed
+            raise UserError(f"{what} has no sequences: nothing to train on")
+        self.n, self.seed, self.stream = n, seed, tuple(stream)
         self._cache: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -222,13 +262,99 @@ class GlobalOrder:
         if epoch not in self._cache:
             self._cache.clear()  # the previous epoch's order goes before the next is made, not after
             perm = np.arange(self.n, dtype=np.int32 if self.n < 2**31 else np.int64)
-            np.random.default_rng([self.seed, epoch]).shuffle(perm)
+            np.random.default_rng([self.seed, *self.stream, epoch]).shuffle(perm)
             self._cache[epoch] = perm
         return self._cache[epoch]
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
         epochs, offsets = np.divmod(positions, self.n)
         return np.array([self._perm(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+
+MIX_KEY = 0x6D6978  # "mix": keys the set draws apart from every other use of the seed
+MIX_CHUNK = 8192  # positions whose set draws are made (and counted) together
+
+
+class MixedOrder:
+    """Sample position -> (set, sequence of that set) for a weighted mixture of shard sets, from the seed alone.
+
+    Position p draws its set from ``default_rng([seed, MIX_KEY, p // MIX_CHUNK])`` (one uniform per position of
+    the chunk, against the cumulative weights), so the mixture depends on nothing but the seed, the weights and
+    the position: a resume at any position, on any number of processes, continues it exactly. Within set s,
+    the k-th draw of s reads position k of that set's own ``GlobalOrder`` (keyed by the set's name), so each set
+    is walked epoch by epoch, re-permuted every epoch, and no sequence repeats within an epoch of its set.
+    Finding k for a position counts the draws of the chunks before it: computed once per chunk and kept (one row
+    of counts per 8,192 positions; a resume at sample 10M draws ~1,200 chunks, well under a second).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], names: list[str], seed: int):
+        import zlib
+
+        if not sizes:
+            raise UserError("no shard sets to train on")
+        w = np.asarray(weights, dtype=np.float64)
+        self.names, self.sizes, self.seed = list(names), [int(n) for n in sizes], seed
+        self.weights = w / w.sum()
+        self._cum = np.cumsum(self.weights)
+        self._cum[-1] = 1.0  # rounding must never leave a draw past the last set
+        self.orders = [GlobalOrder(n, seed, (MIX_KEY, zlib.crc32(name.encode())), f"the train split of set {name!r}")
+                       for n, name in zip(self.sizes, self.names)]
+        self._counts = [np.zeros(len(sizes), dtype=np.int64)]  # draws of each set before chunk c
+        self._chunk: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _draws(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk c's set of each position, and each position's rank among the chunk's draws of its set."""
+        if self._chunk is None or self._chunk[0] != c:
+            u = np.random.default_rng([self.seed, MIX_KEY, c]).random(MIX_CHUNK)
+            sets = np.searchsorted(self._cum, u, side="right").astype(np.int64)
+            rank = np.empty(MIX_CHUNK, np.int64)
+            for k in range(len(self.sizes)):
+                here = sets == k
+                rank[here] = np.arange(int(here.sum()))
+            self._chunk = (c, sets, rank)
+        return self._chunk[1], self._chunk[2]
+
+    def _before(self, c: int) -> np.ndarray:
+        while len(self._counts) <= c:
+            k = len(self._counts) - 1
+            self._counts.append(self._counts[k] + np.bincount(self._draws(k)[0], minlength=len(self.sizes)))
+        return self._counts[c]
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(set, k): the set of each position and how many earlier positions drew that set."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) and pos.min() < 0:
+            raise IndexError(f"sample position {pos.min()} is negative")
+        sets, ks = np.empty(len(pos), np.int64), np.empty(len(pos), np.int64)
+        for c in np.unique(pos // MIX_CHUNK).tolist():
+            here = np.flatnonzero(pos // MIX_CHUNK == c)
+            before = self._before(c)
+            draws, rank = self._draws(c)
+            off = pos[here] - c * MIX_CHUNK
+            sets[here] = draws[off]
+            ks[here] = before[draws[off]] + rank[off]
+        return sets, ks
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        """Global row indices over the sets one after another (set s's rows follow those of the sets before it:
+        trainer/mixture.MixedData)."""
+        sets, ks = self.locate(positions)
+        out = np.empty(len(sets), np.int64)
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        for s in np.unique(sets).tolist():
+            here = sets == s
+            out[here] = offsets[s] + self.orders[s].indices(ks[here])
+        return out
+
+    def consumed(self, samples: int) -> dict[str, int]:
+        """Sequences of each set among the first ``samples`` positions."""
+        c, off = divmod(int(samples), MIX_CHUNK)
+        counts = self._before(c) + np.bincount(self._draws(c)[0][:off], minlength=len(self.sizes))
+        return {name: int(n) for name, n in zip(self.names, counts)}
+
+    def epochs(self, samples: int) -> dict[str, float]:
+        """Epochs of each set seen by the first ``samples`` positions (1.5: one full pass and half the next)."""
+        return {name: n / size for (name, n), size in zip(self.consumed(samples).items(), self.sizes)}
 
 
 def step_positions(step: int, global_batch: int, micro: int, dp_rank: int, dp_world: int) -> list[np.ndarray]:

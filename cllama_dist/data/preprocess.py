@@ -60,7 +60,7 @@ from ..files import Lock
 from ..progress import Progress
 from ..tokenizer import spm as spmio
 from .corpus import RecordReader, Source, SkipCounter, content_sample, resolve_inputs
-from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, verify_shards
+from .shards import FORMAT, FORMAT_V1, MANIFEST, SIZE_COLUMNS, ShardWriter, dtype_for_vocab, verify_shards
 
 SPLITS = ("train", "validation")
 PLAN = "plan.json"
@@ -111,6 +111,7 @@ def _settings(cfg: PreprocessConfig, fp: dict) -> dict:
         "record_boundaries": cfg.record_boundaries,
         "shard_size_mb": cfg.shard_size_mb,
         "chunk_mb": cfg.chunk_mb,
+        "format": FORMAT,  # a plan of an earlier format (no character counts in its spill) is not resumed
     }
 
 
@@ -236,7 +237,8 @@ def _encode_chunk(args: tuple) -> dict:
     eos = [sp.eos_id()] if s["add_eos"] else []
     base = Path(_W["spill"]) / f"chunk-{index:07d}"
     try:
-        spill = {sp_: (open(f"{base}.{sp_}.tok", "wb"), open(f"{base}.{sp_}.len", "wb")) for sp_ in SPLITS}
+        spill = {sp_: (open(f"{base}.{sp_}.tok", "wb"), open(f"{base}.{sp_}.len", "wb"), open(f"{base}.{sp_}.sz", "wb"))
+                 for sp_ in SPLITS}
     except OSError as exc:
         raise files.os_error(exc, f"{base}.*", "create") from None
     docs = [0, 0]
@@ -253,6 +255,9 @@ def _encode_chunk(args: tuple) -> dict:
             picked = [ids for ids, w in zip(encoded, which) if w == k] if which.any() else (encoded if k == 0 else [])
             if not picked:
                 continue
+            texts = [t for t, w in zip(batch, which) if w == k] if which.any() else batch
+            # characters and UTF-8 bytes of each document, for bits per character (Packer spreads them over its tokens)
+            sizes = np.array([(len(t), len(t.encode("utf-8", "surrogatepass"))) for t in texts], np.int64)
             # One vectorised write per batch and split: BOS/EOS are inserted at the document edges.
             lens = np.fromiter(map(len, picked), np.int64, len(picked))
             flat = np.fromiter(itertools.chain.from_iterable(picked), dtype, int(lens.sum()))
@@ -263,10 +268,11 @@ def _encode_chunk(args: tuple) -> dict:
             if eos:
                 flat = np.insert(flat, edges + lens + (1 if bos else 0), eos[0])
             lens = lens + len(bos) + len(eos)
-            tok_f, len_f = spill[split]
+            tok_f, len_f, sz_f = spill[split]
             # file.write, not ndarray.tofile: tofile loses the errno of a failed write (a full disk).
             _spill_write(tok_f, flat)
             _spill_write(len_f, lens)
+            _spill_write(sz_f, sizes)
             docs[k] += len(picked)
             tokens[k] += int(lens.sum())
         batch.clear()
@@ -300,33 +306,60 @@ def _spill_write(f, array: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------- packing
 
+def token_sizes(lengths: np.ndarray, sizes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """(hi - lo, 2): the characters and UTF-8 bytes credited to tokens [lo, hi) of a stream of documents of
+    ``lengths`` tokens and ``sizes`` (characters, bytes) each.
+
+    A document of T tokens and C characters credits its token t with floor(C (t+1) / T) - floor(C t / T): whole
+    numbers that add up to exactly C over the document, spread evenly, so a sequence (a slice of the stream)
+    holds the text of its tokens to within one character per document edge, and a shard's sum is exact."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    x = np.arange(lo, hi + 1, dtype=np.int64)
+    d = np.minimum(np.searchsorted(ends, x, side="right"), len(lengths) - 1)  # the document holding token x
+    before = np.concatenate([np.zeros((1, 2), np.int64), np.cumsum(sizes, axis=0)])[d]  # sizes of documents before d
+    t = np.minimum(x - starts[d], lengths[d])
+    length = np.maximum(lengths[d], 1)[:, None]
+    cum = before + sizes[d] * t[:, None] // length  # what tokens [0, x) hold
+    cum[x >= ends[-1]] = sizes.sum(axis=0)  # the stream's end holds everything (empty documents at the end too)
+    return np.diff(cum, axis=0)
+
+
 class Packer:
-    """Packs a token stream into rows of exactly ``block`` tokens, keeping the remainder."""
+    """Packs a token stream into rows of exactly ``block`` tokens, keeping the remainder.
+
+    With ``sizes`` it also carries each token's share of its document's characters and UTF-8 bytes
+    (``token_sizes``), and each row gets the sum of its tokens' (the n_chars / n_bytes columns)."""
 
     FEED = 1 << 23  # tokens per step, to bound memory on huge chunks
 
-    def __init__(self, block: int, dtype: np.dtype, writer: ShardWriter | None, boundaries: bool):
-        self.block, self.writer, self.boundaries = block, writer, boundaries
+    def __init__(self, block: int, dtype: np.dtype, writer: ShardWriter | None, boundaries: bool, sizes: bool = False):
+        self.block, self.writer, self.boundaries, self.sizes = block, writer, boundaries, sizes
         self.carry = np.zeros(0, dtype=dtype)
         self.carry_starts = np.zeros(0, dtype=np.int64)
+        self.carry_sizes = np.zeros((0, 2), dtype=np.int64)
 
-    def feed(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """``lengths`` are the lengths of the documents that make up ``tokens``, in order."""
+    def feed(self, tokens: np.ndarray, lengths: np.ndarray, sizes: np.ndarray | None = None) -> None:
+        """``lengths`` are the lengths of the documents that make up ``tokens``, in order; ``sizes`` (n_docs, 2)
+        their characters and UTF-8 bytes (needed when the packer records sizes)."""
         doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
         pos = 0
         while pos < len(tokens):
             piece = tokens[pos:pos + self.FEED]
             in_piece = doc_starts[(doc_starts >= pos) & (doc_starts < pos + len(piece))] - pos
-            self._feed(piece, in_piece)
+            per_token = token_sizes(lengths, sizes, pos, pos + len(piece)) if self.sizes else None
+            self._feed(piece, in_piece, per_token)
             pos += len(piece)
 
-    def feed_with_starts(self, tokens: np.ndarray, starts: np.ndarray) -> None:
-        """Append tokens whose document starts (offsets into ``tokens``) are already known."""
-        self._feed(tokens, starts)
+    def feed_with_starts(self, tokens: np.ndarray, starts: np.ndarray, per_token: np.ndarray | None = None) -> None:
+        """Append tokens whose document starts (offsets into ``tokens``) and, with sizes, per-token characters
+        and bytes (n, 2) are already known (a group's remainder)."""
+        self._feed(tokens, starts, per_token)
 
-    def _feed(self, tokens: np.ndarray, starts: np.ndarray) -> None:
+    def _feed(self, tokens: np.ndarray, starts: np.ndarray, per_token: np.ndarray | None = None) -> None:
         stream = np.concatenate([self.carry, tokens])
         starts = np.concatenate([self.carry_starts, starts + len(self.carry)])
+        sizes = np.concatenate([self.carry_sizes, per_token.reshape(-1, 2)]) if self.sizes else None
         n = len(stream) // self.block
         cut = n * self.block
         if n and self.writer is not None:
@@ -336,12 +369,21 @@ class Packer:
                 full = starts[starts < cut]
                 edges = np.searchsorted(full, np.arange(n + 1) * self.block)
                 row_starts = [(full[edges[r]:edges[r + 1]] - r * self.block).tolist() for r in range(n)]
-            self.writer.add(rows, row_starts)
+            row_sizes = sizes[:cut].reshape(n, self.block, 2).sum(axis=1) if self.sizes else None
+            if self.sizes:
+                self.writer.add(rows, row_starts, row_sizes)
+            else:
+                self.writer.add(rows, row_starts)
         self.carry = stream[cut:].copy()
         self.carry_starts = starts[starts >= cut] - cut
+        if self.sizes:
+            self.carry_sizes = sizes[cut:].copy()
 
     def remainder(self) -> dict:
-        return {"tokens": self.carry.tolist(), "starts": self.carry_starts.tolist()}
+        out = {"tokens": self.carry.tolist(), "starts": self.carry_starts.tolist()}
+        if self.sizes:
+            out["sizes"] = self.carry_sizes.tolist()
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the task
@@ -672,8 +714,8 @@ def _consume(out: Path, plan: dict, pending: list[int], results, dtype: np.dtype
     it = iter(results)
     for g in pending:
         first, last = plan["groups"][g]
-        writers = {s: ShardWriter(out / f"{s}-{g:06d}.arrow", block, dtype, cfg.record_boundaries) for s in SPLITS}
-        packers = {s: Packer(block, dtype, writers[s], cfg.record_boundaries) for s in SPLITS}
+        writers = {s: ShardWriter(out / f"{s}-{g:06d}.arrow", block, dtype, cfg.record_boundaries, True) for s in SPLITS}
+        packers = {s: Packer(block, dtype, writers[s], cfg.record_boundaries, True) for s in SPLITS}
         docs = {s: 0 for s in SPLITS}
         toks = {s: 0 for s in SPLITS}
         skipped = SkipCounter()
@@ -685,11 +727,13 @@ def _consume(out: Path, plan: dict, pending: list[int], results, dtype: np.dtype
                     base = r["base"]
                     tok = np.fromfile(f"{base}.{s}.tok", dtype=dtype)
                     lens = np.fromfile(f"{base}.{s}.len", dtype=np.int64)
-                    packers[s].feed(tok, lens)
+                    sizes = np.fromfile(f"{base}.{s}.sz", dtype=np.int64).reshape(-1, 2)
+                    packers[s].feed(tok, lens, sizes)
                     docs[s] += r["documents"][k]
                     toks[s] += r["tokens"][k]
                     os.unlink(f"{base}.{s}.tok")
                     os.unlink(f"{base}.{s}.len")
+                    os.unlink(f"{base}.{s}.sz")
                 skipped.update(r["skipped"])
                 chars += r["characters"]
                 total_tokens += sum(r["tokens"])
@@ -783,14 +827,15 @@ def _finalize(out: Path, plan: dict, records: list[dict]) -> dict:
     for split in SPLITS:
         shards = [r["shards"][split] for r in records if r["shards"][split]]
         tail_path = out / f"{split}-tail.arrow"
-        writer = ShardWriter(tail_path, block, dtype, s["record_boundaries"])
-        packer = Packer(block, dtype, writer, s["record_boundaries"])
+        writer = ShardWriter(tail_path, block, dtype, s["record_boundaries"], True)
+        packer = Packer(block, dtype, writer, s["record_boundaries"], True)
         try:
             for r in records:
                 rem = r["remainder"][split]
                 if rem["tokens"]:
                     packer.feed_with_starts(np.asarray(rem["tokens"], dtype=dtype),
-                                            np.asarray(rem["starts"], dtype=np.int64))
+                                            np.asarray(rem["starts"], dtype=np.int64),
+                                            np.asarray(rem["sizes"], dtype=np.int64).reshape(-1, 2))
             if writer.sequences:
                 shards.append(writer.close())
             else:
@@ -804,6 +849,9 @@ def _finalize(out: Path, plan: dict, records: list[dict]) -> dict:
             "documents": sum(r["documents"][split] for r in records),
             "document_tokens": sum(r["tokens"][split] for r in records),
             "dropped_tail_tokens": len(packer.carry),
+            # the text of the dropped tail: with it, the shards' characters add up to the split's documents'
+            "dropped_tail_characters": int(packer.carry_sizes[:, 0].sum()),
+            "dropped_tail_utf8_bytes": int(packer.carry_sizes[:, 1].sum()),
         }
     skipped = SkipCounter()
     for r in records:
@@ -819,6 +867,10 @@ def build_manifest(settings: dict, splits: dict, *, inputs: list[dict], skipped:
     "documents", "document_tokens", "dropped_tail_tokens"}). The one place a manifest is made (finalize, and
     the benchmarks' synthetic shard sets)."""
     s = settings
+    # Shards written with their text sizes (as `cllama preprocess` writes them) make format /2; synthetic sets
+    # written without (bench/loader_memory.py) stay /1, which the trainer reads without bits per character.
+    records = [x for info in splits.values() for x in info["shards"]]
+    sized = bool(records) and all("characters" in x for x in records)
     full = {}
     for split, info in splits.items():
         shards = info["shards"]
@@ -828,8 +880,13 @@ def build_manifest(settings: dict, splits: dict, *, inputs: list[dict], skipped:
                        "documents": info.get("documents", 0),
                        "document_tokens": info.get("document_tokens", sum(x["tokens"] for x in shards)),
                        "dropped_tail_tokens": info.get("dropped_tail_tokens", 0)}
+        if sized:
+            full[split].update(characters=sum(x["characters"] for x in shards),
+                               utf8_bytes=sum(x["utf8_bytes"] for x in shards),
+                               dropped_tail_characters=info.get("dropped_tail_characters", 0),
+                               dropped_tail_utf8_bytes=info.get("dropped_tail_utf8_bytes", 0))
     return {
-        "format": FORMAT,
+        "format": FORMAT if sized else FORMAT_V1,
         "tool": f"cllama-dist {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": s["tokenizer"],
@@ -838,7 +895,7 @@ def build_manifest(settings: dict, splits: dict, *, inputs: list[dict], skipped:
         "add_bos": s["add_bos"],
         "add_eos": s["add_eos"],
         "record_boundaries": s["record_boundaries"],
-        "columns": ["input_ids"] + (["doc_starts"] if s["record_boundaries"] else []),
+        "columns": ["input_ids"] + (["doc_starts"] if s["record_boundaries"] else []) + (SIZE_COLUMNS if sized else []),
         "splits": full,
         "totals": {"sequences": sum(v["sequences"] for v in full.values()),
                    "tokens": sum(v["tokens"] for v in full.values()),

@@ -40,7 +40,12 @@ from .. import files
 from ..errors import UserError
 
 MANIFEST = "manifest.json"
-FORMAT = "cllama-shards/1"
+# /2 added the n_chars / n_bytes columns (the text each sequence came from: bits per character); /1 shards still
+# train and evaluate, without bits per character.
+FORMAT = "cllama-shards/2"
+FORMAT_V1 = "cllama-shards/1"
+PRETRAIN_FORMATS = (FORMAT, FORMAT_V1)
+SIZE_COLUMNS = ["n_chars", "n_bytes"]
 SFT_FORMAT = "cllama-sft-shards/1"  # instruction tuning: see "Instruction-tuning shards" below
 SFT_COLUMNS = ["input_ids", "loss_mask", "example_starts", "n_tokens"]
 ROWS_PER_BATCH = 1024  # fixed, so that files are byte-identical however the stream arrived
@@ -50,10 +55,12 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def schema(block_size: int, dtype: np.dtype, boundaries: bool) -> pa.Schema:
+def schema(block_size: int, dtype: np.dtype, boundaries: bool, sizes: bool = False) -> pa.Schema:
     fields = [pa.field("input_ids", pa.list_(pa.from_numpy_dtype(dtype), block_size), nullable=False)]
     if boundaries:
         fields.append(pa.field("doc_starts", pa.list_(pa.int32()), nullable=False))
+    if sizes:  # fixed width, so every full record batch keeps one message length (MappedShard._predict)
+        fields += [pa.field(name, pa.int64(), nullable=False) for name in SIZE_COLUMNS]
     return pa.schema(fields)
 
 
@@ -117,21 +124,30 @@ class ShardWriter(_StreamWriter):
     """Writes pre-training sequences to ``path + '.tmp'``; ``close()`` renames it into place and returns its
     record (see _StreamWriter)."""
 
-    def __init__(self, path: Path, block_size: int, dtype: np.dtype, boundaries: bool):
-        self.block, self.dtype, self.boundaries = block_size, dtype, boundaries
-        super().__init__(path, schema(block_size, dtype, boundaries))
+    def __init__(self, path: Path, block_size: int, dtype: np.dtype, boundaries: bool, sizes: bool = False):
+        """``sizes``: write n_chars / n_bytes, the characters and UTF-8 bytes of the text of each sequence."""
+        self.block, self.dtype, self.boundaries, self.sizes = block_size, dtype, boundaries, sizes
+        super().__init__(path, schema(block_size, dtype, boundaries, sizes))
         self._rows: list[np.ndarray] = []
         self._starts: list[list[int]] = []
+        self._sizes: list[np.ndarray] = []
+        self.characters = self.utf8_bytes = 0
         self._pending = 0
         self.sequences = 0
 
-    def add(self, blocks: np.ndarray, starts: list[list[int]] | None = None) -> None:
-        """Append sequences: ``blocks`` is (n, block_size)."""
+    def add(self, blocks: np.ndarray, starts: list[list[int]] | None = None, sizes: np.ndarray | None = None) -> None:
+        """Append sequences: ``blocks`` is (n, block_size); ``sizes`` (n, 2) their characters and UTF-8 bytes."""
         if len(blocks) == 0:
             return
         self._rows.append(blocks)
         if self.boundaries:
             self._starts.extend(starts or [])
+        if self.sizes:
+            if sizes is None or len(sizes) != len(blocks):
+                raise ValueError("a writer with sizes needs (n, 2) character and byte counts per sequence")
+            self._sizes.append(np.asarray(sizes, dtype=np.int64))
+            self.characters += int(sizes[:, 0].sum())
+            self.utf8_bytes += int(sizes[:, 1].sum())
         self._pending += len(blocks)
         self.sequences += len(blocks)
         while self._pending >= ROWS_PER_BATCH:
@@ -147,6 +163,10 @@ class ShardWriter(_StreamWriter):
         if self.boundaries:
             cols.append(pa.array(self._starts[:n], type=pa.list_(pa.int32())))
             self._starts = self._starts[n:]
+        if self.sizes:
+            sz = np.concatenate(self._sizes) if len(self._sizes) > 1 else self._sizes[0]
+            cols += [pa.array(np.ascontiguousarray(sz[:n, 0])), pa.array(np.ascontiguousarray(sz[:n, 1]))]
+            self._sizes = [sz[n:]] if len(sz) > n else []
         self._write(cols)
 
     def close(self) -> dict:
@@ -156,8 +176,11 @@ class ShardWriter(_StreamWriter):
         except OSError as exc:
             raise files.os_error(exc, self.tmp) from None
         size, digest = self._finish()
-        return {"file": self.path.name, "sequences": self.sequences, "tokens": self.sequences * self.block,
-                "bytes": size, "sha256": digest}
+        record = {"file": self.path.name, "sequences": self.sequences, "tokens": self.sequences * self.block,
+                  "bytes": size, "sha256": digest}
+        if self.sizes:  # the exact totals of the text the shard's tokens came from
+            record.update(characters=self.characters, utf8_bytes=self.utf8_bytes)
+        return record
 
 
 def read_shard(path: str | os.PathLike) -> pa.Table:
@@ -368,7 +391,7 @@ def shard_tokens(path: str | os.PathLike) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def load_manifest(folder: str | os.PathLike, formats: tuple[str, ...] = (FORMAT,)) -> dict:
+def load_manifest(folder: str | os.PathLike, formats: tuple[str, ...] = PRETRAIN_FORMATS) -> dict:
     """The folder's manifest.json, refused unless its format is one of ``formats`` (default: pre-training
     shards; ``load_sft_manifest`` reads instruction-tuning shards)."""
     p = Path(folder) / MANIFEST
@@ -382,7 +405,7 @@ def load_manifest(folder: str | os.PathLike, formats: tuple[str, ...] = (FORMAT,
     except json.JSONDecodeError as exc:
         raise UserError(f"{p} is corrupt (not valid JSON: {exc})") from None
     if m.get("format") not in formats:
-        what = {FORMAT: "pre-training shards (`cllama preprocess`)",
+        what = {FORMAT: "pre-training shards (`cllama preprocess`)", FORMAT_V1: "pre-training shards (`cllama preprocess`)",
                 SFT_FORMAT: "instruction-tuning shards (`cllama preprocess-sft`)"}
         known = what.get(m.get("format"))
         if known:
@@ -563,6 +586,8 @@ def _verify_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list
             reader = pa.ipc.open_stream(pa.PythonFile(hr, mode="r"))
             check_schema(p, reader.schema, block, dtype, columns)
             starts_col = reader.schema.names.index("doc_starts") if "doc_starts" in reader.schema.names else None
+            size_cols = [reader.schema.names.index(c) for c in SIZE_COLUMNS if c in reader.schema.names]
+            totals = [0] * len(size_cols)
             for batch in reader:
                 ids = batch.column(0)
                 if ids.null_count:
@@ -579,6 +604,11 @@ def _verify_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list
                     ds = batch.column(starts_col).flatten().to_numpy(zero_copy_only=False)
                     if len(ds) and (int(ds.min()) < 0 or int(ds.max()) >= block):
                         raise UserError(f"shard {p}: a doc_starts offset near sequence {rows:,} is outside 0..{block - 1}")
+                for k, col in enumerate(size_cols):
+                    v = batch.column(col).to_numpy(zero_copy_only=False)
+                    if len(v) and int(v.min()) < 0:
+                        raise UserError(f"shard {p}: a negative {SIZE_COLUMNS[k]} near sequence {rows:,}: corrupt")
+                    totals[k] += int(v.sum())
                 rows += batch.num_rows
             hr.drain()
     except UserError:
@@ -587,6 +617,9 @@ def _verify_one(p: Path, shard: dict, block: int, dtype: np.dtype, columns: list
         raise _arrow_failure(p, exc) from None
     if rows != shard["sequences"]:
         raise UserError(f"shard {p} holds {rows:,} sequences, the manifest says {shard['sequences']:,}")
+    for col, total, key in zip(SIZE_COLUMNS, totals, ("characters", "utf8_bytes")):
+        if key in shard and total != shard[key]:
+            raise UserError(f"shard {p}: its {col} add up to {total:,}, the manifest says {shard[key]:,}: corrupt")
     if hr.n != shard["bytes"]:
         raise UserError(f"shard {p}: read {hr.n:,} bytes, the manifest says {shard['bytes']:,} (it changed while "
                         "being checked?)")

@@ -23,9 +23,23 @@ class EvalConfig(CorpusConfig):
         "", "Tokenizer folder or .model (default: the adapter's, else the model folder's). Must be the one the "
             "model was trained with.")
     shards: PathStr = option(
-        "", "Evaluate on a shard folder from `cllama preprocess` instead of text (loss and perplexity only: "
-            "shards hold tokens, so bits per character need --inputs text).")
+        "", "Evaluate on a shard folder from `cllama preprocess` instead of text (bits per character from the "
+            "shards' character counts, format cllama-shards/2; older shards: loss and perplexity only).")
     split: Literal["validation", "train"] = option("validation", "Which split of --shards.")
+    text: list[str] = option(
+        [], "Named text inputs, NAME=PATH (a file, folder or glob; several joined by commas), e.g. --text "
+            "zh=heldout_zh.jsonl en=heldout_en.jsonl: each is scored on its own and the result is a table of bits per "
+            "character per input and per model (--compare, --compare-base).")
+    shard_sets: list[str] = option(
+        [], "Named shard folders, NAME=DIR (their --split), scored like --text into the same table; only a model "
+            "with the shards' tokenizer can score them (the others show n/a).")
+    compare: list[str] = option(
+        [], "Further models scored on the same named inputs, each a column of the table: NAME=MODEL (a Hugging Face "
+            "folder, e.g. merged=out/merged) or NAME=MODEL+ADAPTER; each with its own tokenizer (the adapter's, "
+            "else the model folder's).")
+    compare_base: bool = option(
+        False, "With --adapter and named inputs: also score --model alone with the tokenizer of its folder (the "
+               "table's 'base' column: before training).")
     block_size: int = option(
         1024, "Window length in tokens. Text longer than a window is cut into consecutive windows that predict "
               "every token exactly once (capped at the model's max_position_embeddings).")
@@ -68,7 +82,24 @@ class EvalConfig(CorpusConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.model), "model", "is required (a Hugging Face model folder)")
-        if self.instructions or self.choices:
+        named = bool(self.text or self.shard_sets)
+        for key in ("text", "shard_sets", "compare"):
+            items = getattr(self, key)
+            for item in items:
+                name, eq, value = item.partition("=")
+                check(bool(eq and name.strip() and value.strip()), key, f"expected NAME=PATH, got {item!r}")
+            names = [i.partition("=")[0].strip() for i in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            check(not dup, key, f"names must be unique; repeated: {', '.join(dup)}")
+        both = {i.partition("=")[0].strip() for i in self.text} & {i.partition("=")[0].strip() for i in self.shard_sets}
+        check(not both, "shard_sets", f"names shared with --text: {', '.join(sorted(both))}")
+        check(not (self.compare or self.compare_base) or named, "compare",
+              "compares models on named inputs: give --text NAME=FILE or --shard-sets NAME=DIR")
+        check(not self.compare_base or bool(self.adapter), "compare_base", "needs --adapter (the base is --model)")
+        if named:
+            check(not (self.inputs or self.shards), "text",
+                  "give named inputs (--text / --shard-sets) or --inputs / --shards, not both")
+        elif self.instructions or self.choices:
             check(not (self.inputs and self.shards), "inputs",
                   "give --inputs (text: bits per character) or --shards (tokens), not both")
         else:

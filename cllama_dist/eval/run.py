@@ -157,7 +157,9 @@ class Totals:
     chars: int = 0
     bytes: int = 0
 
-    def figures(self) -> dict:
+    def figures(self, vocab_size: int = 0) -> dict:
+        """``vocab_size``: also the uniform baseline, log2 V bits per token x tokens per character (what a model
+        that knows nothing pays: the scale a bits-per-character figure is read on)."""
         if self.tokens == 0:
             raise UserError("nothing to evaluate: no tokens")
         loss = self.nll / self.tokens
@@ -168,6 +170,8 @@ class Totals:
             bits = self.nll / LN2
             out.update(bits_per_char=bits / self.chars, bits_per_byte=bits / self.bytes,
                        tokens_per_char=self.tokens / self.chars)
+            if vocab_size:
+                out["uniform_bits_per_char"] = math.log2(vocab_size) * self.tokens / self.chars
         return out
 
 
@@ -198,40 +202,47 @@ def score(model, batch: list[list[int]], device: torch.device) -> float:
 def eval_text(model, tokenizer: Tokenizer, cfg: EvalConfig, block: int, device: torch.device) -> Totals:
     from ..data.corpus import RecordReader, resolve_inputs
 
+    import numpy as np
+
     reader = RecordReader(cfg.text_field, cfg.strict)
     t = Totals()
-    pending: list[list[int]] = []
-    with Progress("eval", unit="tok") as bar:
-        for src in resolve_inputs(cfg.inputs):
-            for doc in reader.read(src):
-                ids = tokenizer.encode([doc.text])[0]
-                if not ids:
-                    continue
-                t.documents += 1
-                t.chars += len(doc.text)
-                t.bytes += len(doc.text.encode("utf-8"))
-                t.tokens += len(ids)
-                pending.extend(windows(ids, tokenizer.bos_id, block))
-                while len(pending) >= cfg.batch_size:
-                    batch, pending = pending[:cfg.batch_size], pending[cfg.batch_size:]
-                    t.nll += score(model, batch, device)
-                    bar.update(sum(len(w) - 1 for w in batch))
-                if cfg.max_documents and t.documents >= cfg.max_documents:
-                    break
+    # Encoding first (fast: SentencePiece) gives the progress its total and so an ETA; the ids are kept as int32
+    # arrays, 4 bytes a token.
+    docs: list[np.ndarray] = []
+    for src in resolve_inputs(cfg.inputs):
+        for doc in reader.read(src):
+            ids = tokenizer.encode([doc.text])[0]
+            if not ids:
+                continue
+            t.documents += 1
+            t.chars += len(doc.text)
+            t.bytes += len(doc.text.encode("utf-8"))
+            t.tokens += len(ids)
+            docs.append(np.asarray(ids, np.int32))
             if cfg.max_documents and t.documents >= cfg.max_documents:
                 break
+        if cfg.max_documents and t.documents >= cfg.max_documents:
+            break
+    if t.documents == 0:
+        raise UserError(f"no usable document in {cfg.inputs}")
+    pending: list[list[int]] = []
+    with Progress("eval", total=t.tokens, unit="tok") as bar:
+        for ids in docs:
+            pending.extend(windows(ids.tolist(), tokenizer.bos_id, block))
+            while len(pending) >= cfg.batch_size:
+                batch, pending = pending[:cfg.batch_size], pending[cfg.batch_size:]
+                t.nll += score(model, batch, device)
+                bar.update(sum(len(w) - 1 for w in batch))
         if pending:
             t.nll += score(model, pending, device)
             bar.update(sum(len(w) - 1 for w in pending))
-    if t.documents == 0:
-        raise UserError(f"no usable document in {cfg.inputs}")
     if reader.skipped:
         print(f"eval: skipped {dict(reader.skipped)}")
     return t
 
 
 def eval_shards(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.device) -> Totals:
-    from ..data.loader import TokenBlocks
+    from ..data.loader import TokenBlocks, text_sizes
     from ..data.shards import check_manifest, load_manifest, verify_shards
 
     manifest = load_manifest(cfg.shards)
@@ -246,6 +257,10 @@ def eval_shards(model, tokenizer: Tokenizer, cfg: EvalConfig, device: torch.devi
     n = len(blocks) if not cfg.max_documents else min(len(blocks), cfg.max_documents)
     t = Totals(documents=n)
     import numpy as np
+
+    sizes = text_sizes(cfg.shards, manifest, cfg.split)  # format /2: the text of each block, for bits per character
+    if sizes is not None:
+        t.chars, t.bytes = int(sizes[0][:n].sum()), int(sizes[1][:n].sum())
 
     with Progress("eval", total=n, unit="blocks") as bar:
         for start in range(0, n, cfg.batch_size):
@@ -321,6 +336,11 @@ def templates_for(cfg: EvalConfig):
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    if cfg.text or cfg.shard_sets:
+        from .table import evaluate_table
+
+        check_outputs(cfg)
+        return evaluate_table(cfg)
     check_outputs(cfg)
     gen_template, inst_template = templates_for(cfg)  # a missing template is refused before the model loads
     model, tokenizer, what, device = load(cfg)
@@ -333,7 +353,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         block = min(cfg.block_size, max_pos)
         t0 = time.time()
         totals = eval_text(model, tokenizer, cfg, block, device) if cfg.inputs else eval_shards(model, tokenizer, cfg, device)
-        result.update({"data": cfg.shards or cfg.inputs, "block_size": block, **totals.figures(),
+        result.update({"data": cfg.shards or cfg.inputs, "block_size": block, **totals.figures(tokenizer.size),
                        "seconds": round(time.time() - t0, 2)})
     if cfg.generate:
         result["generations"] = generate(model, tokenizer, cfg, device, gen_template)
@@ -357,19 +377,32 @@ def check_outputs(cfg: EvalConfig) -> None:
         check_file_output(cfg.json_out, "eval JSON")
         check_not_input(cfg.json_out, {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
                                        "corpus": cfg.inputs, "shards": cfg.shards, "instructions": cfg.instructions,
-                                       "multiple-choice files": list(cfg.choices) + list(cfg.choices_dev)},
+                                       "multiple-choice files": list(cfg.choices) + list(cfg.choices_dev),
+                                       "named inputs": [p for i in list(cfg.text) + list(cfg.shard_sets)
+                                                        for p in i.partition("=")[2].split(",")],
+                                       "compared models": [p for i in cfg.compare
+                                                           for p in i.partition("=")[2].split("+")]},
                         "eval JSON")
 
 
 def format_result(r: dict) -> str:
+    if "table" in r:
+        from .table import format_table
+
+        return "\n".join(format_table(r))
     lines = [f"model      {r['model']}", f"tokenizer  {r['tokenizer']} ({r['vocab_size']:,} pieces)"]
     if "loss" in r:
-        lines += [f"data       {r['documents']:,} {'documents' if r['characters'] else 'blocks'}, {r['tokens']:,} tokens "
-                  f"predicted, window {r['block_size']}",
+        unit = "blocks" if isinstance(r.get("data"), str) else "documents"  # a shards folder, or text inputs
+        lines += [(f"data       {r['documents']:,} {unit}, {r['tokens']:,} tokens "
+                   f"predicted, window {r['block_size']}"),
                   f"loss       {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"]
     if r.get("bits_per_char") is not None:
         lines.append(f"bits/char  {r['bits_per_char']:.4f}   bits/byte {r['bits_per_byte']:.4f}   "
                      f"tokens/char {r['tokens_per_char']:.3f}   ({r['characters']:,} characters)")
+        if r.get("uniform_bits_per_char"):
+            lines.append(f"baseline   {r['uniform_bits_per_char']:.4f} bits/char for a uniform guess (log2 "
+                         f"{r['vocab_size']:,} x {r['tokens_per_char']:.3f} tokens/char): the model saves "
+                         f"{100 * (1 - r['bits_per_char'] / r['uniform_bits_per_char']):.1f}% of it")
     for g in r.get("generations", []):
         how = f", template {g['template']}, stop: {g['stop']}" if g.get("template") else ""
         lines.append(f"generate   {g['prompt']}|{g['continuation']}  ({g['new_tokens']} tokens, "

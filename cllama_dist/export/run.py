@@ -249,6 +249,9 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
     meta = {"tool": f"cllama-dist {__version__}", "run": str(run_dir), "checkpoint": str(ckpt), "step": state["step"],
             "base_model": cfg.model.path or "built from model.config", "model_config": cfg.model.config or None,
             "orig_vocab": orig, "new_vocab": new, "embeddings": state["embeddings"],
+            # The rows of the base this adapter applies to: orig_vocab, or new_vocab for a run that started
+            # from a merged (already extended) model, as instruction tuning does.
+            "base_vocab": state.get("base_vocab") or orig,
             "tokenizer_sha256": state["tokenizer_sha256"], "chat_template": installed,
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
     chat_note = ""
@@ -299,9 +302,11 @@ def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokeniz
         raise UserError(f"the tokenizer {tok} (sha256 {fp['sha256'][:16]}..., {fp['vocab_size']:,} pieces) is not "
                         f"the one the adapter {adapter} was trained with (sha256 {meta['tokenizer_sha256'][:16]}..., "
                         f"{meta['new_vocab']:,} pieces)")
-    if base_vocab != meta["orig_vocab"]:
-        raise UserError(f"base {base} has a vocabulary of {base_vocab:,} rows; the adapter {adapter} extends one of "
-                        f"{meta['orig_vocab']:,} (another base model?)")
+    expected = meta.get("base_vocab") or meta["orig_vocab"]
+    if base_vocab != expected:
+        what = "extends one of" if expected == meta["orig_vocab"] else "was trained on a merged model of"
+        raise UserError(f"base {base} has a vocabulary of {base_vocab:,} rows; the adapter {adapter} {what} "
+                        f"{expected:,} (another base model?)")
     return meta, acfg
 
 

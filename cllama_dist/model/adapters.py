@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import LoraConfig, ModelConfig
-from .vocab import SplitEmbedding, SplitLMHead, extend_vocab, is_embedding_param, is_new_rows
+from .vocab import SplitEmbedding, SplitLMHead, extend_vocab, is_embedding_param, is_new_rows, split_vocab
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -88,12 +88,17 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
                 dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None):
     """Base + extended vocabulary + LoRA + gradient checkpointing. Returns (model, keep_alive)."""
     config = load_llama_config(cfg)
-    if config.vocab_size != orig_vocab:
+    extended = config.vocab_size == new_vocab != orig_vocab  # a merged pre-trained model (instruction tuning)
+    if config.vocab_size != orig_vocab and not extended:
         raise UserError(f"vocabulary mismatch: the base model has {config.vocab_size:,} rows, the merged "
-                        f"tokenizer's base had {orig_vocab:,} pieces (wrong base model or tokenizer?)")
+                        f"tokenizer has {new_vocab:,} pieces over a base of {orig_vocab:,} (wrong base model or "
+                        "tokenizer?)")
     model, keep_alive = build_base(cfg, config, dtype, zero3_ds_config, seed)
-    extend_vocab(model, orig_vocab, new_vocab, cfg.new_row_init, cfg.new_row_std, subword_ids, seed,
-                 train_base=cfg.embeddings == "full")
+    if extended:
+        split_vocab(model, orig_vocab, new_vocab, train_base=cfg.embeddings == "full")
+    else:
+        extend_vocab(model, orig_vocab, new_vocab, cfg.new_row_init, cfg.new_row_std, subword_ids, seed,
+                     train_base=cfg.embeddings == "full")
     if cfg.gradient_checkpointing:
         # Non-reentrant: the reentrant variant loses gradients when the inputs of a checkpointed block do
         # not require grad, which is the case with a frozen base (PEFT #1142: "element 0 of tensors does

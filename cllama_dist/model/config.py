@@ -38,12 +38,18 @@ class ModelConfig(Section):
                                           legacy="gradient_checkpointing")
     attn_implementation: str = option("sdpa", "transformers attention kernel: sdpa, eager, flash_attention_2.",
                                       legacy="attn_implementation")
+    adapter: PathStr = option(
+        "", "Start from model.path + this adapter (a `cllama export adapter` folder, e.g. the pre-training run's): "
+            "rank 0 merges them once into RUN/start-model (reused on resume) and the run trains on the merged model, "
+            "as instruction tuning does on the merged pre-trained model. Needs model.path.")
 
     def validate(self) -> None:
         check(bool(self.path) or bool(self.config), "path",
               "set model.path (a Hugging Face folder) or model.config (to build one from a config)")
         check(self.extended_vocab >= 0, "extended_vocab", f"must be >= 0, got {self.extended_vocab}")
         check(self.new_row_std > 0, "new_row_std", f"must be positive, got {self.new_row_std}")
+        check(not self.adapter or bool(self.path), "adapter",
+              "needs model.path: the base folder the adapter was trained on")
 
 
 @dataclass

@@ -37,3 +37,13 @@ def causal_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         return token_nll(logits[:, :-1], input_ids[:, 1:])
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return token_nll(logits[:, :-1], input_ids[:, 1:], attention_mask[:, 1:])
+
+
+def masked_nll(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and count per row of the positions whose label is not -100 (instruction tuning: the
+    response tokens), the model called with ``inputs`` (input_ids and, for packed rows, position_ids and a
+    document mask). Labels are aligned with input_ids; the shift happens here, as in Hugging Face's loss."""
+    logits = model(**inputs).logits
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return token_nll(logits[:, :-1], targets.clamp(min=0), keep)

@@ -171,3 +171,29 @@ def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: Init
     if head is not None:
         model.set_output_embeddings(SplitLMHead(head.weight, h_new, orig_vocab, new_vocab, train_base))
     model.config.vocab_size = new_vocab
+
+
+def split_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, train_base: bool = False) -> None:
+    """Split a model whose vocabulary is already extended (a merged pre-trained model: embed_tokens and lm_head
+    of ``new_vocab`` rows) at ``orig_vocab``, into the same frozen/trainable parts ``extend_vocab`` makes.
+
+    Instruction tuning starts here: the rows the pre-training learned stay the trainable part, the original
+    LLaMA rows the frozen part, both exact copies of the loaded values (under ZeRO-3 gathered first; the copies
+    are ordinary parameters that ``deepspeed.initialize`` partitions).
+    """
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        raise ValueError("tied embeddings: LLaMA's lm_head is untied; this model ties them")
+    rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
+    if rows != new_vocab:
+        raise ValueError(f"embed_tokens has {rows} rows, expected the extended vocabulary's {new_vocab}")
+    with _gathered([emb.weight] + ([head.weight] if head is not None else [])):
+        e_base, e_new = (emb.weight.detach()[:orig_vocab].clone(), emb.weight.detach()[orig_vocab:].clone())
+        if head is not None:
+            h_base, h_new = (head.weight.detach()[:orig_vocab].clone(), head.weight.detach()[orig_vocab:].clone())
+    model.set_input_embeddings(SplitEmbedding(e_base, e_new, orig_vocab, new_vocab,
+                                              getattr(emb, "padding_idx", None), train_base))
+    if head is not None:
+        model.set_output_embeddings(SplitLMHead(h_base, h_new, orig_vocab, new_vocab, train_base))
+    model.config.vocab_size = new_vocab

@@ -60,8 +60,13 @@ class TrainerState:
     reason: str
     base_model: dict = field(default_factory=dict)  # model/identity.py's fingerprint of the frozen base
     schedule: dict = field(default_factory=dict)    # what shapes the learning-rate curve (checked on resume)
+    mixture: list = field(default_factory=list)     # data.sets' names, weights, sizes ([]: one folder; checked)
     config: dict = field(default_factory=dict)
     time: float = 0.0
+    # Instruction tuning: the chat template of the shards ({name, sha256, source}; export installs it), and the
+    # vocabulary of the model the run started from (the extended one when it started from a merged model).
+    template: dict | None = None
+    base_vocab: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerState":

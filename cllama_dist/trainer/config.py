@@ -111,6 +111,8 @@ class ValidationConfig(Section):
     sequences: int = option(
         0, "Evaluate on the first N validation sequences (0: the whole split); the same N sequences whatever the "
            "number of processes.", legacy="eval_sequences")
+    at_start: bool = option(False, "Also evaluate before the first step (logged as step 0): the starting point, "
+                                   "e.g. the response-only loss of a model before instruction tuning.")
 
     def validate(self) -> None:
         check(self.every >= 0, "every", f"must be >= 0, got {self.every}")

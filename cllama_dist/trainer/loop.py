@@ -18,23 +18,27 @@ import torch
 
 from .. import distributed as dist
 from ..config import dump_yaml, to_dict
-from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
-from ..data.loader import GlobalOrder, TokenBlocks, step_positions
-from ..data.shards import check_manifest, load_manifest, verify_shards
+from ..files import LOCK, Lock, check_not_input, claim_folder, write_atomic
+from ..data.loader import step_positions
+from ..data.shards import SFT_FORMAT
 from ..errors import UserError
 from ..model import flops
 from ..model.config import resolve_dtype
 from ..model.identity import base_fingerprint
+from ..model.scoring import masked_nll
 from ..progress import Progress
 from . import engine as engines
+from . import mixture
+from .batches import labels_of, model_inputs
 from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
 from .plan import Plan, lr_factor
-from .validate import Validator
+from .validate import Validators
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
 STOP_FILE = "STOP"  # touched by slurm/pretrain.sh (or a user) to ask every rank to save and stop
+START_MODEL = "start-model"  # model.path + model.adapter, merged (model.adapter)
 
 
 class Trainer:
@@ -49,6 +53,9 @@ class Trainer:
         # the next collective until its timeout.
         try:
             dist.on_main("checking the run folder", self._setup_run_folder)
+            if cfg.model.adapter:
+                dist.on_main("merging the starting adapter into its base", self._setup_start_model)
+                cfg.model.path = str(self.run_dir / START_MODEL)
             dist.agree("reading the tokenizer and the shards", self._setup_inputs)
             dist.agree("verifying the shards", self._verify_shards)
             self.resume = dist.on_main("choosing the checkpoint", self._choose_checkpoint)
@@ -65,14 +72,30 @@ class Trainer:
     def _setup_run_folder(self) -> None:
         """Rank 0: the run folder may not touch an input; it is ours (marked) and ours alone (locked)."""
         m = self.cfg.model
-        check_not_input(self.run_dir, {"base model": m.path, "tokenizer": m.tokenizer, "shards": self.cfg.data.path},
-                        "training run")
+        shards = {f"shards{'' if not self.cfg.data.sets else ' of set ' + s.name}": s.path
+                  for s in self.cfg.data.mixture()}
+        check_not_input(self.run_dir, {"base model": m.path, "tokenizer": m.tokenizer, **shards}, "training run")
         claim_folder(self.run_dir, "run", reuse=True)
         self.lock = Lock(self.run_dir / LOCK, "training run").acquire()
         note = self.lock.describe_takeover()
         if note:
             self.notes.append(note)
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt
+
+    def _setup_start_model(self) -> None:
+        """Rank 0: model.path + model.adapter merged once into RUN/start-model, the model this run trains on (a
+        folder already merged from the same base and adapter is reused, so a resume trains on the same weights)."""
+        from ..export.run import export_merged
+
+        m, target = self.cfg.model, self.run_dir / START_MODEL
+        record = target / "cllama_export.json"
+        if record.is_file() and (target / "config.json").is_file():
+            done = json.loads(record.read_text())
+            if done.get("base") == str(m.path) and done.get("adapter") == str(m.adapter):
+                self.notes.append(f"note: starting from {target} ({m.path} + {m.adapter}, merged earlier)")
+                return
+        export_merged(m.path, m.adapter, target, overwrite=True)
+        self.notes.append(f"note: starting from {m.path} + adapter {m.adapter}, merged into {target}")
 
     def _setup_inputs(self) -> None:
         from ..model.adapters import load_llama_config
@@ -81,11 +104,11 @@ class Trainer:
         cfg = self.cfg
         self.llama = load_llama_config(cfg.model)
         self.vocab = read_merged(cfg.model.tokenizer, self.llama.vocab_size, cfg.model.extended_vocab)
-        if not cfg.data.path:
-            raise UserError("data.path is required: the preprocessor's output folder")
-        self.manifest = load_manifest(cfg.data.path)
-        block = cfg.data.block_size or self.manifest["block_size"]
-        check_manifest(self.manifest, self.vocab.fingerprint, block, where=f"shards in {cfg.data.path}")
+        self.single = not cfg.data.sets  # one folder: the order and records it always had
+        self.sets, block = mixture.read_sets(cfg.data, self.vocab.fingerprint)
+        # Pre-training blocks or instruction-tuning rows: the manifests' format decides (trainer/batches.py).
+        self.manifest = self.sets[0].manifest
+        self.sft = self.manifest.get("format") == SFT_FORMAT
         if block > self.llama.max_position_embeddings:
             raise UserError(f"block size {block} exceeds the model's max_position_embeddings "
                             f"{self.llama.max_position_embeddings}")
@@ -94,20 +117,14 @@ class Trainer:
     def _verify_shards(self) -> None:
         """Every shard checked against the manifest (size, sha256, schema, ids below the vocabulary) before any
         step: each rank checks its share, and a record in the run folder lets a resume skip unchanged shards."""
-        record = self.run_dir / ".verified" / f"rank-{dist.rank()}.json"
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, record.parent, "create") from None
-        done = verify_shards(self.cfg.data.path, self.manifest, self.vocab.new_vocab, checksums=True,
-                             which=(dist.rank(), dist.world_size()), record=record)
-        self.verified = done
+        self.verified = mixture.verify(self.sets, self.vocab.new_vocab, self.run_dir, dist.rank(), dist.world_size(),
+                                       self.single)
         cfg = self.cfg
-        self.train_blocks = TokenBlocks(cfg.data.path, self.manifest, "train")
-        self.validator = Validator(TokenBlocks(cfg.data.path, self.manifest, "validation"), cfg.data.micro_batch_size,
-                                   cfg.validation.sequences)
-        self.order = GlobalOrder(len(self.train_blocks), cfg.seed)
-        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks))
+        self.train_blocks, self.order = mixture.train_data(self.sets, cfg.seed, self.single)
+        self.validator = Validators(self.sets, cfg.data.micro_batch_size, cfg.validation.sequences, self.single)
+        self.notes += self.validator.notes
+        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks),
+                              None if self.single else self.order)
 
     def _choose_checkpoint(self) -> dict:
         """Rank 0: the checkpoint to resume (the newest valid one) and its state, or a fresh start."""
@@ -151,7 +168,8 @@ class Trainer:
         """What must not change between a checkpoint and the run that resumes it."""
         return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint,
                 "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
-                "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model}
+                "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model,
+                "mixture": mixture.identity(self.sets, self.order, self.single)}
 
     def _schedule(self) -> dict:
         o = self.cfg.optim
@@ -183,6 +201,7 @@ class Trainer:
                                                    self.vocab.new_vocab, DTYPES[self.dtype],
                                                    self.ds_config if zero3 else None, sub)
         self.counts = count_parameters(self.model)
+        self.model_dtype = DTYPES[self.dtype]
 
     def _setup_engine(self) -> None:
         self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
@@ -231,7 +250,8 @@ class Trainer:
     def _announce(self) -> None:
         c, say, m = self.counts, self.logger.say, self.cfg.model
         say(f"cllama train: {self.plan.describe()}")
-        say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {m.new_row_init}); "
+        init = "from the model" if self.llama.vocab_size == self.vocab.new_vocab else m.new_row_init
+        say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
             f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, device {self.device}")
         say(f"  parameters: total {c.total:,}, LoRA {c.lora:,}, new rows {c.new_rows:,}, trainable {c.trainable:,} "
@@ -243,6 +263,16 @@ class Trainer:
         say(f"  shards verified: {v['shards']} on this rank ({v['bytes'] / 1e6:,.1f} MB hashed in {v['seconds']:.1f} s, "
             f"{v['from_record']} unchanged since an earlier check), all ranks agreeing")
         say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
+        if self.llama.vocab_size == self.vocab.new_vocab:
+            say(f"  the model's vocabulary is already extended ({m.path}: a merged model): rows "
+                f"{self.vocab.orig_vocab:,}..{self.vocab.new_vocab - 1:,} train from their values there, "
+                f"rows below stay frozen")
+        if self.sft:
+            t, man = self.manifest["splits"]["train"], self.manifest
+            say(f"  instruction tuning: {t['examples']:,} examples in {t['rows']:,} {man['layout']} rows, template "
+                f"{man['template']['name']}; loss on the {t['response_tokens']:,} response tokens of "
+                f"{t['tokens']:,}, averaged per token over each global batch"
+                + ("; packed examples attend only within themselves" if man["layout"] == "packed" else ""))
         for note in self.notes:
             say(f"  {note}")
         if self.resume_from:
@@ -251,24 +281,32 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------
 
-    def to_device(self, rows: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(rows)
-        if self.device.startswith("cuda"):
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x
+    def to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """The model's forward arguments for ``rows`` (trainer/batches.py), on this rank's device."""
+        return model_inputs(rows, self.device, self.cfg.model.attn_implementation, self.model_dtype)
 
-    def micro_batch_loss(self, x: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
-        return self.engine(input_ids=x, labels=x).loss
+        inputs = self.to_device(rows)
+        if not self.sft:
+            return self.engine(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
+        # Summed NLL over the response tokens, divided by the step's response-token count over all ranks and
+        # scaled by world x accum, which DeepSpeed's gradient averaging and accumulation divide by again: the
+        # gradient is that of the mean over every response token of the global batch.
+        nll, _ = masked_nll(self.engine, inputs, labels_of(rows, self.device))
+        return nll.sum() * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
     def train_step(self, step: int) -> float | None:
         """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
         positions = step_positions(step, self.plan.global_batch, self.plan.micro, dist.rank(), self.plan.world)
+        if self.sft:
+            every = np.arange(step * self.plan.global_batch, (step + 1) * self.plan.global_batch)
+            self.step_loss_tokens = self.train_blocks.loss_tokens(self.order.indices(every))
         losses = []
         for k, pos in enumerate(positions):
-            x = self.to_device(self.train_blocks.take(self.order.indices(pos)))
+            rows = self.train_blocks.rows(self.order.indices(pos))
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
-            loss = self.micro_batch_loss(x, step, k)
+            loss = self.micro_batch_loss(rows, step, k)
             # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
             if dist.any_true(not torch.isfinite(loss).item()):
                 if k:
@@ -286,7 +324,9 @@ class Trainer:
                              new_vocab=self.vocab.new_vocab, embeddings=self.cfg.model.embeddings,
                              block_size=self.plan.block, zero_stage=engines.zero_stage(self.ds_config),
                              reason=reason, base_model=self.base_model, schedule=self._schedule(),
-                             config=to_dict(self.cfg))
+                             mixture=mixture.identity(self.sets, self.order, self.single),
+                             config=to_dict(self.cfg), template=self.manifest.get("template") if self.sft else None,
+                             base_vocab=self.llama.vocab_size)
         # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
         path = self.checkpointer.save(self.engine, state, expected_bytes=16 * self.counts.trainable)
         self.logger.say(f"saved checkpoint {path} ({reason})")
@@ -297,7 +337,7 @@ class Trainer:
         result = self.validator.run(self.engine, self.to_device)
         if result is not None:
             self.logger.log({"type": "eval", "step": step, **result})
-            self.logger.say(f"step {step}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+            self.logger.say(self.validator.line(step, result))
         self.last_validated = step
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -309,6 +349,8 @@ class Trainer:
         bar.update(self.start_step)
         step, bad_in_row, self.last_validated = self.start_step, 0, None
         try:
+            if cfg.validation.at_start and step == 0:
+                self.validate(0)
             self.throughput.restart()
             while step < plan.max_steps:
                 lr_scale = lr_factor(step, cfg.optim, plan.max_steps)
@@ -325,6 +367,8 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"type": "train", "step": step, "loss": loss, "lr": cfg.optim.lr * lr_scale,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                if not self.single:
+                    record.update({f"epochs/{k}": v for k, v in self.order.epochs(step * plan.global_batch).items()})
                 if step % cfg.logging.log_every == 0 or step == plan.max_steps:
                     record.update(self.throughput.report())
                     self.logger.say(train_line(record))

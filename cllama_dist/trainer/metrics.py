@@ -131,6 +131,9 @@ def train_line(r: dict[str, Any]) -> str:
     parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
     if r.get("grad_norm") is not None:
         parts.append(f"grad norm {r['grad_norm']:.3f}")
+    epochs = {k.partition("/")[2]: v for k, v in r.items() if k.startswith("epochs/")}
+    if epochs:
+        parts.append("epochs " + " ".join(f"{k} {v:.2f}" for k, v in epochs.items()))
     parts.append(f"{r['tokens_per_s']:,.0f} tok/s ({r['tokens_per_s_per_device']:,.0f}/device)")
     if "mfu" in r:
         parts.append(f"MFU {100 * r['mfu']:.1f}% (conventional {100 * r['mfu_conventional']:.1f}%)")

@@ -18,6 +18,8 @@ class Plan:
     block: int
     max_steps: int
     train_sequences: int
+    # A mixture (data.sets): per set (name, train sequences, sequences the planned steps draw from it).
+    sets: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def global_batch(self) -> int:
@@ -28,7 +30,9 @@ class Plan:
         return self.global_batch * self.block
 
     @classmethod
-    def make(cls, data: DataConfig, max_steps: int, world: int, block: int, train_sequences: int) -> "Plan":
+    def make(cls, data: DataConfig, max_steps: int, world: int, block: int, train_sequences: int,
+             mixture=None) -> "Plan":
+        """``mixture``: a data/loader.MixedOrder, whose draws over the planned steps give each set's share."""
         if data.global_batch_size:
             if data.global_batch_size % (data.micro_batch_size * world):
                 raise UserError(f"data.global_batch_size {data.global_batch_size} is not a multiple of "
@@ -38,13 +42,28 @@ class Plan:
             accum = data.grad_accum
         g = data.micro_batch_size * accum * world
         steps = max_steps or max(1, train_sequences // g)
-        return cls(world, data.micro_batch_size, accum, block, steps, train_sequences)
+        sets = ()
+        if mixture is not None:
+            drawn = mixture.consumed(steps * g)
+            sets = tuple((name, size, drawn[name]) for name, size in zip(mixture.names, mixture.sizes))
+        return cls(world, data.micro_batch_size, accum, block, steps, train_sequences, sets)
 
     def describe(self) -> str:
         epochs = self.max_steps * self.global_batch / max(self.train_sequences, 1)
         return (f"{self.world} processes x micro-batch {self.micro} x accumulation {self.accum} = {self.global_batch} "
                 f"sequences x {self.block} tokens = {self.tokens_per_step:,} tokens per step; {self.max_steps:,} steps "
-                f"= {self.max_steps * self.tokens_per_step:,} tokens ({epochs:.2f} epochs of {self.train_sequences:,} sequences)")
+                f"= {self.max_steps * self.tokens_per_step:,} tokens ({epochs:.2f} epochs of {self.train_sequences:,} sequences)"
+                + self.describe_sets())
+
+    def describe_sets(self) -> str:
+        """Each set's share of the planned tokens (every sequence has ``block`` tokens, so the share of sequences
+        drawn), and the epochs of it that this is."""
+        if not self.sets:
+            return ""
+        total = max(1, sum(d for _, _, d in self.sets))
+        parts = [f"{name} {100 * d / total:.1f}% ({d * self.block:,} tokens, {d / max(n, 1):.2f} epochs of {n:,} "
+                 "sequences)" for name, n, d in self.sets]
+        return "; mixture: " + ", ".join(parts)
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:

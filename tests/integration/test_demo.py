@@ -21,17 +21,20 @@ from . import launch
 pytestmark = pytest.mark.integration
 
 STEPS = 20  # the demo's default is 60; fewer keeps CI short and still shows the loss falling
+SFT_STEPS = 20
 
 
 def demo(out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["cllama", "demo", "--out", str(out), "--steps", str(STEPS), *extra], capture_output=True,
+    return subprocess.run(["cllama", "demo", "--out", str(out), "--steps", str(STEPS), "--sft-steps", str(SFT_STEPS),
+                           *extra], capture_output=True,
                           text=True, env=launch.env(), timeout=timeout)
 
 
 def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
     out = tmp_path / "demo"
     # 1. Killed (launcher, workers and all) once the training stage has a checkpoint.
-    proc = subprocess.Popen(["cllama", "demo", "--out", str(out), "--steps", str(STEPS)], env=launch.env(),
+    proc = subprocess.Popen(["cllama", "demo", "--out", str(out), "--steps", str(STEPS), "--sft-steps", str(SFT_STEPS)],
+                            env=launch.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "train" / "run" / "checkpoints" / "step-00000005" / "trainer_state.json"
     end = time.time() + 600
@@ -56,19 +59,34 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
     assert "resumed from" in done.stdout and "at step " in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export",
-                             "eval", "generate"]
+                             "eval", "generate", "sft-shards", "sft-train", "sft-export", "sft-chat"]
     rep, ev, tr = summary["report"], summary["eval"], summary["train"]
     assert rep["tokens_per_char_after"] * 2 < rep["tokens_per_char_before"]
     assert tr["losses"]["steps"] == STEPS and tr["losses"]["last"] < tr["losses"]["first"]
     assert ev["merged"]["bits_per_char"] < ev["base"]["bits_per_char"]
     assert ev["merged"]["bits_per_char"] == pytest.approx(ev["base+adapter"]["bits_per_char"], rel=1e-4)
     assert ev["merged"]["tokens_per_char"] * 2 < ev["base"]["tokens_per_char"]
+    # retention: English held-out bits per character before and after (Chinese-only training may cost some)
+    assert 0 < ev["base"]["en_bits_per_char"] and 0 < ev["merged"]["en_bits_per_char"]
+    assert ev["merged"]["en_bits_per_char"] == pytest.approx(ev["base+adapter"]["en_bits_per_char"], rel=1e-4)
+    assert "held-out English" in done.stdout and Path(ev["table"]).is_file()
     # Every step logged once, the resumed ones after the kept ones.
     steps = [json.loads(l)["step"] for l in (out / "train" / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["type"] == "train"]
     assert steps == list(range(1, STEPS + 1))
-    for line in ("tokens / character", "training loss", "bits / character", "artefacts", "merged model"):
+    for line in ("tokens / character", "training loss", "bits / character", "artefacts", "merged model",
+                 "response-only loss", "held-out mechanical tasks"):
         assert line in done.stdout
+    # The Alpaca half: response-only validation loss before and after, the exact-match shares, the template.
+    st, sc = summary["sft-train"], summary["sft-chat"]
+    assert st["losses"]["steps"] == SFT_STEPS and st["validation_loss"] < st["validation"]["0"]
+    assert sc["pre-trained"]["records"] == sc["instruction-tuned"]["records"] == 60
+    assert summary["sft-export"]["chat_template"] == "alpaca"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(summary["sft-export"]["merged"])
+    assert tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                   tokenize=False).endswith("### Response: ")
     # The summary's figures against those recorded at 1900eb9 (before the demo became a recipe).
     golden.check("demo_summary", {
         "tokens_per_char": [rep["tokens_per_char_before"], rep["tokens_per_char_after"]],
@@ -89,7 +107,7 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
 
     # 4. A third run reuses everything.
     again = demo(out)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 11
+    assert again.returncode == 0 and again.stdout.count("reusing") == len(STAGES)
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
@@ -110,3 +128,20 @@ def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]
+
+
+def test_demo_with_english_replay(tmp_path):
+    """--replay 0.25: the same model also trained on a zh + en mixture; its summary line beside the run without."""
+    out = tmp_path / "demo"
+    done = demo(out, "--replay", "0.25", "--until", "eval")  # the stages after eval are the first test's
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export",
+                             "replay_shards", "train_replay", "export_replay", "eval"]
+    ev, rp = summary["eval"], summary["train_replay"]
+    assert rp["share"] == 0.25 and set(rp["validation_bits_per_char"]) == {"zh/bits_per_char", "en/bits_per_char"}
+    assert "; mixture: zh " in done.stdout
+    # replaying English keeps English better than Chinese-only training does, on the same model and steps
+    assert ev["merged+replay"]["en_bits_per_char"] < ev["merged"]["en_bits_per_char"]
+    assert ev["merged+replay"]["bits_per_char"] < ev["base"]["bits_per_char"]  # and it still learned Chinese
+    assert "with English replay (25% of sequences)" in done.stdout

@@ -61,3 +61,22 @@ def test_the_printed_training_command_is_one_cllama_parses_as_the_demo_runs_it(t
     assert (args.nproc_per_node, args.launcher) == (2, "deepspeed")
     assert args.config == str(tmp_path / "runs/demo/train/run.yaml")
     assert cli._without_launch_flags(argv[1:]) == ["--config", args.config]
+
+
+def test_replay_adds_its_stages_and_a_mixture_config(tmp_path):
+    from cllama_dist.config import build
+    from cllama_dist.recipes.demo.recipe import REPLAY_STAGE_NAMES, replay_config
+    from cllama_dist.trainer.config import TrainConfig
+
+    names = [s.name for s in recipe(DemoConfig(replay=0.1))]
+    assert names == list(STAGES[:9]) + list(REPLAY_STAGE_NAMES) + list(STAGES[9:])  # before eval, which compares
+    r = {"model": {"folder": "m"}, "merge": {"tokenizer": "t"}, "shards": {"folder": "zh"},
+         "replay_shards": {"folder": "en"}}
+    cfg = build(TrainConfig, {**replay_config(r, 10, 0.1), "output_dir": str(tmp_path)})
+    assert [(s.name, s.path, s.weight) for s in cfg.data.sets] == [("zh", "zh", 0.9), ("en", "en", 0.1)]
+    assert cfg.data.path == "" and cfg.data.global_batch_size == 16
+    with pytest.raises(UserError, match=r"replay: must be within \[0, 1\)"):
+        DemoConfig(replay=1.0)
+    with pytest.raises(UserError, match="not a stage"):
+        DemoConfig(until="train_replay")  # only with --replay
+    assert DemoConfig(until="train_replay", replay=0.1).until == "train_replay"

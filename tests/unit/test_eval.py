@@ -5,9 +5,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from cllama_dist.eval.config import EvalConfig
 from cllama_dist.errors import UserError
 from cllama_dist.eval import evaluate, windows
+from cllama_dist.eval.config import EvalConfig
+from cllama_dist.eval.run import format_result
 
 from ..conftest import TINY_LLAMA, write_jsonl
 
@@ -52,6 +53,9 @@ def test_bits_per_character_by_hand(uniform_model, tiny_base, tmp_path):
     assert r["bits_per_char"] == pytest.approx(tokens * math.log2(vocab) / chars, rel=1e-6)
     assert r["bits_per_byte"] == pytest.approx(tokens * math.log2(vocab) / nbytes, rel=1e-6)
     assert r["tokens_per_char"] == pytest.approx(tokens / chars)
+    # a uniform model pays exactly the uniform baseline, log2 V x tokens per character
+    assert r["uniform_bits_per_char"] == pytest.approx(r["bits_per_char"], rel=1e-6)
+    assert "baseline   " in format_result(r) and format_result(r).endswith("0.0% of it")
 
 
 def test_scores_equal_a_direct_computation_whatever_the_batching(tiny_model_dir, tiny_base, tmp_path):
@@ -111,5 +115,68 @@ def test_shards_of_the_right_tokenizer(tmp_path, tiny_merged, tiny_shards):
     LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY_LLAMA)).save_pretrained(tmp_path / "m")
     r = evaluate(EvalConfig(model=str(tmp_path / "m"), tokenizer=str(tiny_merged), shards=str(tiny_shards),
                             max_documents=5))
-    assert r["documents"] == 5 and r["tokens"] == 5 * 63 and r["bits_per_char"] is None
+    assert r["documents"] == 5 and r["tokens"] == 5 * 63
+    # format cllama-shards/2: the blocks' own characters (n_chars) give bits per character
+    from cllama_dist.data.loader import text_sizes
+
+    chars = int(text_sizes(tiny_shards, load_manifest(tiny_shards), "validation")[0][:5].sum())
+    assert r["characters"] == chars and r["bits_per_char"] == pytest.approx(r["loss"] * r["tokens"] / math.log(2) / chars)
     assert 0 < r["loss"] < 2 * math.log(vocab)
+
+
+def test_named_inputs_give_a_table_per_model(uniform_model, tiny_model_dir, tiny_base, tmp_path):
+    """--text zh=... en=... with --compare: one column per model, bits per character per input, each cell what a
+    plain `cllama eval` of that model on that input gives; the uniform model's cells equal their baseline."""
+    import json
+    import shutil
+
+    path, _ = uniform_model
+    rand = tmp_path / "rand"
+    shutil.copytree(tiny_model_dir, rand)
+    for folder in (path, rand):
+        shutil.copy(tiny_base / "tokenizer.model", folder / "tokenizer.model")
+    zh = write_jsonl(tmp_path / "zh.jsonl", [{"text": DOCS[0]}, {"text": DOCS[2]}])
+    en = write_jsonl(tmp_path / "en.jsonl", [{"text": DOCS[1]}])
+    out = tmp_path / "t.json"
+    r = evaluate(EvalConfig(model=str(path), text=[f"zh={zh}", f"en={en}"], compare=[f"rand={rand}"],
+                            block_size=16, json_out=str(out)))
+    t = r["table"]
+    assert t["models"] == ["model", "rand"] and t["inputs"] == ["zh", "en"]
+    for name in ("zh", "en"):
+        u = t["cells"]["model"][name]
+        assert u["bits_per_char"] == pytest.approx(u["uniform_bits_per_char"], rel=1e-6)
+    alone = evaluate(EvalConfig(model=str(rand), inputs=[str(en)], block_size=16))
+    assert t["cells"]["rand"]["en"]["bits_per_char"] == pytest.approx(alone["bits_per_char"], rel=1e-6)
+    assert json.loads(out.read_text())["table"]["cells"]["rand"]["zh"]["tokens"] == t["cells"]["rand"]["zh"]["tokens"]
+    text = format_result(r)
+    assert text.splitlines()[1].split() == ["input", "model", "rand", "change", "vs", "model"]
+    d = t["cells"]["rand"]["zh"]["bits_per_char"] - t["cells"]["model"]["zh"]["bits_per_char"]
+    assert f"rand {d:+.4f}" in text
+    with pytest.raises(UserError, match="compare_base: needs --adapter"):
+        EvalConfig(model=str(path), text=[f"zh={zh}"], compare_base=True)
+    with pytest.raises(UserError, match="expected NAME=PATH"):
+        EvalConfig(model=str(path), text=[str(zh)])
+    with pytest.raises(UserError, match="not both"):
+        EvalConfig(model=str(path), text=[f"zh={zh}"], inputs=[str(zh)])
+
+
+def test_named_shard_sets_in_the_table(tmp_path, tiny_base, tiny_merged, tiny_shards, uniform_model):
+    """--shard-sets: bits per character from the shards' n_chars; a model of another tokenizer shows n/a, named."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cllama_dist.data.shards import load_manifest
+
+    vocab = load_manifest(tiny_shards)["tokenizer"]["vocab_size"]
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY_LLAMA)).save_pretrained(tmp_path / "m")
+    shutil.copy(tiny_merged / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    base, _ = uniform_model
+    shutil.copy(tiny_base / "tokenizer.model", base / "tokenizer.model")
+    r = evaluate(EvalConfig(model=str(tmp_path / "m"), shard_sets=[f"zh={tiny_shards}"], compare=[f"base={base}"],
+                            max_documents=4))
+    cells = r["table"]["cells"]
+    assert cells["model"]["zh"]["documents"] == 4 and cells["model"]["zh"]["bits_per_char"] > 0
+    assert "do not match" in cells["base"]["zh"]["error"]
+    text = format_result(r)
+    assert "n/a" in text and "n/a: base on zh:" in text

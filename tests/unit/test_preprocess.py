@@ -9,8 +9,9 @@ import sentencepiece as spm
 
 from cllama_dist.assets import corpus_path
 from cllama_dist.data.config import PreprocessConfig
-from cllama_dist.data.preprocess import GROUPS, Packer, finalize, preprocess, run_task, split_of
-from cllama_dist.data.shards import check_manifest, load_manifest, shard_tokens, verify_shards
+from cllama_dist.data.preprocess import GROUPS, Packer, finalize, preprocess, run_task, split_of, token_sizes
+from cllama_dist.data.loader import text_sizes
+from cllama_dist.data.shards import FORMAT, check_manifest, load_manifest, shard_tokens, verify_shards
 from cllama_dist.errors import UserError
 from cllama_dist.tokenizer.spm import fingerprint
 
@@ -75,7 +76,7 @@ def test_token_stream_equals_direct_encoding(tiny_merged, corpus, tmp_path):
             assert t.shape == (shard["sequences"], BLOCK) and t.dtype == np.uint16
     verify_shards(out, m, checksums=True)
     assert m["tokenizer"] == fingerprint(tiny_merged)
-    # The shard bytes themselves, against those recorded at 1900eb9.
+    # The shard bytes themselves, against those recorded when format cllama-shards/2 added n_chars / n_bytes.
     golden.check("preprocess_shards", {"shards": folder_digest(out), "sequences": {
         k: m["splits"][k]["sequences"] for k in ("train", "validation")}})
 
@@ -396,3 +397,52 @@ def test_a_committed_group_whose_shard_was_cut_short_is_redone(tiny_merged, corp
     assert f"redoing group 2 of {out}: its shard {victim} has 1,000 bytes" in capsys.readouterr().err
     preprocess(cfg(tiny_merged, corpus, tmp_path / "fresh"))
     assert folder_digest(out) == folder_digest(tmp_path / "fresh")
+
+
+def test_text_sizes_add_up_to_a_direct_count(tiny_merged, corpus, tmp_path):
+    """Per split: the characters and UTF-8 bytes in the shards' n_chars / n_bytes columns, plus the dropped tail's,
+    equal a direct count over the split's documents, and each shard's columns add up to its manifest record."""
+    out = tmp_path / "o"
+    m = preprocess(cfg(tiny_merged, corpus, out))
+    assert m["format"] == FORMAT == "cllama-shards/2" and m["columns"] == ["input_ids", "n_chars", "n_bytes"]
+    direct = {"train": [0, 0], "validation": [0, 0]}
+    for line in Path(corpus).read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["text"]
+        d = direct[("train", "validation")[split_of(text, 0.1, 0)]]
+        d[0] += len(text)
+        d[1] += len(text.encode("utf-8"))
+    for split in ("train", "validation"):
+        info = m["splits"][split]
+        chars, nbytes = text_sizes(out, m, split)
+        assert len(chars) == info["sequences"] and (chars > 0).all()
+        assert int(chars.sum()) == info["characters"] == sum(x["characters"] for x in info["shards"])
+        assert int(nbytes.sum()) == info["utf8_bytes"]
+        assert info["characters"] + info["dropped_tail_characters"] == direct[split][0]
+        assert info["utf8_bytes"] + info["dropped_tail_utf8_bytes"] == direct[split][1]
+    verify_shards(out, m, checksums=True)  # the new columns pass verification, their sums checked
+
+
+def test_token_sizes_spread_each_document_exactly():
+    # documents of 4, 0 and 3 tokens holding 10, 2 and 3 characters (bytes: twice that)
+    lengths = np.array([4, 0, 3])
+    sizes = np.array([[10, 20], [2, 4], [3, 6]])
+    per = token_sizes(lengths, sizes, 0, 7)
+    # first document: floor(10 (t+1) / 4) - floor(10 t / 4) = 2, 3, 2, 3; the empty one's 2 go to the token before it
+    assert per[:, 0].tolist() == [2, 3, 2, 3 + 2, 1, 1, 1]
+    assert per.sum(axis=0).tolist() == [15, 30]
+    assert token_sizes(lengths, sizes, 2, 5).tolist() == per[2:5].tolist()  # any slice: the same credits
+
+
+def test_packer_rows_carry_their_text_sizes():
+    class Sink:
+        rows, sizes = [], []
+
+        def add(self, rows, starts, sizes):
+            self.rows.append(rows)
+            self.sizes.append(sizes)
+
+    sink = Sink()
+    p = Packer(3, np.dtype(np.uint16), sink, boundaries=False, sizes=True)
+    p.feed(np.arange(7, dtype=np.uint16), np.array([4, 3]), np.array([[10, 20], [3, 6]]))
+    got = np.concatenate(sink.sizes)
+    assert got[:, 0].tolist() == [2 + 3 + 2, 3 + 1 + 1] and p.remainder()["sizes"] == [[1, 2]]

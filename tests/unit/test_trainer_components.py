@@ -46,14 +46,18 @@ def test_throughput_window_and_mfu(monkeypatch):
 
 
 class _Blocks:
+    """Pre-training data as the trainer sees it (trainer/batches.PretrainData's interface)."""
+
+    kind = "pretrain"
+
     def __init__(self, rows: np.ndarray):
-        self.rows = rows
+        self.data = rows
 
     def __len__(self):
-        return len(self.rows)
+        return len(self.data)
 
-    def take(self, idx):
-        return self.rows[np.asarray(idx)]
+    def rows(self, idx):
+        return {"input_ids": self.data[np.asarray(idx)]}
 
 
 class _Model(torch.nn.Module):
@@ -73,13 +77,13 @@ def test_validator_loss_is_the_token_mean_over_the_first_n_sequences():
     rows = np.random.default_rng(0).integers(0, 11, size=(7, 9))
     model = _Model(11)
     v = Validator(_Blocks(rows), micro=3, sequences=5)
-    result = v.run(model, lambda r: torch.from_numpy(r))
+    result = v.run(model, lambda r: {k: torch.from_numpy(a) for k, a in r.items()})
     x = torch.from_numpy(rows[:5])
     logp = torch.log_softmax(model.table[x[:, :-1]], -1)
     expected = -logp.gather(-1, x[:, 1:, None]).mean().item()
     assert result["loss"] == pytest.approx(expected, rel=1e-6)
     assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
-    assert Validator(_Blocks(rows[:0]), micro=3).run(model, torch.from_numpy) is None
+    assert Validator(_Blocks(rows[:0]), micro=3).run(model, lambda r: r) is None
 
 
 def test_trainer_state_round_trip_and_resume_checks(tmp_path):

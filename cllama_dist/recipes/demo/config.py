@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...config import PathStr, Section, check, option
 
 DEMO_STEPS = 60  # ~3.5 passes over the demo's 36K training tokens; more only overfits them
+DEMO_SFT_STEPS = 60
 
 
 @dataclass
@@ -18,11 +19,19 @@ class DemoConfig(Section):
                                          "build one offline.")
     force: bool = option(False, "Redo every stage instead of reusing finished ones.")
     steps: int = option(DEMO_STEPS, "Training steps of the 2-process ZeRO-3 stage.")
+    sft_steps: int = option(DEMO_SFT_STEPS, "Steps of the instruction-tuning stage (2-process ZeRO-3).")
     until: str = option("", "Stop after this stage (see `cllama demo --help` for the list).")
+    replay: float = option(
+        0.0, "Also train the same model on a mixture in which this share of the sequences replays the base's English "
+             "text (data.sets), and show its Chinese and English bits per character beside the run without (0: off; "
+             "about the training stage's time again).")
 
     def validate(self) -> None:
-        from .recipe import STAGE_NAMES
+        from .recipe import REPLAY_STAGE_NAMES, STAGE_NAMES
 
         check(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
-        check(not self.until or self.until in STAGE_NAMES, "until",
-              f"{self.until!r}: not a stage; the stages are {', '.join(STAGE_NAMES)}")
+        check(self.sft_steps >= 1, "sft_steps", f"must be at least 1, got {self.sft_steps}")
+        names = STAGE_NAMES + (REPLAY_STAGE_NAMES if self.replay else ())
+        check(not self.until or self.until in names, "until",
+              f"{self.until!r}: not a stage; the stages are {', '.join(names)}")
+        check(0 <= self.replay < 1, "replay", f"must be within [0, 1), got {self.replay}")

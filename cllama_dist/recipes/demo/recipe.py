@@ -1,6 +1,12 @@
 """The demo: the whole pipeline on the shipped Chinese corpus, on a CPU, in minutes.
 
-    cllama demo [--out runs/demo] [--base-tokenizer llama/tokenizer.model] [--force] [--until STAGE]
+    cllama demo [--out runs/demo] [--base-tokenizer llama/tokenizer.model] [--force] [--until STAGE] [--replay 0.1]
+
+Retention: the eval stage scores held-out Chinese and held-out English (Python docstrings the base model was
+not trained on) under the base, base + adapter and merged models, so the summary shows what training on
+Chinese cost in English. ``--replay SHARE`` also trains the same model on a mixture (data.sets) in which
+SHARE of the sequences replay the base's own English text, and puts that run's figures beside (about the
+time of the training stage again, so it is a flag).
 
 STAGES below is the recipe: each stage is reused on a re-run while its inputs are unchanged (unless
 --force); the training stage resumes an interrupted run from its last checkpoint. Every stage calls the
@@ -31,6 +37,10 @@ DEMO_ZH_VOCAB = 3000  # what ~150 KB of Chinese supports; the paper used 20,000 
 DEMO_BASE_VOCAB = 4000
 DEMO_BLOCK = 128
 DEMO_PROCS = 2
+DEMO_SFT_LENGTH = 128  # the shipped instructions are short; packed rows of 128 tokens hold several
+BASE_TEXT_CHARS = 600_000  # the docstrings the demo's base model is trained on (base_model.py)
+EN_HELDOUT_CHARS = 20_000  # the next docstrings: English the base never saw
+EN_REPLAY_CHARS = 150_000  # replayed English: a part of the base's own training text
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -98,6 +108,31 @@ def shards(folder: Path, r: dict) -> dict:
             "validation_sequences": m["splits"]["validation"]["sequences"], "train_tokens": m["splits"]["train"]["tokens"]}
 
 
+def english_text(folder: Path) -> dict:
+    """Held-out English (docstrings past the base model's training text) and a replay set (part of that text)."""
+    from ...tokenizer.base import stdlib_docstrings
+
+    seen = stdlib_docstrings(max_chars=BASE_TEXT_CHARS)
+    held = stdlib_docstrings(max_chars=BASE_TEXT_CHARS + EN_HELDOUT_CHARS)[len(seen):]
+    replay = stdlib_docstrings(max_chars=EN_REPLAY_CHARS)
+    out = {}
+    for name, docs in (("heldout_en", held), ("replay_en", replay)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+        out[name] = str(folder / f"{name}.jsonl")
+    return out
+
+
+def replay_shards(folder: Path, r: dict) -> dict:
+    """The English replay set as shards of the merged tokenizer (its validation split: English bits per character
+    during training)."""
+    text = english_text(folder)
+    out = folder / "shards"
+    m = stages.preprocess(PreprocessConfig(inputs=[text["replay_en"]], tokenizer=r["merge"]["tokenizer"],
+                                           output=str(out), block_size=DEMO_BLOCK, validation_fraction=0.05))
+    return {"folder": str(out), "train_sequences": m["splits"]["train"]["sequences"],
+            "validation_sequences": m["splits"]["validation"]["sequences"]}
+
+
 def base_model(folder: Path, r: dict) -> dict:
     from .base_model import build_base_model
 
@@ -122,9 +157,20 @@ def run_config(r: dict, steps: int) -> dict:
     }
 
 
-def train(steps: int):
+def replay_config(r: dict, steps: int, share: float) -> dict:
+    """The training stage's run config with SHARE of the sequences drawn from the English replay set."""
+    cfg = run_config(r, steps)
+    cfg["data"] = {**{k: v for k, v in cfg["data"].items() if k != "path"},
+                   "sets": [{"name": "zh", "path": r["shards"]["folder"], "weight": 1 - share},
+                            {"name": "en", "path": r["replay_shards"]["folder"], "weight": share}]}
+    return cfg
+
+
+def train(steps: int, share: float = 0.0):
     def run(folder: Path, r: dict) -> dict:
-        return train_stage(folder, run_config(r, steps))
+        if not share:
+            return train_stage(folder, run_config(r, steps))
+        return train_stage(folder, replay_config(r, steps, share)) | {"share": share}
 
     return run
 
@@ -176,11 +222,15 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     evals = read_metrics(run, "eval")
     return {"run": str(run), "log": str(log), "config": str(config),
             "losses": {"first": losses[min(losses)], "last": losses[max(losses)], "steps": max(losses)},
-            "validation_loss": evals[-1]["loss"] if evals else float("nan")}
+            "validation_loss": evals[-1]["loss"] if evals else float("nan"),
+            "validation": {str(e["step"]): e["loss"] for e in evals},
+            # per set for a mixture (zh/bits_per_char, en/bits_per_char), else the one folder's
+            "validation_bits_per_char": {k: v for k, v in (evals[-1] if evals else {}).items()
+                                         if k.endswith("bits_per_char")}}
 
 
-def export(folder: Path, r: dict) -> dict:
-    meta = stages.export_adapter(ExportAdapterConfig(run=r["train"]["run"], out=str(folder / "adapter")))
+def export(folder: Path, r: dict, which: str = "train") -> dict:
+    meta = stages.export_adapter(ExportAdapterConfig(run=r[which]["run"], out=str(folder / "adapter")))
     merged = stages.export_merged(ExportMergedConfig(base=r["model"]["folder"], adapter=str(folder / "adapter"),
                                                      out=str(folder / "merged"), dtype="fp32"))
     size = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -189,18 +239,25 @@ def export(folder: Path, r: dict) -> dict:
 
 
 def evaluate(folder: Path, r: dict) -> dict:
-    """Bits per character on held-out Chinese: the base (its own tokenizer) against base + adapter and merged."""
-    common = dict(inputs=[r["corpus"]["heldout"]], block_size=DEMO_BLOCK * 2, device="cpu", dtype="fp32")
-    runs = {"base": EvalConfig(model=r["model"]["folder"], json_out=str(folder / "base.json"), **common),
-            "base+adapter": EvalConfig(model=r["model"]["folder"], adapter=r["export"]["adapter"],
-                                       json_out=str(folder / "base+adapter.json"), **common),
-            "merged": EvalConfig(model=r["export"]["merged"], json_out=str(folder / "merged.json"), **common)}
+    """Bits per character on held-out Chinese and English: the base (its own tokenizer) against base + adapter and
+    merged (and, with --replay, the merged model of the replay run), in one `cllama eval` table call."""
+    from ...eval.run import format_result
+
+    text = english_text(folder)
+    compare = [f"merged={r['export']['merged']}"]
+    if "export_replay" in r:
+        compare.append(f"merged+replay={r['export_replay']['merged']}")
+    cfg = EvalConfig(model=r["model"]["folder"], adapter=r["export"]["adapter"], compare_base=True, compare=compare,
+                     text=[f"zh={r['corpus']['heldout']}", f"en={text['heldout_en']}"], block_size=DEMO_BLOCK * 2,
+                     device="cpu", dtype="fp32", json_out=str(folder / "table.json"))
+    result = stages.evaluate(cfg)
+    (folder / "table.txt").write_text(format_result(result) + "\n", encoding="utf-8")
     keys = ("loss", "perplexity", "bits_per_char", "bits_per_byte", "tokens_per_char", "tokens")
     out = {}
-    for name, cfg in runs.items():
-        result = stages.evaluate(cfg)
-        out[name] = {k: result[k] for k in keys}
-    return out | {"folder": str(folder)}
+    for column, cells in result["table"]["cells"].items():
+        name = column.replace(" + ", "+")
+        out[name] = {k: cells["zh"][k] for k in keys} | {"en_bits_per_char": cells["en"]["bits_per_char"]}
+    return out | {"folder": str(folder), "table": str(folder / "table.txt")}
 
 
 def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
@@ -230,6 +287,81 @@ def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
     return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
 
 
+# ------------------------------------------------------------------------------ instruction tuning (the Alpaca half)
+
+
+def sft_shards(folder: Path, r: dict) -> dict:
+    """The shipped instruction set (sft/shipped.py) rendered through the paper's Alpaca template, tokenized with
+    the merged tokenizer that the pre-trained model carries, packed into rows without attention across examples."""
+    from ...data.config import SFTPreprocessConfig
+    from ...sft.shipped import train_files
+
+    out = folder / "shards"
+    m = stages.preprocess_sft(SFTPreprocessConfig(inputs=[str(p) for p in train_files()],
+                                                  tokenizer=r["export"]["merged"], output=str(out), template="alpaca",
+                                                  max_length=DEMO_SFT_LENGTH, layout="packed",
+                                                  validation_fraction=0.05))
+    t, v = m["splits"]["train"], m["splits"]["validation"]
+    return {"folder": str(out), "template": m["template"]["name"], "train_examples": t["examples"],
+            "validation_examples": v["examples"], "train_rows": t["rows"], "response_tokens": t["response_tokens"]}
+
+
+def sft_run_config(r: dict, steps: int) -> dict:
+    """The instruction-tuning run: a fresh LoRA (the paper's r 8 / alpha 32) plus the Chinese rows, on the merged
+    pre-trained model; validation (response tokens only) before the first step and after the last."""
+    every = max(steps // 2, 1)
+    merged = r["export"]["merged"]
+    return {
+        "model": {"path": merged, "tokenizer": merged, "gradient_checkpointing": True},
+        "lora": {"rank": 8, "alpha": 32, "dropout": 0.0},
+        "data": {"path": r["sft-shards"]["folder"], "micro_batch_size": 4, "global_batch_size": 16},
+        "optim": {"max_steps": steps, "lr": 3e-3, "warmup_ratio": 0.03, "weight_decay": 0.0},
+        "engine": {"dtype": "fp32", "deepspeed_config": str(PROJECT_ROOT / "deepspeed_configs" / "zero3.json"),
+                   "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "checkpoint": {"save_every": every, "keep_last": 2},
+        "validation": {"every": every, "at_start": True},
+        "logging": {"log_every": 10},
+    }
+
+
+def sft_train(steps: int):
+    def run(folder: Path, r: dict) -> dict:
+        return train_stage(folder, sft_run_config(r, steps))
+
+    return run
+
+
+def sft_export(folder: Path, r: dict) -> dict:
+    """The instruction-tuned adapter (its chat template in the tokenizer config) and the merged chat model."""
+    meta = stages.export_adapter(ExportAdapterConfig(run=r["sft-train"]["run"], out=str(folder / "adapter")))
+    merged = stages.export_merged(ExportMergedConfig(base=r["export"]["merged"], adapter=str(folder / "adapter"),
+                                                     out=str(folder / "merged"), dtype="fp32"))
+    return {"adapter": str(folder / "adapter"), "merged": merged["out"], "step": meta["step"],
+            "chat_template": (meta.get("chat_template") or {}).get("name")}
+
+
+def sft_chat(folder: Path, r: dict) -> dict:
+    """Held-out mechanical instructions (copy, reverse, ... of phrases no training record holds), answered greedily
+    through the template by the pre-trained and the instruction-tuned model: the share answered exactly."""
+    from ...eval.instructions import evaluate_instructions
+    from ...sft.shipped import instructions_dir
+
+    held = instructions_dir() / "mechanical_heldout.jsonl"
+    out = {}
+    for name, model in (("pre-trained", r["export"]["merged"]), ("instruction-tuned", r["sft-export"]["merged"])):
+        res = evaluate_instructions(EvalConfig(model=model, instructions=str(held), template="alpaca", device="cpu",
+                                               dtype="fp32"))
+        (folder / f"{name}.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        out[name] = {"exact": res["exact"], "records": res["records"], "share": res["share"],
+                     "by_task": {k: v["share"] for k, v in res["by_task"].items()}}
+    answers = json.loads((folder / "instruction-tuned.json").read_text(encoding="utf-8"))["answers"]
+    samples = [{"instruction": a["instruction"], "answer": a["answer"], "expected": a["expected"]}
+               for a in answers[::max(len(answers) // 3, 1)][:3]]
+    for s in samples:
+        print(f"  {s['instruction']} -> {s['answer']}", flush=True)
+    return out | {"folder": str(folder), "samples": samples}
+
+
 # ------------------------------------------------------------------------------ the recipe
 
 
@@ -249,13 +381,42 @@ def recipe(cfg: DemoConfig) -> list[Stage]:
         Stage("train", train(cfg.steps), lambda r: {"model": r["model"], "shards": r["shards"],
                                                     "config": run_config(r, cfg.steps)}, resumable=True),
         Stage("export", export, lambda r: {"train": r["train"]}),
-        Stage("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"]}),
+        *(replay_stages(cfg) if cfg.replay else []),
+        Stage("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"],
+                                           "english": [BASE_TEXT_CHARS, EN_HELDOUT_CHARS],
+                                           "replay": r.get("export_replay")}),
         Stage("generate", generate, lambda r: {"export": r["export"], "prompts": ZH_PROMPTS}),
+        Stage("sft-shards", sft_shards, lambda r: {"export": r["export"], "shipped": _shipped_key(),
+                                                   "length": DEMO_SFT_LENGTH}),
+        Stage("sft-train", sft_train(cfg.sft_steps), lambda r: {"shards": r["sft-shards"],
+                                                                "config": sft_run_config(r, cfg.sft_steps)},
+              resumable=True),
+        Stage("sft-export", sft_export, lambda r: {"train": r["sft-train"]}),
+        Stage("sft-chat", sft_chat, lambda r: {"export": r["sft-export"], "shipped": _shipped_key()}),
     ]
 
 
+def _shipped_key() -> dict:
+    from ...sft.shipped import instructions_dir
+
+    return {p.name: file_key(p) for p in sorted(instructions_dir().glob("*.jsonl"))}
+
+
+def replay_stages(cfg: DemoConfig) -> list[Stage]:
+    """--replay: the English replay set, the same training on the mixture, and its export."""
+    return [
+        Stage("replay_shards", replay_shards, lambda r: {"merge": r["merge"], "chars": EN_REPLAY_CHARS,
+                                                         "block": DEMO_BLOCK}),
+        Stage("train_replay", train(cfg.steps, cfg.replay),
+              lambda r: {"model": r["model"], "shards": r["shards"], "replay": r["replay_shards"],
+                         "config": replay_config(r, cfg.steps, cfg.replay)}, resumable=True),
+        Stage("export_replay", lambda folder, r: export(folder, r, "train_replay"), lambda r: {"train": r["train_replay"]}),
+    ]
+
+
+REPLAY_STAGE_NAMES = ("replay_shards", "train_replay", "export_replay")
 STAGE_NAMES = ("corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export", "eval",
-               "generate")
+               "generate", "sft-shards", "sft-train", "sft-export", "sft-chat")
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -271,13 +432,17 @@ def run(cfg: DemoConfig) -> dict:
         runner.run_all(steps)
         print_summary(runner.summary)
     except Reached:
+        print_summary(runner.summary)  # what the stages so far measured
         print(f"stopped after stage '{cfg.until}' (--until); run without --until to continue from here")
     (root / "summary.json").write_text(json.dumps(runner.summary, indent=2, ensure_ascii=False) + "\n")
     return runner.summary
 
 
 def print_summary(s: dict) -> None:
-    rep, m, tr, ev, gen = s["report"], s["merge"], s["train"], s["eval"], s["generate"]
+    """The figures of the stages that ran (all of them, or those up to --until from ``eval`` on)."""
+    if "eval" not in s:
+        return
+    rep, m, tr, ev = s["report"], s["merge"], s["train"], s["eval"]
     loss = tr["losses"]
     print()
     print("cllama demo summary")
@@ -287,8 +452,26 @@ def print_summary(s: dict) -> None:
           f"{loss['steps']}; validation {tr['validation_loss']:.3f}")
     print(f"  bits / character, held-out Chinese     {ev['base']['bits_per_char']:.3f} (base model, base tokenizer) -> "
           f"{ev['merged']['bits_per_char']:.3f} (merged model; base + adapter: {ev['base+adapter']['bits_per_char']:.3f})")
-    print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
-          f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
+    print(f"  bits / character, held-out English     {ev['base']['en_bits_per_char']:.3f} (base) -> "
+          f"{ev['merged']['en_bits_per_char']:.3f} (merged): what training on Chinese cost in English")
+    if "merged+replay" in ev:
+        rp = ev["merged+replay"]
+        print(f"  with English replay ({100 * s['train_replay']['share']:.0f}% of sequences)  Chinese "
+              f"{rp['bits_per_char']:.3f} (without: {ev['merged']['bits_per_char']:.3f}), English "
+              f"{rp['en_bits_per_char']:.3f} (without: {ev['merged']['en_bits_per_char']:.3f}, base "
+              f"{ev['base']['en_bits_per_char']:.3f})")
+    gen = s.get("generate")
+    if gen:
+        print(f"  generation (merged, stock transformers) {gen['tokens_per_second']:.0f} tokens/s: "
+              f"{gen['samples'][0]['prompt']}|{gen['samples'][0]['continuation'][:40]}")
+    st, sc = s.get("sft-train"), s.get("sft-chat")
+    if st and sc:
+        before, after = st["validation"]["0"], st["validation_loss"]
+        pre, tuned = sc["pre-trained"], sc["instruction-tuned"]
+        print(f"  instruction tuning, response-only loss {before:.3f} before -> {after:.3f} after "
+              f"{st['losses']['steps']} steps (validation, {s['sft-shards']['validation_examples']} held-out examples)")
+        print(f"  held-out mechanical tasks, exact       {pre['exact']}/{pre['records']} (pre-trained) -> "
+              f"{tuned['exact']}/{tuned['records']} (instruction-tuned, template {s['sft-shards']['template']})")
     print("  artefacts")
     ex = s["export"]
     for label, where in (("base tokenizer", s["base"]["tokenizer"]), ("Chinese tokenizer", s["tokenizer"]["model"]),
@@ -296,6 +479,10 @@ def print_summary(s: dict) -> None:
                          ("shards", s["shards"]["folder"]), ("base model", s["model"]["folder"]),
                          ("training run", f"{tr['run']} (metrics.jsonl, tb/, checkpoints/)"),
                          ("adapter (PEFT)", f"{ex['adapter']} ({ex['adapter_bytes'] / 1e6:.2f} MB)"),
-                         ("merged model", ex["merged"]), ("evaluation", ev["folder"]),
-                         ("generations", gen["file"])):
-        print(f"    {label:<18} {where}")
+                         ("merged model", ex["merged"]), ("evaluation", ev["table"]),
+                         ("generations", gen and gen["file"]), ("SFT shards", s.get("sft-shards", {}).get("folder")),
+                         ("SFT run", st and st["run"]),
+                         ("chat model", sc and f"{s['sft-export']['merged']} (cllama chat --model ...)"),
+                         ("held-out answers", sc and sc["folder"])):
+        if where:
+            print(f"    {label:<18} {where}")
