@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.loader import SFTBlocks, TokenBlocks
+from ..data.loader import SFTBlocks, TokenBlocks, segment_ids
 from ..data.shards import SFT_FORMAT
 from ..model.packing import document_mask, positions_from_segments
 
@@ -58,25 +58,13 @@ class SFTData:
         r = self.blocks.take(indices)
         out = {"input_ids": r.input_ids, "labels": np.where(r.loss_mask.astype(bool), r.input_ids, IGNORE)}
         if self.packed:
-            seg = _segments(r)
+            seg = segment_ids(r)
             out["segments"] = seg
             out["position_ids"] = positions_from_segments(seg)
         return out
 
     def loss_tokens(self, indices: np.ndarray) -> int:
         return self.blocks.predicted_tokens(indices)
-
-
-def _segments(r) -> np.ndarray:
-    """1, 2, ... per example of a row, 0 on its padding tail."""
-    k, block = r.input_ids.shape
-    seg = np.zeros((k, block), dtype=np.int64)
-    for i in range(k):
-        n = int(r.n_tokens[i])
-        marks = np.zeros(n, dtype=np.int64)
-        marks[r.example_starts[i]] = 1
-        seg[i, :n] = np.cumsum(marks)
-    return seg
 
 
 def open_data(folder: str, manifest: dict, split: str):
