@@ -250,7 +250,8 @@ class Trainer:
     def _announce(self) -> None:
         c, say, m = self.counts, self.logger.say, self.cfg.model
         say(f"cllama train: {self.plan.describe()}")
-        init = "from the model" if self.llama.vocab_size == self.vocab.new_vocab else m.new_row_init
+        extended = self.llama.vocab_size == self.vocab.new_vocab  # a merged model: its rows are the start
+        init = "from the model" if extended else m.new_row_init
         say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
             f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, device {self.device}")
@@ -263,7 +264,7 @@ class Trainer:
         say(f"  shards verified: {v['shards']} on this rank ({v['bytes'] / 1e6:,.1f} MB hashed in {v['seconds']:.1f} s, "
             f"{v['from_record']} unchanged since an earlier check), all ranks agreeing")
         say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
-        if self.llama.vocab_size == self.vocab.new_vocab:
+        if extended:
             say(f"  the model's vocabulary is already extended ({m.path}: a merged model): rows "
                 f"{self.vocab.orig_vocab:,}..{self.vocab.new_vocab - 1:,} train from their values there, "
                 f"rows below stay frozen")
@@ -298,13 +299,17 @@ class Trainer:
 
     def train_step(self, step: int) -> float | None:
         """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
-        positions = step_positions(step, self.plan.global_batch, self.plan.micro, dist.rank(), self.plan.world)
+        g = self.plan.global_batch
+        positions = step_positions(step, g, self.plan.micro, dist.rank(), self.plan.world)
         if self.sft:
-            every = np.arange(step * self.plan.global_batch, (step + 1) * self.plan.global_batch)
-            self.step_loss_tokens = self.train_blocks.loss_tokens(self.order.indices(every))
+            # The whole step's rows (every rank's) are looked up once: their masks give the loss-token count, and
+            # this rank's micro-batches are slices of them.
+            step_rows = self.order.indices(np.arange(step * g, (step + 1) * g))
+            self.step_loss_tokens = self.train_blocks.loss_tokens(step_rows)
         losses = []
         for k, pos in enumerate(positions):
-            rows = self.train_blocks.rows(self.order.indices(pos))
+            idx = step_rows[pos - step * g] if self.sft else self.order.indices(pos)
+            rows = self.train_blocks.rows(idx)
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.micro_batch_loss(rows, step, k)
             # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
