@@ -267,8 +267,12 @@ def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ...tokenizer import spm
+
     merged = r["export"]["merged"]
     tok = AutoTokenizer.from_pretrained(merged)
+    # Decoded with SentencePiece: transformers 5's SentencePieceBackend prints byte-fallback pieces as <0xE4>...
+    sp = spm.processor(merged)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.manual_seed(0)
     samples, new_tokens, seconds = [], 0, 0.0
@@ -281,7 +285,7 @@ def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
         seconds += time.perf_counter() - t0
         new = y[0, x["input_ids"].shape[1]:]
         new_tokens += len(new)
-        samples.append({"prompt": prompt, "continuation": tok.decode(new, skip_special_tokens=True)})
+        samples.append({"prompt": prompt, "continuation": sp.decode(new.tolist())})
         print(f"  {prompt}|{samples[-1]['continuation']}", flush=True)
     (folder / "generations.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
