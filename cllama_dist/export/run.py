@@ -37,13 +37,13 @@ from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_a
 from ..model.vocab import BASE_ROWS, NEW_ROWS
 from ..sft import templates
 from ..sft.templates import Template
+from ..tokenizer import hf
 from ..trainer import checkpoint
 from ..trainer.config import TrainConfig
 
 EMB_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
 HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "merge_report.json",
-                   "tokenizer.json", "TOKENIZER.md", "chat_template.jinja")
+TOKENIZER_FILES = (*hf.FOLDER_FILES, "merge_report.json", "chat_template.jinja")
 
 
 def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:

@@ -45,6 +45,11 @@ TOKENIZER_JSON = "tokenizer.json"
 CONFIG_JSON = "tokenizer_config.json"
 SPECIAL_JSON = "special_tokens_map.json"
 README = "TOKENIZER.md"
+# The SentencePiece layout's tokenizer code (``auto_map``): SentencePiece's decode behind AutoTokenizer.
+CODE = "tokenization_cllama.py"
+CODE_CLASS = "tokenization_cllama.SentencePieceBackend"
+# Every file a tokenizer folder may hold, for stages that copy one (export, the demo's base model).
+FOLDER_FILES = (spmio.MODEL_FILE, CONFIG_JSON, SPECIAL_JSON, TOKENIZER_JSON, README, CODE)
 SPACE = "▁"
 
 # Piece types that SentencePiece's BPE may produce by merging (model_interface.cc, InitializePieces:
@@ -222,6 +227,11 @@ def tokenizer_config(proto, fast: bool) -> dict:
         # from SentencePiece's from the first token (bench/llamacpp/check.py found it). SentencePiece's own dummy
         # prefix is unaffected either way (legacy mode).
         "add_prefix_space": None,
+        # With trust_remote_code=True, AutoTokenizer in 4.x and 5.x loads tokenization_cllama.py's class:
+        # the same SentencePiece encoding, and SentencePiece's decode (byte-fallback pieces become the
+        # characters they spell; the stock 5.x class prints "<0xE4>"). [slow, fast]: there is no fast one.
+        # Without it, 5.x keeps the stock class named above and 4.x asks for trust_remote_code.
+        "auto_map": {"AutoTokenizer": [CODE_CLASS, None]},
         **common,
     }
 
@@ -260,7 +270,7 @@ def _shipped_texts() -> list[str]:
 
 def write_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
     """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json, TOKENIZER.md and, for the
-    fast layout, tokenizer.json. Returns {"layout", "fast_problems", "files"}.
+    fast layout, tokenizer.json, for the SentencePiece layout, tokenization_cllama.py. Returns {"layout", "fast_problems", "files"}.
 
     ``fast``: False: SentencePiece layout; True: fast layout, a UserError naming the reasons when the
     model cannot have an exact tokenizer.json; "auto": fast layout exactly when it can. A written
@@ -285,8 +295,14 @@ def write_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False)
                                f"(first: {texts[bad[0]][:60]!r}); this is a bug")
         (out / TOKENIZER_JSON).write_text(json.dumps(tj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         files.append(TOKENIZER_JSON)
-    elif (out / TOKENIZER_JSON).exists():
-        (out / TOKENIZER_JSON).unlink()  # a stale one would be loaded instead of SentencePiece
+    else:
+        (out / CODE).write_bytes((Path(__file__).parent / CODE).read_bytes())
+        files.append(CODE)
+    # A stale file of the other layout: a tokenizer.json would be loaded instead of SentencePiece; the
+    # fast layout names no code.
+    stale = CODE if use_fast else TOKENIZER_JSON
+    if (out / stale).exists():
+        (out / stale).unlink()
     (out / CONFIG_JSON).write_text(json.dumps(tokenizer_config(proto, use_fast), indent=2, ensure_ascii=False) + "\n")
     (out / SPECIAL_JSON).write_text(json.dumps(special_tokens(proto), indent=2, ensure_ascii=False) + "\n")
     (out / README).write_text(readme(proto, use_fast, problems), encoding="utf-8")

@@ -243,5 +243,7 @@ def _layout_notes(hf_folder: dict) -> list[str]:
         return ["tokenizer.json is an exact fast tokenizer (checked against SentencePiece); transformers 4.x "
                 "and 5.x load it with AutoTokenizer"]
     return ["no tokenizer.json: a fast tokenizer cannot reproduce this model ("
-            + "; ".join(hf_folder["fast_problems"]) + "); transformers 5.x loads the folder with "
-            "SentencePieceBackend, 4.x with LlamaTokenizer.from_pretrained (see TOKENIZER.md)"]
+            + "; ".join(hf_folder["fast_problems"]) + "); transformers 4.x and 5.x load the folder with "
+            "AutoTokenizer.from_pretrained(DIR, trust_remote_code=True) (tokenization_cllama.py: SentencePiece's ids and "
+            "decode); without trust_remote_code 5.x gives SentencePieceBackend (the same ids, byte pieces decode as "
+            "<0x..>) and 4.x refuses (see TOKENIZER.md)"]

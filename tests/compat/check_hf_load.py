@@ -9,12 +9,16 @@ transformers-5 environment. What each version must do with each layout (see clla
 
 - fast layout (tokenizer.json present): AutoTokenizer, with and without use_fast, gives SentencePiece's
   ids with BOS in front, and decode gives SentencePiece's decode.
-- SentencePiece layout (no tokenizer.json):
-  - 5.x: AutoTokenizer gives SentencePieceBackend with SentencePiece's ids; `sp_model.decode` gives
-    SentencePiece's decode (its stock decode leaves byte pieces as "<0x..>": transformers #47473,
-    reported here, not failed on);
-  - 4.x: AutoTokenizer refuses the folder (it would build an inexact fast tokenizer), and
-    LlamaTokenizer.from_pretrained gives SentencePiece's ids and decode.
+- SentencePiece layout (no tokenizer.json; tokenization_cllama.py named by auto_map):
+  - 4.x and 5.x: AutoTokenizer with trust_remote_code=True gives the folder's class (SentencePiece's
+    ids with BOS in front; decode gives SentencePiece's decode, byte-fallback pieces as characters, and
+    with special tokens kept, SentencePiece's decode with their text in place), also from a copy of
+    the folder with a LLaMA config.json, as an exported model holds it;
+  - 5.x without trust_remote_code: the stock SentencePieceBackend with SentencePiece's ids (its decode
+    leaves byte pieces as "<0x..>": reported, not failed on);
+  - 4.x without trust_remote_code: AutoTokenizer refuses the folder, asking for trust_remote_code
+    (its stock choice would be an inexact fast tokenizer), and LlamaTokenizer.from_pretrained gives
+    SentencePiece's ids and decode.
 
 Prints one JSON object; exits 1 if any check fails.
 """
@@ -22,8 +26,12 @@ Prints one JSON object; exits 1 if any check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,25 +89,59 @@ def check_folder(folder: Path, texts: list[str], major: int) -> list[dict]:
                    len(tok) == sp.get_piece_size(), cls=type(tok).__name__, size=len(tok), **r)
         return results
 
+    # Texts whose SentencePiece encoding holds byte-fallback pieces: what the stock 5.x decode gets wrong.
+    byte_texts = [t for t, ids in zip(texts, sp.encode(texts)) if any(sp.is_byte(i) for i in ids)]
+    # 4.x's slow LlamaTokenizer decodes at about 100 documents a second (it rebuilds its special-token
+    # list for every token); 5.x decodes everything.
+    first = None if major >= 5 else 300
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp, "model")  # the folder as an exported model holds it, beside a LLaMA config.json
+        shutil.copytree(folder, model_dir)
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                           "vocab_size": sp.get_piece_size()}))
+        for where, path in (("folder", folder), ("model folder", model_dir)):
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+            code = type(tok).__module__.startswith("transformers_modules.")
+            r = compare(tok, sp, texts if where == "folder" else EXTRA, decode_first=first if where == "folder" else None)
+            b = compare(tok, sp, byte_texts, decode_first=first)
+            # With special tokens kept, their text in place, and without it SentencePiece's decode of the
+            # whole sequence (spaces included after a special token).
+            bos, eos = sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id())
+            kept = []
+            for t in EXTRA:
+                full = [sp.bos_id()] + sp.encode(t) + [sp.eos_id()] + sp.encode(t)
+                got = tok.decode(full)
+                if not got.startswith(bos) or got.count(eos) != 1 or \
+                        got.replace(bos, "").replace(eos, "") != sp.decode(full):
+                    kept.append({"text": t, "got": got, "want": sp.decode(full)})
+            record(f"AutoTokenizer(trust_remote_code=True), {where}", code and r["ids_differ"] == 0
+                   and r["decode_differs"] == 0 and b["decode_differs"] == 0 and not kept and len(byte_texts) > 0
+                   and len(tok) == sp.get_piece_size(), cls=type(tok).__name__, module=type(tok).__module__,
+                   size=len(tok), byte_fallback_texts=len(byte_texts), byte_fallback_decoded=b["decoded"],
+                   byte_decode_differs=b["decode_differs"], special_kept_differs=kept[:3], **r)
+
     if major >= 5:
         tok = AutoTokenizer.from_pretrained(str(folder))
         r = compare(tok, sp, texts, decode=lambda ids: tok.sp_model.decode(ids))
-        record("AutoTokenizer (ids; decode via sp_model.decode)", type(tok).__name__ == "SentencePieceBackend"
+        record("AutoTokenizer, no trust_remote_code (ids; decode via sp_model.decode)",
+               type(tok).__module__.startswith("transformers.") and type(tok).__name__ == "SentencePieceBackend"
                and r["ids_differ"] == 0 and r["decode_differs"] == 0 and len(tok) == sp.get_piece_size(),
                cls=type(tok).__name__, size=len(tok), **r)
-        stock = compare(tok, sp, EXTRA)
-        record("stock decode of byte-fallback pieces (transformers #47473; informational)", True,
-               decode_differs=stock["decode_differs"], decode_examples=stock["decode_examples"])
+        stock = compare(tok, sp, byte_texts)
+        record("stock decode of byte-fallback pieces, no trust_remote_code (informational)", True,
+               decode_differs=stock["decode_differs"], of=len(byte_texts), decode_examples=stock["decode_examples"])
         return results
 
     from transformers import LlamaTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        record("AutoTokenizer refuses", False, cls=type(tok).__name__,
+        with contextlib.redirect_stdout(sys.stderr):  # its question goes to stdout, which is this script's JSON
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        record("AutoTokenizer refuses without trust_remote_code", False, cls=type(tok).__name__,
                why="4.x AutoTokenizer loaded a class for a folder no fast tokenizer can reproduce")
     except ValueError as exc:
-        record("AutoTokenizer refuses", "SentencePieceBackend" in str(exc), error=str(exc)[:200])
+        record("AutoTokenizer refuses without trust_remote_code", "trust_remote_code=True" in str(exc),
+               error=str(exc)[-200:])
     tok = LlamaTokenizer.from_pretrained(str(folder))
     r = compare(tok, sp, texts, decode_first=300)
     record("LlamaTokenizer.from_pretrained", r["ids_differ"] == 0 and r["decode_differs"] == 0
@@ -114,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import transformers
 
+    # 4.x asks on the terminal whether to run a folder's code when trust_remote_code is not given; no
+    # terminal here, so that it refuses at once, as a service would.
+    sys.stdin = open(os.devnull)
     t0 = time.time()
     major = int(transformers.__version__.split(".")[0])
     texts = texts_from(args.corpus)

@@ -28,7 +28,7 @@ def build_base_model(folder: Path, tokenizer_dir: str, arch: dict, steps: int = 
     from ...data.loader import TokenBlocks
     from ...data.shards import load_manifest
     from ...progress import Progress
-    from ...tokenizer import spm
+    from ...tokenizer import hf, spm
     from ...tokenizer.base import stdlib_docstrings
 
     text = folder / "english.jsonl"
@@ -55,7 +55,7 @@ def build_base_model(folder: Path, tokenizer_dir: str, arch: dict, steps: int = 
             losses.append(loss.item())
             bar.update(1, f"loss {loss.item():.3f}")
     model.save_pretrained(folder / "hf")
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "TOKENIZER.md"):
+    for name in hf.FOLDER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
             shutil.copy(Path(tokenizer_dir) / name, folder / "hf" / name)
     shutil.rmtree(folder / "shards")
