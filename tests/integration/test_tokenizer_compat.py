@@ -1,4 +1,5 @@
-"""transformers 4.x and 5.x load the merged tokenizer folders and give SentencePiece's ids (tests/compat/).
+"""transformers 4.x and 5.x load the merged tokenizer folders, give SentencePiece's ids and decode byte-fallback
+pieces to the characters they spell (tests/compat/).
 
 Both layouts are written by `merge`: the paper's (SentencePiece only) and "exact" (with tokenizer.json).
 With CLLAMA_FIXTURES they come from LLaMA's tokenizer and the paper's Chinese model and are checked on
@@ -43,7 +44,7 @@ def folders(request, tmp_path_factory) -> tuple[list[Path], list[str]]:
 
 
 def _check(cmd: list[str], timeout: int) -> tuple[int, dict | None, str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     try:
         summary = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -60,6 +61,19 @@ def _args(folders) -> list[str]:
     return [a for c in corpus for a in ("--corpus", c)] + [str(p) for p in paths]
 
 
+def _paper_checks(summary: dict) -> dict[str, dict]:
+    return {r["check"]: r for r in summary["results"] if r["layout"] == "sentencepiece"}
+
+
+def _decodes_bytes(checks: dict[str, dict]) -> None:
+    """The folder's own class, in the folder and beside a LLaMA config.json, decodes byte-fallback pieces."""
+    for where in ("folder", "model folder"):
+        r = checks[f"AutoTokenizer(trust_remote_code=True), {where}"]
+        assert r["module"].startswith("transformers_modules.") and r["module"].endswith(".tokenization_cllama"), r
+        assert r["byte_fallback_texts"] > 0 and r["byte_fallback_decoded"] > 0 and r["byte_decode_differs"] == 0, r
+        assert r["ids_differ"] == 0 and r["decode_differs"] == 0 and not r["special_kept_differs"], r
+
+
 def test_transformers_5(folders):
     code, summary, err = _check([sys.executable, str(COMPAT / "check_hf_load.py"), *_args(folders)], timeout=300)
     assert summary is not None, err
@@ -67,6 +81,13 @@ def test_transformers_5(folders):
     assert code == 0 and summary["ok"], _failures(summary)
     classes = {r["layout"]: r.get("cls") for r in summary["results"] if "cls" in r}
     assert classes == {"sentencepiece": "SentencePieceBackend", "fast": "TokenizersBackend"}
+    checks = _paper_checks(summary)
+    _decodes_bytes(checks)
+    r = checks["AutoTokenizer, no trust_remote_code (ids; decode via sp_model.decode)"]
+    assert r["ids_differ"] == 0 and r["texts"] > 0
+    # What the folder's code is for: the stock class prints every byte-fallback text wrongly ("<0x..>").
+    stock = checks["stock decode of byte-fallback pieces, no trust_remote_code (informational)"]
+    assert stock["decode_differs"] == stock["of"] > 0, stock
 
 
 def test_transformers_4(folders):
@@ -77,7 +98,9 @@ def test_transformers_4(folders):
     assert summary["transformers"].startswith("4."), summary["transformers"]
     assert not summary["torch_imported"]
     assert code == 0 and summary["ok"], _failures(summary)
-    checks = {(r["layout"], r["check"]): r for r in summary["results"]}
-    assert checks[("sentencepiece", "AutoTokenizer refuses")]["ok"]
-    assert checks[("sentencepiece", "LlamaTokenizer.from_pretrained")]["ids_differ"] == 0
-    assert checks[("fast", "AutoTokenizer")]["cls"] == "PreTrainedTokenizerFast"
+    checks = _paper_checks(summary)
+    _decodes_bytes(checks)
+    assert checks["AutoTokenizer refuses without trust_remote_code"]["ok"]
+    assert checks["LlamaTokenizer.from_pretrained"]["ids_differ"] == 0
+    fast = {(r["layout"], r["check"]): r for r in summary["results"]}[("fast", "AutoTokenizer")]
+    assert fast["cls"] == "PreTrainedTokenizerFast"
