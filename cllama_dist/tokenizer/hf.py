@@ -9,8 +9,12 @@ Two layouts, chosen by whether a merges list can reproduce the model (``fast_pro
   ``SymbolPairComparator`` in sentencepiece/src/bpe_model.cc), while a merges list ranks every pair
   once, for all positions. The paper's merge gives all 17,953 appended pieces score 0, so the two
   disagree on most Chinese documents (all 2,625 fixture documents with transformers 5.24's own
-  conversion of tokenizer.model). What each transformers version does with this layout is in
-  ``readme``.
+  conversion of tokenizer.model). So the only exact encoder is SentencePiece, and no stock class
+  both encodes with it and decodes byte-fallback pieces (5.x's ``SentencePieceBackend`` prints them
+  as ``<0xE4>``; 4.x's AutoTokenizer converts to an inexact fast tokenizer): the folder carries
+  ``tokenization_cllama.py``, named by ``auto_map``, which AutoTokenizer loads with
+  ``trust_remote_code=True`` in both versions (SentencePiece's ids and decode); without it 5.x keeps
+  the stock class named by ``tokenizer_class``. What each version does is in ``readme``.
 - *Fast layout* (``--new-piece-score exact``, or any model whose competing merges have distinct
   scores): the above plus an exact ``tokenizer.json`` (BPE with merges ranked by the merged piece's
   score, byte fallback, LLaMA's "prepend ▁, spaces to ▁" normalizer, a BOS post-processor) and
@@ -331,15 +335,21 @@ def readme(proto, use_fast: bool, problems: list[str]) -> str:
     why = "\n".join(f"- {p}" for p in problems) or "- (none recorded)"
     return head + (
         "## Loading\n\n"
-        "- transformers 5.x: `AutoTokenizer.from_pretrained(DIR)` gives `SentencePieceBackend`, which encodes "
-        "with SentencePiece itself: ids identical to SentencePiece's. Its `decode` joins piece strings, so "
-        "byte-fallback pieces come out as `<0xE4><0xB8>...` instead of the character (transformers issue "
-        "#47473, not fixed in 5.24); decode with `tok.sp_model.decode(ids)` or with SentencePiece.\n"
-        "- transformers 4.x: `AutoTokenizer.from_pretrained(DIR)` stops with \"Tokenizer class "
-        "SentencePieceBackend does not exist\". That is deliberate: 4.x's AutoTokenizer always builds the "
-        "fast tokenizer (`use_fast` is only a call argument), and no fast tokenizer can encode this model "
-        "like SentencePiece (below). Use `LlamaTokenizer.from_pretrained(DIR)`: SentencePiece itself, "
-        "identical ids, and a `decode` that reassembles byte-fallback pieces.\n\n"
+        "`AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)`, in transformers 4.x and 5.x, loads the "
+        f"class in `{CODE}` (this folder's `auto_map`): ids identical to SentencePiece's (it encodes with "
+        "SentencePiece itself, BOS in front, no EOS), and a `decode` that is SentencePiece's, so "
+        "byte-fallback pieces come back as the characters they spell. It is transformers 5's "
+        "`SentencePieceBackend`, or 4.x's slow `LlamaTokenizer`, with one method changed: text between "
+        "special tokens is decoded by SentencePiece. Neither version has a stock class that does both (checked "
+        "with transformers 5.24 and 4.57); hence the file, which imports nothing but transformers.\n\n"
+        "Without `trust_remote_code`:\n\n"
+        "- transformers 5.x gives its stock `SentencePieceBackend`: the same ids, but its `decode` joins piece "
+        "strings, so byte-fallback pieces come out as `<0xE4><0xB8>...` instead of the character (transformers "
+        "issue #47473; still so in 5.25). Decode with `tok.sp_model.decode(ids)` or SentencePiece then.\n"
+        "- transformers 4.x refuses the folder, asking for `trust_remote_code=True`: its stock choice for a "
+        "SentencePiece folder is a fast tokenizer converted from `tokenizer.model`, which encodes this model "
+        "differently (below). `LlamaTokenizer.from_pretrained(DIR)` (4.x only: in 5.x that class is the "
+        "converted fast one) is SentencePiece too.\n\n"
         "## Why there is no tokenizer.json\n\n"
         "A fast (`tokenizers`) BPE ranks each merge once, for every position; SentencePiece's BPE picks the "
         "highest-scoring piece and breaks ties by position (leftmost first). Why a merges list cannot "

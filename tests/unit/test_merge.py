@@ -58,8 +58,9 @@ def test_hf_folder_matches_sentencepiece(tiny_merged, zh_docs):
     assert len(tok) == sp.get_piece_size()
     for doc in zh_docs:
         assert tok(doc)["input_ids"] == [sp.bos_id()] + sp.encode(doc)
-    # transformers' SentencePieceBackend decodes by joining pieces, so it cannot reassemble byte-fallback
-    # pieces (a documented limitation); on text without them it decodes like SentencePiece.
+    # transformers 5's stock SentencePieceBackend (no trust_remote_code) decodes by joining pieces, so it cannot
+    # reassemble byte-fallback pieces (the folder's own class can: test_tokenizer_fit); on text without them it
+    # decodes like SentencePiece.
     lines = [line for d in zh_docs for line in d.splitlines() if line]
     clean = [t for t in lines if not any(sp.is_byte(i) for i in sp.encode(t))]
     assert clean

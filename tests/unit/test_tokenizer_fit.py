@@ -8,6 +8,7 @@ References are independent of the code under test: SentencePiece itself (encode/
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -294,21 +295,45 @@ def test_exact_folder_with_transformers(exact_merged, texts):
 
 
 def test_paper_folder_with_transformers(tiny_merged, texts):
-    """SentencePieceBackend: SentencePiece's ids; its stock decode leaves byte pieces as "<0x..>" text
-    (transformers #47473), which TOKENIZER.md says, with the workaround that is checked here."""
+    """The folder's class (auto_map, trust_remote_code=True): SentencePiece's ids and decode, byte-fallback
+    pieces as characters. Without trust_remote_code, transformers 5's stock SentencePieceBackend: the same
+    ids, and a decode that leaves byte pieces as "<0x..>" text, which TOKENIZER.md says."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_merged))
-    assert type(tok).__name__ == "SentencePieceBackend"
     sp = spm.SentencePieceProcessor(model_file=str(tiny_merged / "tokenizer.model"))
+    config = json.loads((tiny_merged / "tokenizer_config.json").read_text())
+    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_cllama.SentencePieceBackend", None]}
+    assert (tiny_merged / "tokenization_cllama.py").read_bytes() == \
+        (Path(hf.__file__).parent / "tokenization_cllama.py").read_bytes()
+    tok = AutoTokenizer.from_pretrained(str(tiny_merged), trust_remote_code=True)
+    assert type(tok).__module__.endswith(".tokenization_cllama") and len(tok) == sp.get_piece_size()
+    bytes_seen = 0
     for t in texts:
         ids = tok(t)["input_ids"]
-        assert ids == [sp.bos_id()] + sp.encode(t)
-        assert tok.sp_model.decode(ids) == sp.decode(ids[1:])
-    stock = tok.decode(tok("龘")["input_ids"], skip_special_tokens=True)
-    assert stock == "龘" or stock.startswith("<0x"), stock
-    if stock != "龘":
-        assert "#47473" in (tiny_merged / "TOKENIZER.md").read_text()
+        assert ids == [sp.bos_id()] + sp.encode(t), t
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), t
+        bytes_seen += any(sp.is_byte(i) for i in ids)
+    assert bytes_seen >= len(RARE)
+    for t in RARE:
+        assert tok.decode(tok(t)["input_ids"], skip_special_tokens=True) == t
+    # Special tokens kept: their text in place; without it, SentencePiece's decode of the whole sequence
+    # (the space after "</s>" kept, the dummy prefix dropped at the start only).
+    a, b = sp.encode("龘 人工智能"), sp.encode(" 开头有空格")
+    full = [sp.bos_id()] + a + [sp.eos_id()] + b
+    got = tok.decode(full)
+    assert got.startswith("<s>") and got.replace("<s>", "").replace("</s>", "") == sp.decode(full), got
+    assert got == "<s>龘 人工智能</s>  开头有空格", got  # the text's dummy prefix "▁" shows after "</s>"
+    # Streaming decoders (vLLM, TextStreamer) call convert_tokens_to_string on piece lists.
+    assert tok.convert_tokens_to_string(tok.convert_ids_to_tokens(sp.encode("龘"))) == "龘"
+
+    stock = AutoTokenizer.from_pretrained(str(tiny_merged))
+    assert type(stock).__module__.startswith("transformers.") and type(stock).__name__ == "SentencePieceBackend"
+    for t in texts:
+        assert stock(t)["input_ids"] == [sp.bos_id()] + sp.encode(t)
+    misread = stock.decode(stock("龘")["input_ids"], skip_special_tokens=True)
+    if misread != "龘":
+        assert misread.startswith("<0x"), misread
+        assert "<0x" in (tiny_merged / "TOKENIZER.md").read_text()
 
 
 def _byte_fallback_decode(sp, ids):
