@@ -96,6 +96,9 @@ def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
         "bits_per_char": {k: ev[k]["bits_per_char"] for k in ("base", "base+adapter", "merged")}}, rel=1e-4)
     gens = json.loads(Path(summary["generate"]["file"]).read_text())
     assert len(gens) == 3 and all(g["continuation"] for g in gens)
+    # Decoded by the merged folder's tokenizer class: byte-fallback pieces are characters, never "<0x..>" text.
+    assert (Path(summary["export"]["merged"]) / "tokenization_cllama.py").is_file()
+    assert not any("<0x" in g["continuation"] for g in gens), gens
 
     # 3. The artefacts load with stock libraries.
     from peft import PeftConfig

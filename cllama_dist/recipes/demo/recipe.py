@@ -261,18 +261,17 @@ def evaluate(folder: Path, r: dict) -> dict:
 
 
 def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
-    """Reload the merged model with nothing but stock transformers, and continue a few prompts."""
+    """Reload the merged model with stock transformers (the tokenizer through its folder's tokenization_cllama.py),
+    and continue a few prompts."""
     import time
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ...tokenizer import spm
-
     merged = r["export"]["merged"]
-    tok = AutoTokenizer.from_pretrained(merged)
-    # Decoded with SentencePiece: transformers 5's SentencePieceBackend prints byte-fallback pieces as <0xE4>...
-    sp = spm.processor(merged)
+    # The folder's own tokenizer class (tokenization_cllama.py): SentencePiece's ids and decode, so byte-fallback
+    # pieces print as characters; transformers 5's stock class, without trust_remote_code, prints them as <0xE4>...
+    tok = AutoTokenizer.from_pretrained(merged, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.manual_seed(0)
     samples, new_tokens, seconds = [], 0, 0.0
@@ -285,7 +284,7 @@ def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
         seconds += time.perf_counter() - t0
         new = y[0, x["input_ids"].shape[1]:]
         new_tokens += len(new)
-        samples.append({"prompt": prompt, "continuation": sp.decode(new.tolist())})
+        samples.append({"prompt": prompt, "continuation": tok.decode(new.tolist(), skip_special_tokens=True)})
         print(f"  {prompt}|{samples[-1]['continuation']}", flush=True)
     (folder / "generations.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
