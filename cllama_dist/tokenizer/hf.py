@@ -51,7 +51,7 @@ SPECIAL_JSON = "special_tokens_map.json"
 README = "TOKENIZER.md"
 # The SentencePiece layout's tokenizer code (``auto_map``): SentencePiece's decode behind AutoTokenizer.
 CODE = "tokenization_cllama.py"
-CODE_CLASS = "tokenization_cllama.SentencePieceBackend"
+CODE_CLASS = "tokenization_cllama.CllamaTokenizer"
 # Every file a tokenizer folder may hold, for stages that copy one (export, the demo's base model).
 FOLDER_FILES = (spmio.MODEL_FILE, CONFIG_JSON, SPECIAL_JSON, TOKENIZER_JSON, README, CODE)
 SPACE = "▁"

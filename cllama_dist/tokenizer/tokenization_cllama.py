@@ -16,11 +16,17 @@ text between special tokens is decoded by SentencePiece, so bytes become charact
 exactly SentencePiece's in both (BOS in front, no EOS), as without this file.
 
 Without ``trust_remote_code=True``, transformers 5 loads its stock ``SentencePieceBackend`` (the same
-ids; the ``<0x..>`` decode) and transformers 4 stops and asks for it. The class carries the name the
-folder's ``tokenizer_class`` gives, so transformers 4 does not warn that the two differ.
+ids; the ``<0x..>`` decode) and transformers 4 stops and asks for it. The folder's ``tokenizer_class``
+stays that stock class, for that fallback; so transformers 4 warns that the class it loads
+(``CllamaTokenizer``) is not the one named there, which is expected. The name ends in "Tokenizer" because
+transformers' ``save_pretrained`` recognises a tokenizer's ``auto_map`` by it (another name is saved in a
+form that no version can load back).
 
 Standalone on purpose: it imports only transformers (which imports sentencepiece for these classes).
 """
+
+import json
+import os
 
 try:
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend as _Base  # transformers 5
@@ -28,9 +34,10 @@ except ImportError:
     from transformers import LlamaTokenizer as _Base  # transformers 4: the slow class, SentencePiece itself
 
 SPIECE_UNDERLINE = "\u2581"
+STOCK_CLASS = "SentencePieceBackend"  # the folder's tokenizer_class
 
 
-class SentencePieceBackend(_Base):
+class CllamaTokenizer(_Base):
     """The base class above with SentencePiece's decode (see the module docstring)."""
 
     def convert_tokens_to_string(self, tokens):
@@ -63,5 +70,20 @@ class SentencePieceBackend(_Base):
         flush()
         return "".join(parts)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes this class's name as tokenizer_class, and 5.x leaves out special_tokens_pattern;
+        # put back what the folder had: the stock class that loads it without trust_remote_code (with another
+        # name 5.x would build an inexact fast tokenizer), and LLaMA's BOS.
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        for path in files:
+            if os.path.basename(str(path)).endswith("tokenizer_config.json"):
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+                config.update(tokenizer_class=STOCK_CLASS, special_tokens_pattern="bos")
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, ensure_ascii=False)
+                    f.write("\n")
+        return files
 
-__all__ = ["SentencePieceBackend"]
+
+__all__ = ["CllamaTokenizer"]

@@ -119,6 +119,15 @@ def check_folder(folder: Path, texts: list[str], major: int) -> list[dict]:
                    and len(tok) == sp.get_piece_size(), cls=type(tok).__name__, module=type(tok).__module__,
                    size=len(tok), byte_fallback_texts=len(byte_texts), byte_fallback_decoded=b["decoded"],
                    byte_decode_differs=b["decode_differs"], special_kept_differs=kept[:3], **r)
+        # save_pretrained (what a trainer does with its tokenizer) writes a folder that loads back the same way.
+        tok.save_pretrained(str(Path(tmp, "saved")))
+        again = AutoTokenizer.from_pretrained(str(Path(tmp, "saved")), trust_remote_code=True)
+        saved = json.loads(Path(tmp, "saved", "tokenizer_config.json").read_text(encoding="utf-8"))
+        r = compare(again, sp, EXTRA)
+        record("save_pretrained, then AutoTokenizer(trust_remote_code=True)", type(again).__name__ == type(tok).__name__
+               and type(again).__module__.startswith("transformers_modules.") and r["ids_differ"] == 0
+               and r["decode_differs"] == 0 and saved["tokenizer_class"] == "SentencePieceBackend",
+               cls=type(again).__name__, saved_tokenizer_class=saved["tokenizer_class"], **r)
 
     if major >= 5:
         tok = AutoTokenizer.from_pretrained(str(folder))

@@ -72,6 +72,8 @@ def _decodes_bytes(checks: dict[str, dict]) -> None:
         assert r["module"].startswith("transformers_modules.") and r["module"].endswith(".tokenization_cllama"), r
         assert r["byte_fallback_texts"] > 0 and r["byte_fallback_decoded"] > 0 and r["byte_decode_differs"] == 0, r
         assert r["ids_differ"] == 0 and r["decode_differs"] == 0 and not r["special_kept_differs"], r
+        assert r["cls"] == "CllamaTokenizer"
+    assert checks["save_pretrained, then AutoTokenizer(trust_remote_code=True)"]["ok"]
 
 
 def test_transformers_5(folders):
@@ -79,12 +81,12 @@ def test_transformers_5(folders):
     assert summary is not None, err
     assert summary["transformers"].startswith("5."), summary["transformers"]
     assert code == 0 and summary["ok"], _failures(summary)
-    classes = {r["layout"]: r.get("cls") for r in summary["results"] if "cls" in r}
-    assert classes == {"sentencepiece": "SentencePieceBackend", "fast": "TokenizersBackend"}
+    fast = {(r["layout"], r["check"]): r for r in summary["results"]}[("fast", "AutoTokenizer")]
+    assert fast["cls"] == "TokenizersBackend"
     checks = _paper_checks(summary)
     _decodes_bytes(checks)
     r = checks["AutoTokenizer, no trust_remote_code (ids; decode via sp_model.decode)"]
-    assert r["ids_differ"] == 0 and r["texts"] > 0
+    assert r["cls"] == "SentencePieceBackend" and r["ids_differ"] == 0 and r["texts"] > 0
     # What the folder's code is for: the stock class prints every byte-fallback text wrongly ("<0x..>").
     stock = checks["stock decode of byte-fallback pieces, no trust_remote_code (informational)"]
     assert stock["decode_differs"] == stock["of"] > 0, stock

@@ -302,7 +302,7 @@ def test_paper_folder_with_transformers(tiny_merged, texts):
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_merged / "tokenizer.model"))
     config = json.loads((tiny_merged / "tokenizer_config.json").read_text())
-    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_cllama.SentencePieceBackend", None]}
+    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_cllama.CllamaTokenizer", None]}
     assert (tiny_merged / "tokenization_cllama.py").read_bytes() == \
         (Path(hf.__file__).parent / "tokenization_cllama.py").read_bytes()
     tok = AutoTokenizer.from_pretrained(str(tiny_merged), trust_remote_code=True)
