@@ -11,9 +11,10 @@ encoder is SentencePiece itself. transformers 5 has one stock class that encodes
 ``SentencePieceBackend``, but its ``decode`` joins piece strings and prints byte-fallback pieces as
 ``<0xE4><0xB8><0xAD>`` instead of "中"; transformers 4's ``AutoTokenizer`` has none (it converts
 ``LlamaTokenizer`` into an inexact fast tokenizer). The class below is, in 5.x, ``SentencePieceBackend``
-and, in 4.x, the slow ``LlamaTokenizer`` (SentencePiece itself in legacy mode), with one change in both:
-text between special tokens is decoded by SentencePiece, so bytes become characters. Ids are
-exactly SentencePiece's in both (BOS in front, no EOS), as without this file.
+and, in 4.x, the slow ``LlamaTokenizer`` (SentencePiece itself in legacy mode), with two changes in
+both: text between special tokens is decoded by SentencePiece, so bytes become characters; and
+``save_pretrained`` writes a folder that loads the same way again. Ids are exactly SentencePiece's in
+both (BOS in front, no EOS), as without this file.
 
 Without ``trust_remote_code=True``, transformers 5 loads its stock ``SentencePieceBackend`` (the same
 ids; the ``<0x..>`` decode) and transformers 4 stops and asks for it. The folder's ``tokenizer_class``
@@ -22,7 +23,8 @@ stays that stock class, for that fallback; so transformers 4 warns that the clas
 transformers' ``save_pretrained`` recognises a tokenizer's ``auto_map`` by it (another name is saved in a
 form that no version can load back).
 
-Standalone on purpose: it imports only transformers (which imports sentencepiece for these classes).
+Standalone on purpose: it imports only transformers (which imports sentencepiece for these classes) and
+the standard library.
 """
 
 import json
