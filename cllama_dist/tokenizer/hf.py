@@ -274,7 +274,8 @@ def _shipped_texts() -> list[str]:
 
 def write_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
     """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json, TOKENIZER.md and, for the
-    fast layout, tokenizer.json, for the SentencePiece layout, tokenization_cllama.py. Returns {"layout", "fast_problems", "files"}.
+    fast layout, tokenizer.json (for the SentencePiece layout, tokenization_cllama.py).
+    Returns {"layout", "fast_problems", "files"}.
 
     ``fast``: False: SentencePiece layout; True: fast layout, a UserError naming the reasons when the
     model cannot have an exact tokenizer.json; "auto": fast layout exactly when it can. A written
