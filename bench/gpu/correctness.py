@@ -168,9 +168,10 @@ def check_fused(device: str, dtype_name: str) -> dict:
     labels[::7] = -100  # ignored positions, as in instruction tuning
 
     def run(fn, dt, **kw):
-        hh = hidden.to(dt).requires_grad_(True)
-        wb = w_base.to(dt)  # frozen
-        wn = w_new.to(dt).requires_grad_(True)
+        # copy=True: fresh leaves for every run (a .to() to the same dtype would share, and accumulate, grads)
+        hh = hidden.to(dt, copy=True).requires_grad_(True)
+        wb = w_base.to(dt, copy=True)  # frozen
+        wn = w_new.to(dt, copy=True).requires_grad_(True)
         nll, count = fn(hh, [wb, wn], labels, **kw)
         nll.backward()
         return nll.detach().double(), hh.grad.double(), wn.grad.double()
@@ -178,7 +179,11 @@ def check_fused(device: str, dtype_name: str) -> dict:
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
-    truth = run(reference_cross_entropy, truth_dtype)
+    def truth_ce(hh, ws, lab):  # the unfused loss with the logits in the truth dtype (reference_ upcasts to fp32)
+        logits = torch.cat([torch.nn.functional.linear(hh, w) for w in ws], dim=-1).to(truth_dtype)
+        return torch.nn.functional.cross_entropy(logits, lab, ignore_index=-100, reduction="sum"), None
+
+    truth = run(truth_ce, truth_dtype)
     unfused = run(reference_cross_entropy, dtype)
     results = {"shape": {"tokens": n, "hidden": h, "rows": [v0, v1]}, "dtype": dtype_name}
     slack, floor = FUSED_TOL[dtype_name]
@@ -273,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         detail = {"losses": lambda: f"max relative difference {c.get('max_rel_diff')} (rtol {c.get('rtol')})",
                   "fused": lambda: ", ".join(f"{b} {w} {c[b][w]['fused_vs_truth']:.2e} vs unfused "
                                              f"{c[b][w]['unfused_vs_truth']:.2e}" for b in c if isinstance(c[b], dict)
-                                             and "loss" in c[b] for w in ("loss", "grad_new_rows"))}
+                                             and "loss" in c[b] for w in ("loss", "grad_hidden", "grad_new_rows")),
+                  "old_rows": lambda: f"{sum(1 for k, v in c.items() if k != 'pass' and v)} of "
+                                      f"{sum(1 for k in c if k != 'pass')} row checks hold",
+                  "copier": lambda: f"in order {c['in_order']}, equal {c['equal']}, on the device {c['on_device']}"}
         print(f"{'PASS' if c.get('pass') else 'FAIL'} {name}: {detail[name]() if name in detail and 'error' not in c else c.get('error', '')}")
     print(f"correctness.json in {out} ({report['wall_s']} s)")
     return 0 if report["pass"] else 1
