@@ -37,7 +37,8 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).",
                                           legacy="gradient_checkpointing")
     checkpoint_scope: Literal["all", "every-other"] = option(
-        "all", "Which decoder layers gradient checkpointing recomputes: all, or every-other (layers 0, 2, 4, ...: "
+        "all", "Which decoder layers gradient checkpointing recomputes (when model.gradient_checkpointing is on): "
+               "all, or every-other (layers 0, 2, 4, ...: "
                "the others keep their activations, trading memory for about half the recomputation; FLOPs in "
                "model/flops.py count the share recomputed).")
     attn_implementation: str = option(

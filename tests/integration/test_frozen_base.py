@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
+import torch
 
 from . import launch
 from .runs import STEPS, configure
@@ -14,7 +16,7 @@ from .runs import STEPS, configure
 pytestmark = pytest.mark.integration
 
 
-def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(setup, reference):
+def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(setup, reference, tmp_path):
     cfg, out = configure(setup, "resident", **{"engine.frozen_base": "resident", "validation.every": 0,
                                                "checkpoint.save_every": 5})
     proc = launch.run(cfg)
@@ -27,6 +29,21 @@ def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(
     # The same arithmetic up to the order of the gradient reductions (fp32 on the CPU).
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
+
+    # The trained tensors of the two checkpoints (DeepSpeed's fp32 reader handles both stages) agree, and the
+    # adapter exports from the ZeRO-2 one as from ZeRO-3's.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = f"step-{STEPS:08d}"
+    mine, theirs = (get_fp32_state_dict_from_zero_checkpoint(str(d / "checkpoints"), tag=tag,
+                                                             exclude_frozen_parameters=True) for d in (out, reference[0]))
+    assert mine.keys() == theirs.keys() and any("lora_B" in k for k in mine)
+    for k in mine:
+        assert torch.allclose(mine[k], theirs[k], rtol=1e-4, atol=1e-6), k
+    proc = subprocess.run(["cllama", "export", "adapter", "--run", str(out), "--out", str(tmp_path / "adapter")],
+                          capture_output=True, text=True, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 4 * sum(t.numel() for t in mine.values())
 
     # Its checkpoint under the other choice: refused in one line naming both, nothing touched.
     cfg2, out2 = configure(setup, "resident_to_partitioned", **{"engine.frozen_base": "partitioned"})
