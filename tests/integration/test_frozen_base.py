@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-import torch
 
 from . import launch
 from .runs import STEPS, configure
