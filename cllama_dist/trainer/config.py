@@ -75,8 +75,9 @@ class EngineConfig(Section):
                 "plus this process's optimizer share take at most half the device's free memory (the other half "
                 "for activations and the loss), else partitioned; partitioned on the CPU (tests exercise ZeRO-3 "
                 "there; host memory is shared by the processes) and with offload_param. Printed at start with the "
-                "memory it expects. A checkpoint resumes under the ZeRO stage it was saved with: resident is "
-                "ZeRO-2, partitioned ZeRO-3, and a mismatch is refused naming both.")
+                "memory it expects. A checkpoint resumes only under the ZeRO stage it was saved with (resident is "
+                "ZeRO-2, partitioned ZeRO-3): resuming, auto follows the checkpoint; a forced choice that differs "
+                "is refused naming both.")
     single_process_zero2: bool = option(
         False, "Earlier name of frozen_base: resident for a single process (kept for existing configs; true with "
                "one process means resident, with several it changes nothing, as before). Prefer engine.frozen_base.",

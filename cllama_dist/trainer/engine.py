@@ -76,12 +76,14 @@ def expected_bytes(choice: str, total_params: int, trainable: int, world: int, w
 
 def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, cuda: bool,
                        sizes: Callable[[], tuple[int, int, int]] | None = None,
-                       free_bytes: Callable[[], int] | None = None) -> FrozenBase:
+                       free_bytes: Callable[[], int] | None = None, resume_stage: int | None = None) -> FrozenBase:
     """The decision table of ``engine.frozen_base`` (tested in tests/unit/test_frozen_base.py).
 
     ``zero``: the JSON's zero_optimization block; ``sizes()``: (parameters, trainable, bytes per weight) of the
     model about to be built; ``free_bytes()``: the smallest free device memory over the ranks. Both are called
     only when auto has to decide on a GPU, and then on every rank alike (free_bytes is a collective).
+    ``resume_stage``: the ZeRO stage of the checkpoint being resumed, which auto follows (a run started before
+    this setting, or on another machine, resumes as it was saved instead of being refused).
     """
     setting, stage = engine.frozen_base, int(zero.get("stage", 0))
     if stage != 3:
@@ -96,6 +98,9 @@ def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, c
         if world == 1:
             return FrozenBase("resident", "engine.single_process_zero2 on one process")
         return FrozenBase("partitioned", "engine.single_process_zero2 applies to one process only")
+    if resume_stage in (2, 3):
+        return FrozenBase("resident" if resume_stage == 2 else "partitioned",
+                          f"auto: the checkpoint resumed was saved under ZeRO-{resume_stage}")
     if zero.get("offload_param", {}).get("device", "none") != "none":
         return FrozenBase("partitioned", "auto: the DeepSpeed config offloads parameters")
     if not cuda or sizes is None or free_bytes is None:

@@ -159,7 +159,8 @@ class Trainer:
         self.ds_name, self.ds_reason = engines.choose_deepspeed_json(self.cfg.engine, nodes, cuda)
         self.frozen = engines.choose_frozen_base(
             self.cfg.engine, engines.read_deepspeed_zero(self.cfg, self.ds_name), self.plan.world, cuda,
-            self._model_sizes, lambda: int(dist.minimum(torch.cuda.mem_get_info()[0])))
+            self._model_sizes, lambda: int(dist.minimum(torch.cuda.mem_get_info()[0])),
+            self.resume_state.get("zero_stage") if self.resume_state else None)
         self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes, cuda,
                                          self.frozen.choice)
         self.base_model = dist.on_main("fingerprinting the base model",

@@ -22,7 +22,8 @@ def engine(**kw) -> EngineConfig:
     return build(EngineConfig, kw)
 
 
-def decide(eng: EngineConfig, zero=ZERO3, world=1, cuda=True, params=P_1B, trainable=T_1B, free=80 * GiB):
+def decide(eng: EngineConfig, zero=ZERO3, world=1, cuda=True, params=P_1B, trainable=T_1B, free=80 * GiB,
+           resume=None):
     calls = []
 
     def sizes():
@@ -33,7 +34,7 @@ def decide(eng: EngineConfig, zero=ZERO3, world=1, cuda=True, params=P_1B, train
         calls.append("free")
         return free
 
-    got = choose_frozen_base(eng, zero, world, cuda, sizes, free_bytes)
+    got = choose_frozen_base(eng, zero, world, cuda, sizes, free_bytes, resume)
     return got.choice, got.reason, calls
 
 
@@ -53,6 +54,10 @@ def decide(eng: EngineConfig, zero=ZERO3, world=1, cuda=True, params=P_1B, train
     ("cpu", dict(cuda=False), "partitioned", "auto on the CPU"),
     ("offload", dict(zero={"stage": 3, "offload_param": {"device": "cpu"}}), "partitioned", "offloads parameters"),
     ("zero2 json", dict(zero={"stage": 2}), "resident", "is ZeRO-2, which never partitions"),
+    # Resuming, auto follows the checkpoint's stage (a ZeRO-3 run of earlier versions resumes, not refused).
+    ("resume zero3", dict(resume=3), "partitioned", "saved under ZeRO-3"),
+    ("resume zero2 on cpu", dict(resume=2, cuda=False), "resident", "saved under ZeRO-2"),
+    ("resume forced", dict(eng={"frozen_base": "resident"}, resume=3), "resident", "as configured"),
     # The legacy key: resident on one process, unchanged (partitioned) with several.
     ("legacy one", dict(eng={"single_process_zero2": True}), "resident", "single_process_zero2 on one process"),
     ("legacy two", dict(eng={"single_process_zero2": True}, world=2), "partitioned", "one process only"),
@@ -64,7 +69,7 @@ def test_auto_decision_table(case, kw, expect, why):
     assert why in reason, (case, reason)
     # Sizes and free memory (a collective) are asked for only when auto decides on a GPU.
     decides = eng.frozen_base == "auto" and not eng.single_process_zero2 and kw.get("cuda", True) \
-        and kw.get("zero", ZERO3) == ZERO3
+        and kw.get("zero", ZERO3) == ZERO3 and kw.get("resume") is None
     assert calls == (["sizes", "free"] if decides else []), case
 
 
