@@ -15,7 +15,7 @@ Side by side in one run, each in a fresh process (so that peak memory is its own
                   DeepSpeed config our trainer resolved, the same LoRA, batch, sequence length, dtype,
                   gradient checkpointing, attention kernel and shards.
 
-Every variant: bf16 on a GPU (fp32 on the CPU), ZeRO-3, gradient checkpointing, LoRA r 64 / alpha 128 on
+Every variant: bf16 on a GPU (fp32 on the CPU), the ZeRO-3 config, gradient checkpointing, LoRA r 64 / alpha 128 on
 all seven projections, micro-batch = global batch (no accumulation). Measured per variant: step time (mean
 of the steps after warm-up, device-synchronised), tokens/s, MFU = tokens/s x FLOPs per token / peak
 (FLOPs from cllama_dist/model/flops.py: the formula is written out there; the reference counted with
@@ -24,8 +24,11 @@ over the whole process: load, init and steps), and the optimizer-state bytes act
 fp32 master partitions plus Adam's two moments). Ratios are against the reference at the same length.
 
 `--variant LABEL:key=value,...` adds a variant of our trainer with TrainConfig overrides (for example
-`zero2:single_process_zero2=true`, a ZeRO-3 config run as ZeRO-2 in a single process), measured in the same
-run at the first sequence length only.
+`partitioned:engine.frozen_base=partitioned`, ZeRO-3 gathering the frozen base as the reference does, or
+`every-other:model.checkpoint_scope=every-other`), measured in the same run at the first sequence length only.
+Our variants run with `engine.frozen_base: auto` unless they set it: on a GPU where the base fits, resident
+(the ZeRO-3 config run as ZeRO-2); the reference always runs the ZeRO-3 config partitioned. The table's ZeRO
+column gives the stage each variant ran.
 
 Output: OUT/results.json, OUT/results.md (with GPU, driver, versions, commit, date), one log per variant;
 `--append-docs docs/benchmarks.md` appends the Markdown there.
@@ -117,7 +120,6 @@ def train_config(spec: dict, overrides: dict):
 
 
 def run_ours(spec: dict, overrides: dict) -> dict:
-    import torch
 
     from cllama_dist import distributed as dist
     from cllama_dist.trainer import engine as engines
@@ -137,12 +139,13 @@ def run_ours(spec: dict, overrides: dict) -> dict:
         loss = trainer.train_step(step)
         _sync(device)
         times.append(time.perf_counter() - t)
-        losses.append(loss)
+        losses.append(None if loss is None else float(loss))
     trainer.logger.close()
     out = {"setup_s": setup_s, "step_times_s": times, "losses": losses, "device": device,
            "trainable": trainer.counts.trainable, "lora_params": trainer.counts.lora,
            "flops_per_token": trainer.flops, "optimizer_state_bytes": optimizer_state_bytes(trainer.engine),
-           "embeddings": cfg.model.embeddings, "deepspeed_config": trainer.ds_config, **peak_memory(device)}
+           "embeddings": cfg.model.embeddings, "deepspeed_config": trainer.ds_config,
+           "frozen_base": trainer.frozen.choice, "attn": trainer.attn, **peak_memory(device)}
     dist.barrier()
     return out
 
@@ -158,13 +161,13 @@ def run_reference(spec: dict) -> dict:
     from cllama_dist.data.loader import TokenBlocks
     from cllama_dist.data.shards import load_manifest
     from cllama_dist.model import flops
-    from cllama_dist.model.config import LLAMA_PROJECTIONS
+    from cllama_dist.model.config import LLAMA_PROJECTIONS, resolve_attn
     from cllama_dist.tokenizer import spm
     from cllama_dist.trainer.engine import resolve as deepspeed_config
     from cllama_dist.trainer.plan import Plan
 
-    # The ZeRO-3 config exactly as the file gives it (the single-process ZeRO-2 option is ours, not the reference's).
-    cfg = train_config(spec, {"engine.single_process_zero2": False})
+    # The ZeRO-3 config exactly as the file gives it: partitioned (engine.frozen_base is ours, not the reference's).
+    cfg = train_config(spec, {"engine.frozen_base": "partitioned"})
     device = dist.init()
     t0 = time.perf_counter()
     plan = Plan.make(cfg.data, cfg.optim.max_steps, 1, spec["seq"], 10**6)
@@ -179,7 +182,7 @@ def run_reference(spec: dict) -> dict:
         dataloader_pin_memory=cuda, use_cpu=not cuda, disable_tqdm=True)
     new_vocab = spm.fingerprint(spec["tokenizer"])["vocab_size"]
     config = LlamaConfig(**{**spec["model_config"], "tie_word_embeddings": False, "use_cache": False})
-    config._attn_implementation = spec["attn"]
+    config._attn_implementation = resolve_attn(spec["attn"], cuda, spec["dtype"])  # the kernel ours resolves to
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
     model = LlamaForCausalLM(config).to(dtype)
@@ -222,7 +225,7 @@ def run_reference(spec: dict) -> dict:
     out = {"setup_s": setup_s, "step_times_s": timer.times, "losses": [result.training_loss], "device": device,
            "trainable": trainable, "lora_params": lora_params, "flops_per_token": fl,
            "optimizer_state_bytes": optimizer_state_bytes(engine), "embeddings": "full (modules_to_save)",
-           "deepspeed_config": ds, **peak_memory(device)}
+           "deepspeed_config": ds, "frozen_base": "partitioned", "attn": config._attn_implementation, **peak_memory(device)}
     dist.barrier()
     return out
 
@@ -314,7 +317,8 @@ def summarise(raw: dict, spec: dict, peak_tflops: float) -> dict:
            "optimizer_state_bytes": raw["optimizer_state_bytes"], "trainable_parameters": raw["trainable"],
            "lora_parameters": raw["lora_params"], "embeddings": raw["embeddings"], "setup_s": raw["setup_s"],
            "measured_steps": len(times), "losses": raw["losses"],
-           "zero_stage": raw["deepspeed_config"].get("zero_optimization", {}).get("stage", 0)}
+           "zero_stage": raw["deepspeed_config"].get("zero_optimization", {}).get("stage", 0),
+           "frozen_base": raw.get("frozen_base"), "attn": raw.get("attn")}
     return out
 
 
@@ -355,20 +359,22 @@ def markdown(report: dict) -> str:
              f"`{report['command']}`", "",
              f"{where}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"deepspeed {env['deepspeed']}. Model: {s['model']}; LoRA r {s['lora_rank']} on 7 projections; "
-             f"micro-batch {s['micro_batch']}, {s['dtype']}, ZeRO-3, gradient checkpointing, {s['attn']} attention; "
+             f"micro-batch {s['micro_batch']}, {s['dtype']}, the ZeRO-3 config (ours: engine.frozen_base auto unless "
+             f"the variant sets it; the ZeRO column is the stage that ran), gradient checkpointing, "
+             f"{s['attn']} attention; "
              f"{s['warmup']} warm-up + {s['steps']} measured steps; peak {s['peak_tflops'] or '-'} TFLOP/s.", "",
-             "| seq | variant | tokens/s | step s | MFU (actual) | MFU (6N) | peak mem GiB | optimizer state GiB | "
-             "trainable | vs reference: speed, memory |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| seq | variant | ZeRO (frozen base) | tokens/s | step s | MFU (actual) | MFU (6N) | peak mem GiB | "
+             "optimizer state GiB | trainable | vs reference: speed, memory |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for seq, row in report["results"].items():
         for name, r in row.items():
             if "tokens_per_s" not in r:
-                lines.append(f"| {seq} | {name} | - | - | - | - | - | - | - | {r.get('error', 'not run')} |")
+                lines.append(f"| {seq} | {name} | - | - | - | - | - | - | - | - | {r.get('error', 'not run')} |")
                 continue
             pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
             vs = (f"{r['speedup_vs_reference']:.2f}x, {100 * (r['memory_vs_reference'] - 1):+.0f}%"
                   if "speedup_vs_reference" in r else "(reference)" if name == "reference" else "-")
-            lines.append(f"| {seq} | {name} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {pct(r['mfu'])} | "
+            lines.append(f"| {seq} | {name} | {r['zero_stage']} ({r.get('frozen_base') or '-'}) | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {pct(r['mfu'])} | "
                          f"{pct(r['mfu_conventional'])} | {r['peak_memory_bytes'] / 2**30:.2f} | "
                          f"{r['optimizer_state_bytes'] / 2**30:.3f} | {r['trainable_parameters']:,} | {vs} |")
     lines += ["", *[f"- {t}" for t in report["targets"]], ""]
@@ -386,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="steps not measured (default 3)")
     p.add_argument("--steps", type=int, default=8, help="measured steps (default 8)")
-    p.add_argument("--attn", default="sdpa", help="attention kernel for every variant (default sdpa)")
+    p.add_argument("--attn", default="auto", help="attention kernel for every variant (default auto: model/config.py "
+                                                  "resolve_attn, flash-attn where installed on a GPU, else sdpa)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: known GPUs by name)")
     p.add_argument("--variants", nargs="+", default=list(BASE), help=f"which of {', '.join(BASE)} (default: all)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:key=value,...",

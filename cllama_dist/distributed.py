@@ -173,6 +173,11 @@ def total(value: float) -> float:
     return _reduce(value, dist.ReduceOp.SUM)
 
 
+def minimum(value: float) -> float:
+    """The smallest of every rank's ``value`` (e.g. free device memory: a choice all ranks must share)."""
+    return _reduce(value, dist.ReduceOp.MIN)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, resolve_attn
 from .vocab import SplitEmbedding, SplitLMHead, extend_vocab, is_embedding_param, is_new_rows, split_vocab
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,6 +40,14 @@ def load_llama_config(cfg: ModelConfig):
     return config
 
 
+def _device_kind(dtype: torch.dtype) -> tuple[bool, str]:
+    """(on a GPU, dtype name) as model.attn_implementation's auto reads them; the GPU rule is distributed.init's."""
+    import os
+
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    return cuda, {v: k for k, v in DTYPES.items()}[dtype]
+
+
 def build_base(cfg: ModelConfig, config, dtype: torch.dtype, zero3_ds_config: dict | None, seed: int):
     """The base model: loaded (partitioned as it loads under ZeRO-3) or built from config, seeded.
 
@@ -50,14 +58,15 @@ def build_base(cfg: ModelConfig, config, dtype: torch.dtype, zero3_ds_config: di
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     keep_alive = None
+    attn = resolve_attn(cfg.attn_implementation, *_device_kind(dtype))
     if cfg.path:
         if zero3_ds_config is not None:
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(zero3_ds_config)  # makes from_pretrained load into zero.Init
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
     else:
-        config._attn_implementation = cfg.attn_implementation
+        config._attn_implementation = attn
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
     return model, keep_alive
@@ -84,6 +93,27 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, embeddings: str, seed: in
     return model
 
 
+def enable_checkpointing(model: nn.Module, scope: str) -> list[int]:
+    """Non-reentrant gradient checkpointing of the decoder layers ``model.checkpoint_scope`` names (flops.py's
+    ``checkpointed_layers``); returns their indices. A layer left out keeps its activations for the backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .flops import checkpointed_layers
+
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Set per layer here rather than through transformers' every_n_layers (newer than some supported versions):
+    # the same rule, one place (flops.py) for what is recomputed and what is counted.
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = checkpointed_layers(len(layers), scope)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen
+    return chosen
+
+
 def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: int, new_vocab: int,
                 dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None):
     """Base + extended vocabulary + LoRA + gradient checkpointing. Returns (model, keep_alive)."""
@@ -103,10 +133,7 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
         # Non-reentrant: the reentrant variant loses gradients when the inputs of a checkpointed block do
         # not require grad, which is the case with a frozen base (PEFT #1142: "element 0 of tensors does
         # not require grad").
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.checkpoint_scope)
     model = apply_lora(model, lora_cfg, cfg.embeddings, seed)
     return model, keep_alive
 

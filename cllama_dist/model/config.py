@@ -36,8 +36,15 @@ class ModelConfig(Section):
     new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.", legacy="new_row_std")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).",
                                           legacy="gradient_checkpointing")
-    attn_implementation: str = option("sdpa", "transformers attention kernel: sdpa, eager, flash_attention_2.",
-                                      legacy="attn_implementation")
+    checkpoint_scope: Literal["all", "every-other"] = option(
+        "all", "Which decoder layers gradient checkpointing recomputes (when model.gradient_checkpointing is on): "
+               "all, or every-other (layers 0, 2, 4, ...: "
+               "the others keep their activations, trading memory for about half the recomputation; FLOPs in "
+               "model/flops.py count the share recomputed).")
+    attn_implementation: str = option(
+        "auto", "transformers attention kernel: sdpa, eager, flash_attention_2, or auto = flash_attention_2 on a GPU "
+                "in bf16/fp16 when the flash-attn package is installed, else sdpa (PyTorch's fused kernels, flash "
+                "attention among them on GPUs); on the CPU always sdpa.", legacy="attn_implementation")
     adapter: PathStr = option(
         "", "Start from model.path + this adapter (a `cllama export adapter` folder, e.g. the pre-training run's): "
             "rank 0 merges them once into RUN/start-model (reused on resume) and the run trains on the merged model, "
@@ -72,3 +79,15 @@ def resolve_dtype(name: str, cuda: bool) -> str:
     """The compute dtype a setting means: ``auto`` is bf16 on a GPU and fp32 on the CPU (where bf16 matrix
     products are slow and tests want exact arithmetic). Used by the trainer and by eval alike."""
     return name if name != "auto" else ("bf16" if cuda else "fp32")
+
+
+def resolve_attn(name: str, cuda: bool, dtype: str) -> str:
+    """The attention kernel ``model.attn_implementation`` means on this device: ``auto`` is flash-attn's kernel
+    where it can run (a GPU, half precision, the package installed), else sdpa."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if cuda and dtype in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"

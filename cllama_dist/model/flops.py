@@ -15,8 +15,10 @@ What this trainer actually computes, per token:
     backward, gradient of weights         2 x N_trainable_matmul
                                                (LoRA + the trainable lm_head rows; frozen weights
                                                 get none, which is where LoRA saves a third)
-    recomputation under checkpointing     2 x (N_layers + N_lora)   (the decoder layers' forward again)
-    attention scores and values           4·L·H·s forward, twice that backward, once more recomputed
+    recomputation under checkpointing     c x 2 x (N_layers + N_lora)   (the decoder layers' forward again;
+                                               c = the share of layers checkpointed: 1 for all, ceil(L/2)/L
+                                               for every-other)
+    attention scores and values           4·L·H·s forward, twice that backward, c times more recomputed
 
 So a frozen base with LoRA does about 4N (6N with recomputation) plus attention, against the 6N of full
 training. The *conventional* figure, 6N + 12·L·H·s with N all parameters except the input embedding
@@ -59,22 +61,34 @@ class Arch:
         return self.vocab * self.hidden
 
 
+def checkpointed_layers(layers: int, scope: str) -> list[int]:
+    """The decoder layers that gradient checkpointing recomputes under ``model.checkpoint_scope`` (the same rule
+    as transformers' ``every_n_layers``: layer i when i % n == 0)."""
+    every = {"all": 1, "every-other": 2}[scope]
+    return [i for i in range(layers) if i % every == 0]
+
+
+def checkpoint_share(layers: int, enabled: bool, scope: str = "all") -> float:
+    """c above: the share of the decoder layers recomputed in the backward pass."""
+    return len(checkpointed_layers(layers, scope)) / layers if enabled else 0.0
+
+
 def flops_per_token(arch: Arch, seq_len: int, lora_params: int, trainable_head_rows: int,
-                    checkpointing: bool) -> dict[str, float]:
-    """``actual``: what this trainer computes; ``conventional``: 6N + 12·L·H·s, for comparison."""
+                    checkpointing: bool | float) -> dict[str, float]:
+    """``actual``: what this trainer computes; ``conventional``: 6N + 12·L·H·s, for comparison.
+    ``checkpointing``: the share of layers recomputed (True = all of them)."""
     n_layers = arch.layer_params + lora_params
     n = n_layers + arch.head_params
     attention = 4 * arch.layers * arch.hidden * seq_len
     trainable_matmul = lora_params + trainable_head_rows * arch.hidden
     actual = 2 * n + 2 * n + 2 * trainable_matmul + 3 * attention
-    if checkpointing:
-        actual += 2 * n_layers + attention
+    actual += float(checkpointing) * (2 * n_layers + attention)
     conventional = 6 * n + 12 * arch.layers * arch.hidden * seq_len
     return {"actual": float(actual), "conventional": float(conventional)}
 
 
 def run_flops(config, orig_vocab: int, new_vocab: int, embeddings: str, seq_len: int, lora_params: int,
-              checkpointing: bool) -> dict[str, float]:
+              checkpointing: bool | float) -> dict[str, float]:
     """``flops_per_token`` for a run: the model config's shape at the extended vocabulary, with the lm_head
     rows that train under ``embeddings`` (all of them for "full", the appended ones for "new-rows")."""
     arch = dataclasses.replace(Arch.from_config(config), vocab=new_vocab)

@@ -91,3 +91,62 @@ def model_inputs(rows: dict[str, np.ndarray], device: str, attn_implementation: 
 def labels_of(rows: dict[str, np.ndarray], device: str) -> torch.Tensor:
     x = torch.from_numpy(rows.get("labels", rows["input_ids"]))
     return x.to(device, non_blocking=True) if device.startswith("cuda") else x
+
+
+class DeviceCopier:
+    """Micro-batches copied to the device one ahead, while the current one computes.
+
+    ``stream(items)`` yields the items (numpy rows) in order; as item k is yielded, item k+1 is already being
+    converted (``convert``: rows -> the forward's tensors, ``model_inputs``) into pinned host memory and sent
+    on a side CUDA stream, so the host-to-device copy and the host-side work of building the inputs (the
+    memory-mapped gather, a packed row's document mask) overlap the compute of item k instead of preceding
+    item k+1's. ``take(rows)`` returns the tensors of ``rows``: the prefetched ones when ``rows`` is the item
+    prefetched, else converted now (a caller that does not stream still gets correct inputs).
+
+    Ordering on the GPU: the compute stream waits for the side stream's event before using a prefetched batch,
+    and each tensor is marked as used by the compute stream (``record_stream``) so the caching allocator never
+    hands its memory to the next copy while a kernel still reads it. On the CPU (``ahead`` 0) nothing is
+    prefetched: ``take`` converts directly, as before.
+    """
+
+    def __init__(self, convert, device: str, ahead: int | None = None):
+        self.convert, self.device = convert, device
+        self.cuda = device.startswith("cuda")
+        self.ahead = (1 if self.cuda else 0) if ahead is None else ahead
+        self.side = torch.cuda.Stream(device=device) if self.cuda and self.ahead else None
+        self.ready: list[tuple[dict, dict[str, torch.Tensor], object]] = []  # (rows, tensors, event)
+
+    def _start(self, rows: dict) -> None:
+        if self.side is None:
+            self.ready.append((rows, self.convert(rows), None))
+            return
+        with torch.cuda.stream(self.side):
+            tensors = self.convert(rows)  # pinned + non_blocking copies, queued on the side stream
+            event = torch.cuda.Event()
+            event.record(self.side)
+        self.ready.append((rows, tensors, event))
+
+    def stream(self, items):
+        """The items in order, each one's tensors started ``ahead`` items before it is yielded."""
+        it = iter(items)
+        pending: list[dict] = []
+        for rows in it:
+            pending.append(rows)
+            if self.ahead:
+                self._start(rows)
+            if len(pending) > self.ahead:
+                yield pending.pop(0)
+        while pending:
+            yield pending.pop(0)
+
+    def take(self, rows: dict) -> dict[str, torch.Tensor]:
+        for i, (r, tensors, event) in enumerate(self.ready):
+            if r is rows:
+                del self.ready[:i + 1]  # older entries were skipped (a step cut short): dropped
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for t in tensors.values():
+                        t.record_stream(current)
+                return tensors
+        return self.convert(rows)

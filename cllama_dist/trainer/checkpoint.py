@@ -236,8 +236,13 @@ class Checkpointer:
         stage = expected.get("zero_stage")
         if stage is not None and state.get("zero_stage", stage) != stage:
             # DeepSpeed lays out ZeRO-2 and ZeRO-3 checkpoints differently; its loaders read only their own.
-            raise UserError(f"cannot resume {path}: it was saved under ZeRO-{state['zero_stage']}, this run is "
-                            f"ZeRO-{stage} (keep the DeepSpeed config and single_process_zero2 of the run)")
+            # engine.frozen_base picks the stage of a ZeRO-3 config (resident = ZeRO-2): both choices are named.
+            def named(s: int) -> str:
+                return f"ZeRO-{s} (engine.frozen_base: {'partitioned' if s == 3 else 'resident'})"
+
+            raise UserError(f"cannot resume {path}: it was saved under {named(state['zero_stage'])}, this run is "
+                            f"{named(stage)}; DeepSpeed's loaders read only their own stage's layout: keep the "
+                            "run's DeepSpeed config and frozen_base")
 
     def save(self, engine, state: TrainerState, expected_bytes: int = 0) -> Path:
         """Collective: every rank must call it at the same step. A failure on any rank (a full disk) fails the

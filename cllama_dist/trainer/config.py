@@ -65,12 +65,23 @@ class EngineConfig(Section):
         {}, "Settings merged into the DeepSpeed JSON (nested mappings merge key by key). The tiny CPU configs set "
             "zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are partitioned too.",
         legacy="deepspeed_overrides")
+    frozen_base: Literal["auto", "resident", "partitioned"] = option(
+        "auto", "Where the frozen bf16 base lives under a ZeRO-3 config. partitioned: ZeRO-3 as configured, each "
+                "process holds 1/world of every weight and all-gathers each layer in the forward, the recomputation "
+                "and the backward of every micro-batch. resident: the whole frozen base on every device and no "
+                "weight gathers, while gradients and optimizer state of the trainable parameters (LoRA, new rows) "
+                "stay partitioned; done by running the config as ZeRO-2, which partitions only what the optimizer "
+                "owns (trainer/engine.py says why not ZeRO-3 persistence). auto: resident on GPUs when the weights "
+                "plus this process's optimizer share take at most half the device's free memory (the other half "
+                "for activations and the loss), else partitioned; partitioned on the CPU (tests exercise ZeRO-3 "
+                "there; host memory is shared by the processes) and with offload_param. Printed at start with the "
+                "memory it expects. A checkpoint resumes only under the ZeRO stage it was saved with (resident is "
+                "ZeRO-2, partitioned ZeRO-3): resuming, auto follows the checkpoint; a forced choice that differs "
+                "is refused naming both.")
     single_process_zero2: bool = option(
-        False, "With one process, run a ZeRO-3 config as ZeRO-2: a single process's one partition is the whole model, "
-               "so ZeRO-3 saves no memory there but still gathers and releases every layer's weights in each "
-               "forward, backward and recomputation (tiny model on the CPU: 2-6x the steps/s; on a GPU: to be "
-               "measured by bench/train_throughput.py). Off by default until the GPU numbers justify it. A "
-               "checkpoint resumes only under the ZeRO stage it was saved with.", legacy="single_process_zero2")
+        False, "Earlier name of frozen_base: resident for a single process (kept for existing configs; true with "
+               "one process means resident, with several it changes nothing, as before). Prefer engine.frozen_base.",
+        legacy="single_process_zero2")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
         "auto", "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.",
         legacy="dtype")
@@ -79,6 +90,9 @@ class EngineConfig(Section):
               "sees during set-up and checkpointing reach the others at once; this bounds the rest (a hung peer).")
 
     def validate(self) -> None:
+        check(not (self.single_process_zero2 and self.frozen_base == "partitioned"), "single_process_zero2",
+              "contradicts engine.frozen_base: partitioned (single_process_zero2 is the earlier name of resident "
+              "on one process); set only frozen_base")
         check(self.timeout_minutes > 0, "timeout_minutes", f"must be positive, got {self.timeout_minutes}")
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,6 +26,13 @@ def choose_deepspeed_json(engine: EngineConfig, nodes: int, cuda: bool) -> tuple
     return "deepspeed_configs/zero3.json", "auto"
 
 
+def read_deepspeed_zero(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The zero_optimization block of the JSON ``name`` with the run's overrides merged: what frozen_base reads."""
+    _, ds = read_deepspeed_json(name)
+    merge_into(ds, cfg.engine.deepspeed_overrides)
+    return ds.get("zero_optimization", {})
+
+
 def read_deepspeed_json(name: str) -> tuple[Path, dict[str, Any]]:
     path = Path(name)
     if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
@@ -42,9 +50,101 @@ def read_deepspeed_json(name: str) -> tuple[Path, dict[str, Any]]:
     return path, ds
 
 
+# Bytes per trainable parameter beside its weight: the fp32 master (4), Adam's two moments (8) and its
+# gradient (2-4), all partitioned over the processes in both choices. An upper bound, as in Trainer.save.
+TRAINABLE_STATE_BYTES = 16
+# auto keeps the base resident when weights + optimizer share take at most this share of the free device
+# memory: the rest is for activations (checkpointed layer inputs), the loss chunks and the allocator's slack.
+RESIDENT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class FrozenBase:
+    """Where the frozen base lives (engine.frozen_base resolved) and why, printed at start."""
+
+    choice: str  # "resident" | "partitioned"
+    reason: str
+
+
+def expected_bytes(choice: str, total_params: int, trainable: int, world: int, weight_bytes: int) -> int:
+    """Weights + optimizer state one process holds before activations: resident keeps every weight (frozen and
+    trainable, at ``weight_bytes`` each); partitioned 1/world of them (plus, transiently, the layers being
+    gathered, which stage3_max_live_parameters bounds). Trainable state is partitioned in both."""
+    weights = total_params * weight_bytes
+    return (weights if choice == "resident" else -(-weights // world)) + -(-TRAINABLE_STATE_BYTES * trainable // world)
+
+
+def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, cuda: bool,
+                       sizes: Callable[[], tuple[int, int, int]] | None = None,
+                       free_bytes: Callable[[], int] | None = None, resume_stage: int | None = None) -> FrozenBase:
+    """The decision table of ``engine.frozen_base`` (tested in tests/unit/test_frozen_base.py).
+
+    ``zero``: the JSON's zero_optimization block; ``sizes()``: (parameters, trainable, bytes per weight) of the
+    model about to be built; ``free_bytes()``: the smallest free device memory over the ranks. Both are called
+    only when auto has to decide on a GPU, and then on every rank alike (free_bytes is a collective).
+    ``resume_stage``: the ZeRO stage of the checkpoint being resumed, which auto follows (a run started before
+    this setting, or on another machine, resumes as it was saved instead of being refused).
+    """
+    setting, stage = engine.frozen_base, int(zero.get("stage", 0))
+    if stage != 3:
+        if setting == "partitioned":
+            raise UserError(f"engine.frozen_base: partitioned needs a ZeRO-3 DeepSpeed config, and "
+                            f"{engine.deepspeed_config} is ZeRO-{stage} (weights replicated); use a ZeRO-3 config "
+                            "or frozen_base: auto")
+        return FrozenBase("resident", f"the DeepSpeed config is ZeRO-{stage}, which never partitions weights")
+    if setting != "auto":
+        return FrozenBase(setting, "as configured")
+    if engine.single_process_zero2:
+        if world == 1:
+            return FrozenBase("resident", "engine.single_process_zero2 on one process")
+        return FrozenBase("partitioned", "engine.single_process_zero2 applies to one process only")
+    if resume_stage in (2, 3):
+        return FrozenBase("resident" if resume_stage == 2 else "partitioned",
+                          f"auto: the checkpoint resumed was saved under ZeRO-{resume_stage}")
+    if zero.get("offload_param", {}).get("device", "none") != "none":
+        return FrozenBase("partitioned", "auto: the DeepSpeed config offloads parameters")
+    if not cuda or sizes is None or free_bytes is None:
+        # The CPU runs the tests and the tiny demo: they exercise ZeRO-3's own paths, and the processes of a
+        # CPU job share one host's memory, so replicating the base there buys speed at the others' expense.
+        return FrozenBase("partitioned", "auto on the CPU")
+    params, trainable, weight_bytes = sizes()
+    need, free = expected_bytes("resident", params, trainable, world, weight_bytes), free_bytes()
+    if need <= RESIDENT_SHARE * free:
+        return FrozenBase("resident", f"auto: {need / 2**30:,.1f} GiB of weights and optimizer share fit in half of "
+                                      f"the {free / 2**30:,.1f} GiB free on the fullest device")
+    return FrozenBase("partitioned", f"auto: {need / 2**30:,.1f} GiB of weights and optimizer share exceed half of "
+                                     f"the {free / 2**30:,.1f} GiB free on the fullest device")
+
+
+def make_resident(zero: dict[str, Any]) -> None:
+    """A ZeRO-3 block rewritten as ZeRO-2 in place: the frozen base resident, trainable state partitioned.
+
+    Why ZeRO-2 and not DeepSpeed's ZeRO-3 means of keeping weights (deepspeed 0.19 source read for this):
+    - ``stage3_param_persistence_threshold`` is a per-parameter element count (and
+      ``stage3_model_persistence_threshold`` a total); persistent parameters stay gathered, but ZeRO-3 still
+      loads them partitioned (zero.Init), gathers them once, and keeps its pre/post forward and backward hooks
+      on every module with the prefetch coordinator tracing each sub-module, per micro-batch: the bookkeeping
+      that the CPU proxy measures as the step's overhead remains.
+    - ZeRO++ hierarchical partitioning (``zero_hpz_partition_size``) keeps a secondary copy within a node: the
+      gathers stay on NVLink but still happen three times per micro-batch; it is for a base that does not fit.
+    - ``stage3_max_live_parameters`` / ``stage3_prefetch_bucket_size`` / ``stage3_module_granularity_threshold``
+      tune how gathers overlap and group; none removes them.
+    - DeepCompile (``compile.deepcompile``) needs torch.compile of the whole PEFT model with checkpointing; not
+      verified with this model, so not used.
+    ZeRO-2 partitions only what the optimizer owns: the gradients and the fp32 masters and Adam moments of the
+    trainable parameters. Frozen parameters are not in any optimizer group, so DeepSpeed leaves them as plain
+    device tensors: no gathers, no hooks, numerics of ZeRO-3 (tests/integration/test_frozen_base.py). The cost:
+    the whole base on every device, and loading it whole in each process (no zero.Init).
+    """
+    zero["stage"] = 2
+    for key in [k for k in zero if k.startswith(("stage3_", "zero_hpz", "zero_quantized")) or k == "offload_param"]:
+        del zero[key]  # ZeRO-3-only settings
+
+
 def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: int = 1,
-            cuda: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON with its "auto" values filled from the run config, in one place."""
+            cuda: bool = False, frozen_base: str = "") -> dict[str, Any]:
+    """The DeepSpeed JSON with its "auto" values filled from the run config, in one place. ``frozen_base``: the
+    resolved choice (``choose_frozen_base``); empty: decided here without device memory (the CPU's rule)."""
     name, _ = choose_deepspeed_json(cfg.engine, nodes, cuda)
     path, ds = read_deepspeed_json(name)
     merge_into(ds, cfg.engine.deepspeed_overrides)
@@ -59,10 +159,9 @@ def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: in
             raise UserError(f"{path}: {key} is {ds[key]}, but the run config gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
-    if zero.get("stage") == 3 and plan.world == 1 and cfg.engine.single_process_zero2:
-        zero["stage"] = 2
-        for key in [k for k in zero if k.startswith(("stage3_", "zero_hpz", "zero_quantized"))]:
-            del zero[key]  # ZeRO-3-only settings
+    frozen_base = frozen_base or choose_frozen_base(cfg.engine, zero, plan.world, cuda=False).choice
+    if zero.get("stage") == 3 and frozen_base == "resident":
+        make_resident(zero)
     if zero.get("zero_hpz_partition_size") == "auto":
         # ZeRO++ hierarchical partitioning: a secondary copy of the weights within each node, so the
         # per-micro-step all-gather stays on NVLink. "auto" = the processes of one node.

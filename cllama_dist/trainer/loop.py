@@ -29,7 +29,7 @@ from ..model.scoring import masked_nll
 from ..progress import Progress
 from . import engine as engines
 from . import mixture
-from .batches import labels_of, model_inputs
+from .batches import DeviceCopier, labels_of, model_inputs
 from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
@@ -155,14 +155,26 @@ class Trainer:
         self.universal = bool(self.resume_state) and self.resume_state["world_size"] != self.plan.world
         self.dtype = resolve_dtype(self.cfg.engine.dtype, self.device.startswith("cuda"))
         nodes = max(1, self.plan.world // dist.local_world_size())
-        self.ds_name, self.ds_reason = engines.choose_deepspeed_json(self.cfg.engine, nodes, self.device.startswith("cuda"))
-        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes,
-                                         self.device.startswith("cuda"))
+        cuda = self.device.startswith("cuda")
+        self.ds_name, self.ds_reason = engines.choose_deepspeed_json(self.cfg.engine, nodes, cuda)
+        self.frozen = engines.choose_frozen_base(
+            self.cfg.engine, engines.read_deepspeed_zero(self.cfg, self.ds_name), self.plan.world, cuda,
+            self._model_sizes, lambda: int(dist.minimum(torch.cuda.mem_get_info()[0])),
+            self.resume_state.get("zero_stage") if self.resume_state else None)
+        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes, cuda,
+                                         self.frozen.choice)
         self.base_model = dist.on_main("fingerprinting the base model",
                                        lambda: base_fingerprint(self.cfg.model, self.cfg.seed))
         if self.resume_state:
             Checkpointer.check_resumable(self.resume_from, self.resume_state, self._identity())
             self._check_schedule(self.resume_state.get("schedule"))
+
+    def _model_sizes(self) -> tuple[int, int, int]:
+        """(parameters, trainable, bytes per weight) of the model about to be built, counted on the meta device."""
+        from ..model.adapters import DTYPES, dry_run
+
+        counts = dry_run(self.cfg.model, self.cfg.lora, self.vocab.new_vocab)[self.cfg.model.embeddings]
+        return counts.total, counts.trainable, DTYPES[self.dtype].itemsize
 
     def _identity(self) -> dict:
         """What must not change between a checkpoint and the run that resumes it."""
@@ -202,6 +214,9 @@ class Trainer:
                                                    self.ds_config if zero3 else None, sub)
         self.counts = count_parameters(self.model)
         self.model_dtype = DTYPES[self.dtype]
+        self.attn = self.model.config._attn_implementation  # model.attn_implementation resolved (auto: adapters.py)
+        self.copier = DeviceCopier(lambda rows: model_inputs(rows, self.device, self.attn, self.model_dtype),
+                                   self.device)
 
     def _setup_engine(self) -> None:
         self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
@@ -213,7 +228,9 @@ class Trainer:
     def _setup_metrics(self) -> None:
         cfg = self.cfg
         self.flops = flops.run_flops(self.llama, self.vocab.orig_vocab, self.vocab.new_vocab, cfg.model.embeddings,
-                                     self.plan.block, self.counts.lora, cfg.model.gradient_checkpointing)
+                                     self.plan.block, self.counts.lora,
+                                     flops.checkpoint_share(self.llama.num_hidden_layers, cfg.model.gradient_checkpointing,
+                                                            cfg.model.checkpoint_scope))
         peak = cfg.logging.peak_tflops or (flops.peak_tflops(torch.cuda.get_device_name())
                                            if self.device.startswith("cuda") else 0.0)
         self.peak_flops = peak * 1e12
@@ -254,7 +271,8 @@ class Trainer:
         init = "from the model" if extended else m.new_row_init
         say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
-            f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, device {self.device}")
+            f"gradient checkpointing {m.checkpoint_scope + ' layers' if m.gradient_checkpointing else 'off'}, "
+            f"{self.attn} attention, device {self.device}")
         say(f"  parameters: total {c.total:,}, LoRA {c.lora:,}, new rows {c.new_rows:,}, trainable {c.trainable:,} "
             f"({100 * c.share:.2f}%); optimizer state {c.optimizer_bytes(self.dtype != 'fp32') / 2**20:,.1f} MiB")
         say(f"  FLOPs per token: {self.flops['actual'] / 1e9:,.3f} G as computed (LoRA: ~4N + recompute + attention), "
@@ -264,6 +282,12 @@ class Trainer:
         say(f"  shards verified: {v['shards']} on this rank ({v['bytes'] / 1e6:,.1f} MB hashed in {v['seconds']:.1f} s, "
             f"{v['from_record']} unchanged since an earlier check), all ranks agreeing")
         say(f"  DeepSpeed config {self.ds_name} ({self.ds_reason}); resolved copy in {self.run_dir / 'ds_config.json'}")
+        fb, where = self.frozen.choice, "GPU" if self.device.startswith("cuda") else "process"
+        sizes = {ch: engines.expected_bytes(ch, c.total, c.trainable, self.plan.world, self.model_dtype.itemsize)
+                 / 2**30 for ch in ("resident", "partitioned")}
+        other = "partitioned" if fb == "resident" else "resident"
+        say(f"  frozen base {fb} ({self.frozen.reason}; engine.frozen_base): weights + optimizer state "
+            f"{sizes[fb]:,.2f} GiB per {where} before activations ({other}: {sizes[other]:,.2f} GiB)")
         if extended:
             say(f"  the model's vocabulary is already extended ({m.path}: a merged model): rows "
                 f"{self.vocab.orig_vocab:,}..{self.vocab.new_vocab - 1:,} train from their values there, "
@@ -284,7 +308,7 @@ class Trainer:
 
     def to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """The model's forward arguments for ``rows`` (trainer/batches.py), on this rank's device."""
-        return model_inputs(rows, self.device, self.cfg.model.attn_implementation, self.model_dtype)
+        return self.copier.take(rows)
 
     def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
@@ -307,9 +331,8 @@ class Trainer:
             step_rows = self.order.indices(np.arange(step * g, (step + 1) * g))
             self.step_loss_tokens = self.train_blocks.loss_tokens(step_rows)
         losses = []
-        for k, pos in enumerate(positions):
-            idx = step_rows[pos - step * g] if self.sft else self.order.indices(pos)
-            rows = self.train_blocks.rows(idx)
+        micro = (self.train_blocks.rows(step_rows[p - step * g] if self.sft else self.order.indices(p)) for p in positions)
+        for k, rows in enumerate(self.copier.stream(micro)):  # the next micro-batch copied while this one computes
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.micro_batch_loss(rows, step, k)
             # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.

@@ -104,7 +104,8 @@ def test_trainer_state_round_trip_and_resume_checks(tmp_path):
                                      {**mine, "base_model": {"source": "/b", "sha256": "2"}})
     with pytest.raises(UserError, match="its global_batch is 8, this run's is 16"):
         Checkpointer.check_resumable(tmp_path, data, {**mine, "global_batch": 16})
-    with pytest.raises(UserError, match="saved under ZeRO-3, this run is ZeRO-2"):
+    with pytest.raises(UserError, match=r"saved under ZeRO-3 \(engine.frozen_base: partitioned\), this run is ZeRO-2 "
+                                         r"\(engine.frozen_base: resident\)"):
         Checkpointer.check_resumable(tmp_path, data, {**mine, "zero_stage": 2})
 
 
