@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cllama_dist.trainer.config import LoggingConfig
@@ -46,7 +48,15 @@ def test_wandb_offline_run_gets_config_and_metrics(tmp_path, monkeypatch):
     assert run.summary["train/loss"] == pytest.approx(1 / 3) and run.summary["eval/perplexity"] == 1.28
     log.close()
     (records,) = list(tmp_path.glob("wandb/offline-run-*/*.wandb"))
-    data = records.read_bytes()  # the offline transaction log `wandb sync` uploads
+    # The offline transaction log `wandb sync` uploads. W&B's service process writes it and may still be
+    # flushing when finish() returns on a loaded machine (seen: only the file header, once, at load 8 on
+    # 2 cores), so the test waits for it, up to a bound, rather than racing that process.
+    deadline = time.monotonic() + 60
+    while True:
+        data = records.read_bytes()
+        if (b"train/loss" in data and b"eval/perplexity" in data) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert b"train/loss" in data and b"eval/perplexity" in data
 
 
