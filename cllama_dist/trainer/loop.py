@@ -274,6 +274,9 @@ class Trainer:
                 f"{man['template']['name']}; loss on the {t['response_tokens']:,} response tokens of "
                 f"{t['tokens']:,}, averaged per token over each global batch"
                 + ("; packed examples attend only within themselves" if man["layout"] == "packed" else ""))
+        elif self.cfg.data.document_mask:
+            say("  documents kept apart (data.document_mask): attention within each document only, positions "
+                "restarting at each, no document's first token predicted from the one before")
         for note in self.notes:
             say(f"  {note}")
         if self.resume_from:
@@ -289,11 +292,12 @@ class Trainer:
     def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
         inputs = self.to_device(rows)
-        if not self.sft:
+        if not self.train_blocks.token_loss:  # plain pre-training blocks: every micro-batch has the same count
             return self.engine(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
-        # Summed NLL over the response tokens, divided by the step's response-token count over all ranks and
-        # scaled by world x accum, which DeepSpeed's gradient averaging and accumulation divide by again: the
-        # gradient is that of the mean over every response token of the global batch.
+        # Summed NLL over the loss tokens (responses; with data.document_mask every token but document starts),
+        # divided by the step's loss-token count over all ranks and scaled by world x accum, which DeepSpeed's
+        # gradient averaging and accumulation divide by again: the gradient is that of the mean over every loss
+        # token of the global batch.
         nll, _ = masked_nll(self.engine, inputs, labels_of(rows, self.device))
         return nll.sum() * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
@@ -301,14 +305,14 @@ class Trainer:
         """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
         g = self.plan.global_batch
         positions = step_positions(step, g, self.plan.micro, dist.rank(), self.plan.world)
-        if self.sft:
+        if self.train_blocks.token_loss:
             # The whole step's rows (every rank's) are looked up once: their masks give the loss-token count, and
             # this rank's micro-batches are slices of them.
             step_rows = self.order.indices(np.arange(step * g, (step + 1) * g))
             self.step_loss_tokens = self.train_blocks.loss_tokens(step_rows)
         losses = []
         for k, pos in enumerate(positions):
-            idx = step_rows[pos - step * g] if self.sft else self.order.indices(pos)
+            idx = step_rows[pos - step * g] if self.train_blocks.token_loss else self.order.indices(pos)
             rows = self.train_blocks.rows(idx)
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.micro_batch_loss(rows, step, k)
