@@ -6,6 +6,7 @@ from (the preprocessor's n_chars column, format cllama-shards/2); unlike the los
 languages. Shards of format /1 lack the column: their sets report loss and perplexity only, and say so once.
 
 On instruction-tuning shards the loss is the response tokens' only (the same mask as training).
+With data.document_mask, blocks are scored as they train: documents kept apart, document starts unscored.
 
 Every rank takes its share of the sequences (``data/loader.eval_batches``: the same number of batches on
 every rank, because a ZeRO-3 forward is a collective); the scores are model/scoring.py's, the same

@@ -189,3 +189,14 @@ def test_shards_without_boundaries_are_refused_naming_the_folder_or_set(tiny_mer
     # the loader alone refuses too (a reader that skips the mixture's check)
     with pytest.raises(UserError, match=f"the shards in {plain} were made without --record-boundaries"):
         BoundaryBlocks(plain, load_manifest(plain), "train")
+
+
+def test_flash_attention_with_more_than_one_row_is_refused():
+    """transformers' flash path reads position-id restarts only for a batch of one row: with more it would attend
+    across documents silently, so the mask builder refuses it (a shape check, no host synchronisation)."""
+    from cllama_dist.model.packing import document_mask
+
+    seg = torch.tensor([[1, 1, 2, 2]])
+    assert document_mask(seg, "flash_attention_2", torch.bfloat16) is None
+    with pytest.raises(UserError, match="flash_attention_2 keeps packed examples or documents apart only with one row"):
+        document_mask(seg.repeat(2, 1), "flash_attention_2", torch.bfloat16)
