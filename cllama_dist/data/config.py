@@ -218,6 +218,11 @@ class DataConfig(Section):
         0, "Sequences per optimizer step over all processes; fixes grad_accum = global / (micro x processes), so "
            "the same run resumes on another number of processes with the same batches (0: use grad_accum).",
         legacy="global_batch_size")
+    document_mask: bool = option(
+        False, "Keep the documents packed into a block apart: attention does not cross a document boundary, "
+               "position ids restart at each document, and a document's first token is not predicted from the one "
+               "before (needs shards made with `cllama preprocess --record-boundaries`, every set of a mixture; "
+               "instruction-tuning rows are always kept apart). Costs speed on the CPU (docs/mixing.md).")
 
     def validate(self) -> None:
         check(not (self.path and self.sets), "sets", "give either path (one shard folder) or sets (a mixture), not both")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import UserError
-from .shards import SFT_FORMAT, MappedSFTShard, MappedShard
+from .shards import SFT_FORMAT, MappedBoundaryShard, MappedSFTShard, MappedShard
 
 
 class TokenBlocks:
@@ -31,7 +31,7 @@ class TokenBlocks:
     rows_key = "sequences"  # the shard record's row count
 
     def __init__(self, folder: str | Path, manifest: dict, split: str):
-        if manifest.get("format") == SFT_FORMAT and self.shard_class is MappedShard:
+        if manifest.get("format") == SFT_FORMAT and self.shard_class is not MappedSFTShard:
             raise UserError(f"{folder} holds instruction-tuning shards ({SFT_FORMAT}): read them with SFTBlocks, "
                             "which gives their loss mask and example boundaries too")
         info = manifest["splits"].get(split, {"shards": []})
@@ -86,6 +86,56 @@ class TokenBlocks:
         shard, first = self._locate(np.array([i]))
         start = int(first[0])
         return self.shards[int(shard[0])].flat[start:start + self.block_size]
+
+
+class BoundaryBlocks(TokenBlocks):
+    """TokenBlocks of shards made with ``--record-boundaries``, which can also say where each row's documents
+    start (the doc_starts column, read in place like the tokens): what ``data.document_mask`` needs."""
+
+    shard_class = MappedBoundaryShard
+
+    def __init__(self, folder: str | Path, manifest: dict, split: str):
+        if "doc_starts" not in (manifest.get("columns") or []):
+            raise UserError(f"the shards in {folder} were made without --record-boundaries (no doc_starts column), "
+                            "so documents cannot be kept apart: re-run `cllama preprocess --record-boundaries`, or "
+                            "set data.document_mask: false")
+        super().__init__(folder, manifest, split)
+        shards: list[MappedBoundaryShard] = self.shards  # type: ignore[assignment]
+        cat = lambda name: np.concatenate([getattr(m, name) for m in shards] or [np.zeros(0)]).astype(np.int64)
+        self._batch_soff, self._batch_sval = cat("batch_soff"), cat("batch_sval")
+
+    def doc_starts(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Per row of ``indices``, the offsets (int64, increasing) where a document starts inside it; a row that
+        begins inside a document does not list 0."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shard, _ = self._locate(idx)
+        b = self._batches(idx)
+        off = self._batch_soff[b] + (idx - self._batch_first[b])
+        base = self._batch_sval[b]
+        out: list[np.ndarray] = [np.zeros(0, np.int64)] * len(idx)
+        for s in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == s)
+            i32 = self.shards[s].i32  # type: ignore[attr-defined]
+            lo, hi = i32[off[rows]], i32[off[rows] + 1]
+            for r, a, z, v in zip(rows.tolist(), lo.tolist(), hi.tolist(), base[rows].tolist()):
+                out[r] = i32[v + a:v + z].astype(np.int64)
+        return out
+
+
+def segments_from_starts(starts: list[np.ndarray], lengths: np.ndarray, block: int) -> np.ndarray:
+    """(k, block) int64: 1, 2, ... for the tokens of each row's first, second, ... document or example, 0 past
+    ``lengths[r]`` (padding). ``starts[r]``: where row r's documents start; the row's first token always opens
+    segment 1 (a row that begins inside a document: that document's tail). A token may attend to another iff both
+    are non-zero, equal and the other is not later (model/packing.document_mask)."""
+    k = len(starts)
+    marks = np.zeros((k, block), dtype=np.int64)
+    if k and block:
+        rows = np.repeat(np.arange(k), [len(s) for s in starts])
+        marks[rows, np.concatenate(starts).astype(np.int64) if len(rows) else rows] = 1
+        marks[:, 0] = 1
+    seg = np.cumsum(marks, axis=1)
+    seg[np.arange(block)[None, :] >= np.asarray(lengths, dtype=np.int64).reshape(-1, 1)] = 0
+    return seg
 
 
 class SFTRows(NamedTuple):
@@ -199,14 +249,7 @@ def position_ids(rows: SFTRows) -> np.ndarray:
 def segment_ids(rows: SFTRows) -> np.ndarray:
     """(k, block) int64: 1, 2, ... for the tokens of a row's first, second, ... example, 0 on padding. A token
     may attend to another iff both are non-zero, equal and the other is not later (document-aware causal mask)."""
-    k, block = rows.input_ids.shape
-    seg = np.zeros((k, block), dtype=np.int64)
-    for r in range(k):
-        n = int(rows.n_tokens[r])
-        marks = np.zeros(n, dtype=np.int64)
-        marks[rows.example_starts[r]] = 1
-        seg[r, :n] = np.cumsum(marks)
-    return seg
+    return segments_from_starts(rows.example_starts, rows.n_tokens, rows.input_ids.shape[1])
 
 
 def text_sizes(folder: str | Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray] | None:

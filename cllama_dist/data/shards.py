@@ -377,6 +377,61 @@ class MappedShard:
         self._map.close()
 
 
+class MappedBoundaryShard(MappedShard):
+    """A pre-training shard made with ``--record-boundaries``: ``input_ids`` and its ``doc_starts`` column as
+    zero-copy views on the memory map (what a run with ``data.document_mask`` reads).
+
+    doc_starts has a variable length, so record batches differ in size and every header is read (as for
+    instruction-tuning shards); per batch it keeps the int32 index of the column's offsets and of its values
+    inside the file, and ``i32`` views the whole file as int32 (Arrow aligns every buffer to 8 bytes).
+    """
+
+    def _layout(self, rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if "doc_starts" not in self.schema.names:
+            raise UserError(f"shard {self.path} has no doc_starts column: made without --record-boundaries")
+        self._col = self.schema.names.index("doc_starts")
+        self._starts_at: list[tuple[int, int]] = []
+        offsets, counts = self._scan()  # _batch_at (below) records each batch's doc_starts buffers
+        ex = np.asarray(self._starts_at, np.int64).reshape(-1, 2)
+        if np.any(ex % 4):
+            raise UserError(f"shard {self.path}: doc_starts not aligned to 4 bytes: not written by cllama")
+        self.batch_soff = ex[:, 0] // 4  # int32 index of each batch's doc_starts offsets (rows + 1 of them)
+        self.batch_sval = ex[:, 1] // 4  # int32 index of its doc_starts values
+        self.i32 = np.frombuffer(self._whole, dtype=np.int32, count=self.size // 4)
+        return offsets, counts
+
+    def _batch_at(self, pos: int):
+        got = super()._batch_at(pos)
+        if got is None:
+            return None
+        msg, _ = self._message_at(pos)  # headers only: the batch's buffers stay in the map
+        starts = pa.ipc.read_record_batch(msg, self.schema).column(self._col)
+        if starts.null_count or starts.offset or starts.values.offset:
+            raise UserError(f"shard {self.path}: doc_starts of the batch at byte {pos} has nulls or offsets: "
+                            "not written by cllama")
+        n = got[0]
+        self._starts_at.append((_buffer_at(self, starts.buffers()[1], (n + 1) * 4, pos),
+                                _buffer_at(self, starts.values.buffers()[1], len(starts.values) * 4, pos)))
+        return got
+
+    def close(self) -> None:
+        self.i32 = None  # type: ignore[assignment]
+        super().close()
+
+
+def _buffer_at(shard: MappedShard, buf, need: int, pos: int) -> int:
+    """The byte offset in ``shard``'s file of ``buf``, which must hold ``need`` bytes (0: nothing to check)."""
+    if need == 0:
+        return 0
+    if buf is None or buf.size < need:
+        raise UserError(f"shard {shard.path}: the batch at byte {pos} holds {0 if buf is None else buf.size} bytes "
+                        f"where its rows need {need}: corrupt")
+    addr = buf.address - shard._whole.address
+    if not 0 <= addr <= shard.size - need:
+        raise UserError(f"shard {shard.path}: the batch at byte {pos} points outside the file")
+    return addr
+
+
 def shard_tokens(path: str | os.PathLike) -> np.ndarray:
     """The shard's ``input_ids`` as ONE (n, block_size) array: a COPY of every row when the shard has more than
     one record batch (every shard of over 1,024 sequences), a view on the memory map otherwise.
@@ -779,15 +834,7 @@ class MappedSFTShard(MappedShard):
         return np.asarray(offsets, np.int64), np.asarray(counts, np.int64)
 
     def _addr(self, buf, need: int, pos: int) -> int:
-        if need == 0:
-            return 0
-        if buf is None or buf.size < need:
-            raise UserError(f"shard {self.path}: the batch at byte {pos} holds {0 if buf is None else buf.size} bytes "
-                            f"where its rows need {need}: corrupt")
-        addr = buf.address - self._whole.address
-        if not 0 <= addr <= self.size - need:
-            raise UserError(f"shard {self.path}: the batch at byte {pos} points outside the file")
-        return addr
+        return _buffer_at(self, buf, need, pos)
 
     def close(self) -> None:
         self.u8 = self.i32 = None  # type: ignore[assignment]

@@ -48,7 +48,8 @@ def _device_kind(dtype: torch.dtype) -> tuple[bool, str]:
     return cuda, {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def build_base(cfg: ModelConfig, config, dtype: torch.dtype, zero3_ds_config: dict | None, seed: int):
+def build_base(cfg: ModelConfig, config, dtype: torch.dtype, zero3_ds_config: dict | None, seed: int,
+               packed_rows: bool = False):
     """The base model: loaded (partitioned as it loads under ZeRO-3) or built from config, seeded.
 
     Built from a config, the model is made whole on the CPU with the run's seed, so every rank and every
@@ -58,7 +59,7 @@ def build_base(cfg: ModelConfig, config, dtype: torch.dtype, zero3_ds_config: di
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     keep_alive = None
-    attn = resolve_attn(cfg.attn_implementation, *_device_kind(dtype))
+    attn = resolve_attn(cfg.attn_implementation, *_device_kind(dtype), packed_rows=packed_rows)
     if cfg.path:
         if zero3_ds_config is not None:
             from transformers.integrations import HfDeepSpeedConfig
@@ -115,7 +116,8 @@ def enable_checkpointing(model: nn.Module, scope: str) -> list[int]:
 
 
 def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: int, new_vocab: int,
-                dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None):
+                dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None,
+                packed_rows: bool = False):
     """Base + extended vocabulary + LoRA + gradient checkpointing. Returns (model, keep_alive)."""
     config = load_llama_config(cfg)
     extended = config.vocab_size == new_vocab != orig_vocab  # a merged pre-trained model (instruction tuning)
@@ -123,7 +125,7 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
         raise UserError(f"vocabulary mismatch: the base model has {config.vocab_size:,} rows, the merged "
                         f"tokenizer has {new_vocab:,} pieces over a base of {orig_vocab:,} (wrong base model or "
                         "tokenizer?)")
-    model, keep_alive = build_base(cfg, config, dtype, zero3_ds_config, seed)
+    model, keep_alive = build_base(cfg, config, dtype, zero3_ds_config, seed, packed_rows)
     if extended:
         split_vocab(model, orig_vocab, new_vocab, train_base=cfg.embeddings == "full")
     else:

@@ -81,13 +81,18 @@ def resolve_dtype(name: str, cuda: bool) -> str:
     return name if name != "auto" else ("bf16" if cuda else "fp32")
 
 
-def resolve_attn(name: str, cuda: bool, dtype: str) -> str:
+def resolve_attn(name: str, cuda: bool, dtype: str, packed_rows: bool = False) -> str:
     """The attention kernel ``model.attn_implementation`` means on this device: ``auto`` is flash-attn's kernel
-    where it can run (a GPU, half precision, the package installed), else sdpa."""
+    where it can run (a GPU, half precision, the package installed), else sdpa.
+
+    ``packed_rows``: micro-batches of several rows whose examples or documents must be kept apart (packed
+    instruction rows, data.document_mask). transformers reads flash-attn's boundaries from position-id restarts
+    only for a batch of one row, so model/packing.py refuses flash there; auto takes sdpa (a block-diagonal
+    mask) instead of a run that would stop at its first step."""
     if name != "auto":
         return name
     import importlib.util
 
-    if cuda and dtype in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
+    if cuda and not packed_rows and dtype in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"

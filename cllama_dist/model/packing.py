@@ -10,7 +10,8 @@ neighbour. Two things make each example see exactly what it would see alone:
 
 The mask is built in the form each attention implementation honours: a boolean (B, 1, T, T) tensor for
 ``sdpa`` (True = attend), an additive float tensor for ``eager``; ``flash_attention_2`` takes no 4-D mask
-and reads the example boundaries from the position-id restarts (transformers' varlen path).
+and reads the example boundaries from the position-id restarts (transformers' varlen path, which it takes
+only for a batch of one row: more rows are refused rather than silently attending across examples).
 
 Padding tokens (segment 0) attend to themselves only: a query with nothing to attend to gives NaN in
 ``sdpa``, and although their loss is masked, NaN would reach the gradients through the backward pass.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ..errors import UserError
 
 
 def positions_from_segments(segments: np.ndarray) -> np.ndarray:
@@ -45,6 +48,11 @@ def document_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtyp
     Returns None for ``flash_attention_2`` (which reads the position-id restarts instead).
     """
     if implementation == "flash_attention_2":
+        if segments.shape[0] > 1:  # a shape, not a value: no host synchronisation
+            raise UserError(f"flash_attention_2 keeps packed examples or documents apart only with one row per "
+                            f"micro-batch (transformers reads the position-id restarts at batch size 1 only), got "
+                            f"{segments.shape[0]} rows: set data.micro_batch_size: 1, or model.attn_implementation: "
+                            "sdpa")
         return None
     seg = segments.long()
     t = seg.shape[1]

@@ -2,7 +2,9 @@
 
 The loop and the validator see one interface whatever the shards hold (the manifest's format decides):
 
-- ``PretrainData``: every token is predicted from its predecessors (labels = input_ids), one block per row.
+- ``PretrainData``: every token is predicted from its predecessors (labels = input_ids), one block per row;
+  with ``data.document_mask`` the documents packed into a block are kept apart as packed examples are (the
+  same segments, mask and position ids), and a document's first token is not predicted from its predecessor.
 - ``SFTData``: the loss counts only where the shards' loss mask is 1 (responses and their EOS), labels are
   -100 elsewhere; packed rows get position ids restarting at every example and a block-diagonal mask
   (model/packing.py), so no example attends to its neighbours; padding needs no vocabulary row: the pad id
@@ -11,7 +13,8 @@ The loop and the validator see one interface whatever the shards hold (the manif
 ``loss_tokens(step)`` is the number of positions scored in a whole optimizer step over all ranks, counted
 locally (every rank reads the masks of the step's rows; no collective): the loss of a micro-batch is its
 summed token NLL divided by that count, so every response token weighs the same across the global batch
-(not per micro-batch, which would over-weigh the tokens of short responses).
+(not per micro-batch, which would over-weigh the tokens of short responses). ``token_loss`` says a data
+takes that path; plain pre-training blocks keep Hugging Face's mean (every micro-batch has the same count).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.loader import SFTBlocks, TokenBlocks, segment_ids
+from ..data.loader import BoundaryBlocks, SFTBlocks, TokenBlocks, segment_ids, segments_from_starts
 from ..data.shards import SFT_FORMAT
 from ..model.packing import document_mask, positions_from_segments
 
@@ -27,24 +30,47 @@ IGNORE = -100  # the label Hugging Face's loss (and ours) skips
 
 
 class PretrainData:
+    """Pre-training blocks. With ``document_mask`` (data.document_mask; shards made with --record-boundaries)
+    each document of a block is trained as if it were alone: segments from the recorded boundaries give the
+    block-diagonal mask, position ids restart at 0 at every document start (what the document would see alone,
+    and the boundaries flash_attention_2 reads), and the label at a document start is IGNORE (it would be
+    predicted from the previous document, which the mask hides; alone, a document's first token is not predicted
+    either), so ``loss_tokens`` counts block - 1 targets per row minus the documents starting after offset 0."""
+
     kind = "pretrain"
 
-    def __init__(self, folder: str, manifest: dict, split: str):
-        self.blocks = TokenBlocks(folder, manifest, split)
+    def __init__(self, folder: str, manifest: dict, split: str, document_mask: bool = False):
+        self.document_mask = document_mask
+        self.blocks = (BoundaryBlocks if document_mask else TokenBlocks)(folder, manifest, split)
         self.block = self.blocks.block_size
+        # summed NLL over loss_tokens (as instruction tuning) rather than Hugging Face's mean per micro-batch:
+        # with some labels ignored, micro-batches hold different numbers of targets
+        self.token_loss = document_mask
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return {"input_ids": self.blocks.take(indices)}
+        ids = self.blocks.take(indices)
+        if not self.document_mask:
+            return {"input_ids": ids}
+        starts = self.blocks.doc_starts(indices)
+        seg = segments_from_starts(starts, np.full(len(ids), self.block), self.block)
+        labels = ids.copy()
+        labels[:, 1:][seg[:, 1:] != seg[:, :-1]] = IGNORE  # each document's first token, not predicted across
+        return {"input_ids": ids, "labels": labels, "segments": seg, "position_ids": positions_from_segments(seg)}
 
     def loss_tokens(self, indices: np.ndarray) -> int:
-        return len(np.asarray(indices).reshape(-1)) * (self.block - 1)
+        idx = np.asarray(indices).reshape(-1)
+        total = len(idx) * (self.block - 1)
+        if self.document_mask and len(idx):
+            total -= sum(int((s > 0).sum()) for s in self.blocks.doc_starts(idx))
+        return total
 
 
 class SFTData:
     kind = "sft"
+    token_loss = True  # the loss is summed NLL over loss_tokens (the response tokens of the whole step)
 
     def __init__(self, folder: str, manifest: dict, split: str):
         self.blocks = SFTBlocks(folder, manifest, split)
@@ -67,8 +93,12 @@ class SFTData:
         return self.blocks.predicted_tokens(indices)
 
 
-def open_data(folder: str, manifest: dict, split: str):
-    return (SFTData if manifest.get("format") == SFT_FORMAT else PretrainData)(folder, manifest, split)
+def open_data(folder: str, manifest: dict, split: str, document_mask: bool = False):
+    """The data of one shard folder's split; ``document_mask`` (pre-training shards only: instruction-tuning rows
+    are always kept apart) keeps the documents of a block apart."""
+    if manifest.get("format") == SFT_FORMAT:
+        return SFTData(folder, manifest, split)
+    return PretrainData(folder, manifest, split, document_mask)
 
 
 def model_inputs(rows: dict[str, np.ndarray], device: str, attn_implementation: str,

@@ -67,6 +67,8 @@ class TrainerState:
     # vocabulary of the model the run started from (the extended one when it started from a merged model).
     template: dict | None = None
     base_vocab: int = 0
+    # data.document_mask: a resume with it switched would change what every later step attends to and predicts.
+    document_mask: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerState":

@@ -181,7 +181,8 @@ class Trainer:
         return {"global_batch": self.plan.global_batch, "tokenizer_sha256": self.vocab.fingerprint,
                 "embeddings": self.cfg.model.embeddings, "block_size": self.plan.block,
                 "zero_stage": engines.zero_stage(self.ds_config), "base_model": self.base_model,
-                "mixture": mixture.identity(self.sets, self.order, self.single)}
+                "mixture": mixture.identity(self.sets, self.order, self.single),
+                "document_mask": bool(self.cfg.data.document_mask and not self.sft)}
 
     def _schedule(self) -> dict:
         o = self.cfg.optim
@@ -211,12 +212,17 @@ class Trainer:
         zero3 = engines.zero_stage(self.ds_config) == 3
         self.model, self._keep_alive = build_model(cfg.model, cfg.lora, cfg.seed, self.vocab.orig_vocab,
                                                    self.vocab.new_vocab, DTYPES[self.dtype],
-                                                   self.ds_config if zero3 else None, sub)
+                                                   self.ds_config if zero3 else None, sub,
+                                                   packed_rows=self._rows_kept_apart() and self.plan.micro > 1)
         self.counts = count_parameters(self.model)
         self.model_dtype = DTYPES[self.dtype]
         self.attn = self.model.config._attn_implementation  # model.attn_implementation resolved (auto: adapters.py)
         self.copier = DeviceCopier(lambda rows: model_inputs(rows, self.device, self.attn, self.model_dtype),
                                    self.device)
+
+    def _rows_kept_apart(self) -> bool:
+        """Micro-batch rows hold several examples or documents that must not attend to each other."""
+        return (self.sft and self.manifest.get("layout") == "packed") or (not self.sft and self.cfg.data.document_mask)
 
     def _setup_engine(self) -> None:
         self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
@@ -298,6 +304,9 @@ class Trainer:
                 f"{man['template']['name']}; loss on the {t['response_tokens']:,} response tokens of "
                 f"{t['tokens']:,}, averaged per token over each global batch"
                 + ("; packed examples attend only within themselves" if man["layout"] == "packed" else ""))
+        elif self.cfg.data.document_mask:
+            say("  documents kept apart (data.document_mask): attention within each document only, positions "
+                "restarting at each, no document's first token predicted from the one before")
         for note in self.notes:
             say(f"  {note}")
         if self.resume_from:
@@ -313,11 +322,12 @@ class Trainer:
     def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
         inputs = self.to_device(rows)
-        if not self.sft:
+        if not self.train_blocks.token_loss:  # plain pre-training blocks: every micro-batch has the same count
             return self.engine(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
-        # Summed NLL over the response tokens, divided by the step's response-token count over all ranks and
-        # scaled by world x accum, which DeepSpeed's gradient averaging and accumulation divide by again: the
-        # gradient is that of the mean over every response token of the global batch.
+        # Summed NLL over the loss tokens (responses; with data.document_mask every token but document starts),
+        # divided by the step's loss-token count over all ranks and scaled by world x accum, which DeepSpeed's
+        # gradient averaging and accumulation divide by again: the gradient is that of the mean over every loss
+        # token of the global batch.
         nll, _ = masked_nll(self.engine, inputs, labels_of(rows, self.device))
         return nll.sum() * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
@@ -325,13 +335,14 @@ class Trainer:
         """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
         g = self.plan.global_batch
         positions = step_positions(step, g, self.plan.micro, dist.rank(), self.plan.world)
-        if self.sft:
+        if self.train_blocks.token_loss:
             # The whole step's rows (every rank's) are looked up once: their masks give the loss-token count, and
             # this rank's micro-batches are slices of them.
             step_rows = self.order.indices(np.arange(step * g, (step + 1) * g))
             self.step_loss_tokens = self.train_blocks.loss_tokens(step_rows)
         losses = []
-        micro = (self.train_blocks.rows(step_rows[p - step * g] if self.sft else self.order.indices(p)) for p in positions)
+        micro = (self.train_blocks.rows(step_rows[p - step * g] if self.train_blocks.token_loss else self.order.indices(p))
+                 for p in positions)
         for k, rows in enumerate(self.copier.stream(micro)):  # the next micro-batch copied while this one computes
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.micro_batch_loss(rows, step, k)
@@ -354,7 +365,8 @@ class Trainer:
                              reason=reason, base_model=self.base_model, schedule=self._schedule(),
                              mixture=mixture.identity(self.sets, self.order, self.single),
                              config=to_dict(self.cfg), template=self.manifest.get("template") if self.sft else None,
-                             base_vocab=self.llama.vocab_size)
+                             base_vocab=self.llama.vocab_size,
+                             document_mask=bool(self.cfg.data.document_mask and not self.sft))
         # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
         path = self.checkpointer.save(self.engine, state, expected_bytes=16 * self.counts.trainable)
         self.logger.say(f"saved checkpoint {path} ({reason})")

@@ -31,6 +31,7 @@ from .batches import open_data
 class ShardSet:
     cfg: DataSetConfig
     manifest: dict
+    document_mask: bool = False  # data.document_mask: keep the documents of a block apart (trainer/batches.py)
 
     @property
     def name(self) -> str:
@@ -61,7 +62,13 @@ def read_sets(data: DataConfig, fingerprint: dict) -> tuple[list[ShardSet], int]
         if out and _kind(manifest) != _kind(out[0].manifest):
             raise UserError(f"set {s.name!r} ({s.path}) holds {_kind(manifest)}, set {out[0].name!r} holds "
                             f"{_kind(out[0].manifest)}: a mixture reads one kind of rows")
-        out.append(ShardSet(s, manifest))
+        if data.document_mask and manifest.get("format") != SFT_FORMAT \
+                and "doc_starts" not in (manifest.get("columns") or []):
+            what = f"the shards in {s.path} were" if not data.sets else f"set {s.name!r} ({s.path}) was"
+            raise UserError(f"data.document_mask: {what} made without --record-boundaries (no doc_starts column), "
+                            "so documents cannot be kept apart: re-run `cllama preprocess --record-boundaries`, or "
+                            "set data.document_mask: false")
+        out.append(ShardSet(s, manifest, data.document_mask))
     return out, block
 
 
@@ -98,7 +105,7 @@ class MixedData:
 
     def __init__(self, parts: list):
         self.parts = parts
-        self.kind, self.block = parts[0].kind, parts[0].block
+        self.kind, self.block, self.token_loss = parts[0].kind, parts[0].block, parts[0].token_loss
         self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -128,9 +135,9 @@ class MixedData:
 def train_data(sets: list[ShardSet], seed: int, single: bool):
     """(data, order): what the loop reads with ``data.rows(order.indices(positions))``."""
     if single:
-        data = open_data(sets[0].path, sets[0].manifest, "train")
+        data = open_data(sets[0].path, sets[0].manifest, "train", sets[0].document_mask)
         return data, GlobalOrder(len(data), seed)
-    parts = [open_data(s.path, s.manifest, "train") for s in sets]
+    parts = [open_data(s.path, s.manifest, "train", s.document_mask) for s in sets]
     for s, p in zip(sets, parts):
         if len(p) == 0:
             raise UserError(f"set {s.name!r} ({s.path}): the train split has no sequences")

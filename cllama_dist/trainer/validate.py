@@ -6,6 +6,7 @@ from (the preprocessor's n_chars column, format cllama-shards/2); unlike the los
 languages. Shards of format /1 lack the column: their sets report loss and perplexity only, and say so once.
 
 On instruction-tuning shards the loss is the response tokens' only (the same mask as training).
+With data.document_mask, blocks are scored as they train: documents kept apart, document starts unscored.
 
 Every rank takes its share of the sequences (``data/loader.eval_batches``: the same number of batches on
 every rank, because a ZeRO-3 forward is a collective); the scores are model/scoring.py's, the same
@@ -46,7 +47,7 @@ class Validator:
         for idx, w in eval_batches(self.n, self.micro, dist.rank(), dist.world_size()):
             rows = self.blocks.rows(idx)
             inputs = to_device(rows)
-            if self.blocks.kind == "sft":
+            if "labels" in rows:  # instruction rows, or blocks whose documents are kept apart (data.document_mask)
                 row_nll, row_count = masked_nll(engine, inputs, labels_of(rows, str(inputs["input_ids"].device)))
             else:
                 row_nll, row_count = causal_nll(engine, inputs["input_ids"])
@@ -78,7 +79,8 @@ class Validators:
                 self.notes.append(f"note: {'the shards' if single else 'set ' + repr(s.name)} ({s.path}, format "
                                   f"{s.manifest.get('format')}) record no character counts: bits per character "
                                   "left out (re-run `cllama preprocess` to get them)")
-            self.parts.append((s.name, Validator(open_data(s.path, s.manifest, "validation"), micro, sequences, sizes)))
+            data = open_data(s.path, s.manifest, "validation", s.document_mask)
+            self.parts.append((s.name, Validator(data, micro, sequences, sizes)))
 
     def run(self, engine, to_device) -> dict[str, float] | None:
         results = [(name, v.n, v.run(engine, to_device)) for name, v in self.parts]

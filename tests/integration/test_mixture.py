@@ -78,3 +78,43 @@ def test_mixture_resumes_exactly_on_two_and_on_one_process(mixed, nproc):
             assert got[step] == losses[step], step  # the same batches, bit for bit
         else:
             assert got[step] == pytest.approx(losses[step], abs=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def bounded_sets(tmp_path_factory, tiny_merged, en_shards):
+    """The same two sets preprocessed again with --record-boundaries (the same input_ids, plus doc_starts)."""
+    from cllama_dist.assets import corpus_path
+    from cllama_dist.data.config import PreprocessConfig
+    from cllama_dist.data.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("bounded")
+    for name, src, frac in (("zh", corpus_path(), 0.1), ("en", en_shards.parent / "en.jsonl", 0.1)):
+        preprocess(PreprocessConfig(inputs=[str(src)], tokenizer=str(tiny_merged), output=str(d / name),
+                                    block_size=64, validation_fraction=frac, workers=1, record_boundaries=True))
+    return d / "zh", d / "en"
+
+
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_document_mask_trains_the_mixture_alike_on_two_and_one_process(mixed, setup, bounded_sets, nproc):
+    """data.document_mask on a mixture: the loss is normalised by the global batch's loss tokens, so 2 and 1
+    processes follow one curve; it differs from the same batches without the option from step 1 on."""
+    model, tok, zh, root = setup
+    cfg = base_config(model, tok, zh, root / f"docmask-{nproc}", **{"optim.max_steps": 4, "validation.every": 2})
+    cfg["data"] = {"sets": [{"name": "zh", "path": str(bounded_sets[0]), "weight": 0.75},
+                            {"name": "en", "path": str(bounded_sets[1]), "weight": 0.25}],
+                   "micro_batch_size": 2, "global_batch_size": 8, "document_mask": True}
+    out = root / f"docmask-{nproc}"
+    proc = launch.run(launch.write_config(root / f"docmask-{nproc}.yaml", **cfg), nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "documents kept apart (data.document_mask)" in proc.stdout
+    got = launch.losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert abs(got[1] - mixed[2][1]) > 1e-3  # the same rows as the mixed run, but no attention across documents
+    evals = launch.metrics(out, "eval")
+    assert [e["step"] for e in evals] == [2, 4] and all(e["zh/bits_per_char"] > 0 for e in evals)
+    if nproc == 2:
+        (root / "docmask-losses.json").write_text(json.dumps(got))
+    else:
+        two = {int(k): v for k, v in json.loads((root / "docmask-losses.json").read_text()).items()}
+        for step in got:
+            assert got[step] == pytest.approx(two[step], abs=1e-5), step

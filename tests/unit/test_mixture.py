@@ -219,7 +219,7 @@ def test_mixed_data_assembles_every_column_of_its_parts():
     """MixedData over two parts of instruction-tuning rows (input_ids, labels, position_ids): each row comes from its
     part, in the order asked, and the step's loss-token count is the parts' sum."""
     class Part:
-        kind, block = "sft", 3
+        kind, block, token_loss = "sft", 3, True
 
         def __init__(self, n, base):
             self.n, self.base = n, base

@@ -101,6 +101,9 @@ def test_attention_auto_is_sdpa_on_the_cpu_and_flash_attn_on_a_gpu_where_install
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, *a: (object() if installed else None) if name == "flash_attn" else real(name, *a))
         assert resolve_attn("auto", cuda=True, dtype="bf16") == ("flash_attention_2" if installed else "sdpa")
+        # several packed rows per micro-batch: flash-attn would see no boundaries (model/packing.py refuses it)
+        assert resolve_attn("auto", cuda=True, dtype="bf16", packed_rows=True) == "sdpa"
+        assert resolve_attn("flash_attention_2", cuda=True, dtype="bf16", packed_rows=True) == "flash_attention_2"
     monkeypatch.undo()
     assert ModelConfig(config={"vocab_size": 10}).attn_implementation == "auto"
     assert tiny(layers=1).config._attn_implementation == "sdpa"  # the CPU keeps today's kernel

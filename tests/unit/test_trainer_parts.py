@@ -211,3 +211,14 @@ def test_each_process_takes_its_own_gpu_however_slurm_binds_them(monkeypatch):
     assert distributed.cuda_device(visible=1) == 0   # --gpus-per-task=1: the one it sees
     with pytest.raises(UserError, match="local rank 3 but this process sees 2 GPUs"):
         distributed.cuda_device(visible=2)
+
+
+def test_a_resume_with_document_mask_switched_is_refused_naming_it(tmp_path):
+    from cllama_dist.errors import UserError
+    from cllama_dist.trainer.checkpoint import Checkpointer
+
+    state = {"document_mask": False, "step": 4}
+    Checkpointer.check_resumable(tmp_path, state, {"document_mask": False})
+    Checkpointer.check_resumable(tmp_path, {"step": 4}, {"document_mask": True})  # older checkpoints lack the key
+    with pytest.raises(UserError, match="its document_mask is False, this run's is True"):
+        Checkpointer.check_resumable(tmp_path, state, {"document_mask": True})
