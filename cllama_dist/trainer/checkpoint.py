@@ -67,6 +67,7 @@ class TrainerState:
     # vocabulary of the model the run started from (the extended one when it started from a merged model).
     template: dict | None = None
     base_vocab: int = 0
+    stage: str = ""  # a staged schedule: the stage of the last step taken ("": none; trainer/stages.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerState":
