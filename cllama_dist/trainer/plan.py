@@ -74,7 +74,7 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 def schedule_factor(step: int, warmup: int, steps: int, min_lr_ratio: float) -> float:
     """The share of the peak learning rate at step ``step`` (0-based) of ``steps``: linear warm-up over ``warmup``
-    steps, then cosine decay to ``min_lr_ratio`` at the last step (a run's whole curve, or one stage's)."""
+    steps, then cosine decay reaching ``min_lr_ratio`` at step ``steps`` (a run's whole curve, or one stage's)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)

@@ -78,6 +78,8 @@ class StageConfig(Section):
 
 def check_stages(stages: list[StageConfig], max_steps: int) -> None:
     """The checks across stages (TrainConfig.validate): unique names, steps adding up to optim.max_steps."""
+    if not stages:
+        return
     names = [s.name for s in stages]
     dup = sorted({n for n in names if names.count(n) > 1})
     check(not dup, "stages", f"stage names must be unique; repeated: {', '.join(dup)}")
@@ -105,7 +107,7 @@ class Stage:
         return self.start + self.steps
 
     def factor(self, step: int) -> float:
-        """Linear warm-up from this stage's first step, then cosine decay to min_lr_ratio at its last."""
+        """Linear warm-up from this stage's first step, then cosine decay reaching min_lr_ratio at its end."""
         from .plan import schedule_factor
 
         return schedule_factor(step - self.start, self.warmup, self.steps, self.min_lr_ratio)
