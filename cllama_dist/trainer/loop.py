@@ -286,7 +286,8 @@ class Trainer:
             say(f"  {note}")
         if self.resume_from:
             say(f"  resumed from {self.resume_from} at step {self.start_step} "
-                f"(sample {self.start_step * self.plan.global_batch:,})")
+                f"(sample {self.start_step * self.plan.global_batch:,})"
+                + (f", in stage {self.stages.at(self.start_step).name!r}" if self.stages else ""))
 
     # -- one step ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Staged schedules (trainer/stages.py): the paper's embeddings-only stage, then LoRA + embeddings.
 
 One uninterrupted two-stage run (2 processes, 4 + 4 steps) is the reference; a probe of its first stage
-alone, a resume at the boundary and a 2 -> 1 process resume from inside the first stage are compared with it.
+alone, resumes before, at and after the boundary, and a 2 -> 1 process resume from inside the first stage are
+compared with it.
 """
 
 from __future__ import annotations
@@ -78,14 +79,17 @@ def test_the_embeddings_stage_changes_only_the_new_rows_and_the_next_stage_start
     assert all(not torch.equal(at_end[n], at_boundary[n]) for n in at_end)
 
 
-def test_resume_at_the_boundary_continues_exactly(setup, staged):
-    cfg, out = configure(setup, "staged_boundary", stages=[STAGE1, STAGE2], **OVER)
-    shutil.copytree(staged[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+@pytest.mark.parametrize("at", [2, 4, 6], ids=["before", "at", "after"])
+def test_resume_around_the_boundary_continues_exactly(setup, staged, at):
+    """Before the boundary (the resumed run crosses it), at it (the checkpoint holds stage 1's last weights and
+    stage-1 optimizer state, which stage 2's first step starts afresh), after it (nothing is reset again)."""
+    cfg, out = configure(setup, f"staged_resume_{at}", stages=[STAGE1, STAGE2], **OVER)
+    tag = f"step-{at:08d}"
+    shutil.copytree(staged[0] / "checkpoints" / tag, out / "checkpoints" / tag)
     proc = launch.run(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout
-    got = launch.losses(out)
-    assert got == {s: staged[1][s] for s in range(5, 9)}  # bit for bit
+    assert f"at step {at}" in proc.stdout
+    assert launch.losses(out) == {s: staged[1][s] for s in range(at + 1, 9)}  # bit for bit
 
 
 def test_resume_inside_the_first_stage_on_one_process_crosses_the_boundary(setup, staged):
