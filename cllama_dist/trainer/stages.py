@@ -61,6 +61,34 @@ class StageConfig(Section):
     min_lr_ratio: float = option(-1.0, "Cosine decay over this stage ends at this share of its peak (-1: "
                                        "optim.min_lr_ratio).")
 
+    @classmethod
+    def from_text(cls, text: str) -> StageConfig:
+        """A flag's value: ``NAME=TRAINABLE:STEPS`` (``--stages emb=embeddings:1000 lora=lora+embeddings:3000``,
+        the rates from optim), or a YAML mapping (``'{name: emb, trainable: embeddings, steps: 1000}'``)."""
+        from ..config import ConfigError, build
+        from ..errors import UserError
+
+        def built(values) -> StageConfig:
+            try:
+                return build(cls, values)
+            except UserError as exc:  # "KEY: problem", to which the caller prefixes stages[i]
+                raise ConfigError("", str(exc)) from None
+
+        if text.lstrip().startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError("", f"expected a YAML mapping, got {text!r} ({exc})") from None
+            return built(value)
+        name, eq, rest = text.partition("=")
+        kind, colon, steps = rest.rpartition(":")
+        if not eq or not colon:
+            raise ConfigError("", f"expected NAME=TRAINABLE:STEPS (e.g. emb=embeddings:1000) or a YAML mapping, "
+                                  f"got {text!r}")
+        return built({"name": name.strip(), "trainable": kind, "steps": steps})
+
     def validate(self) -> None:
         import re
 

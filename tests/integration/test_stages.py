@@ -1,6 +1,7 @@
 """Staged schedules (trainer/stages.py): the paper's embeddings-only stage, then LoRA + embeddings.
 
-One uninterrupted two-stage run (2 processes, 4 + 4 steps) is the reference; a probe of its first stage
+One uninterrupted two-stage run (2 processes, 4 + 4 steps, on a mixture of Chinese and English: the data
+continue through the same mixed order across the boundary) is the reference; a probe of its first stage
 alone, resumes before, at and after the boundary, and a 2 -> 1 process resume from inside the first stage are
 compared with it.
 """
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import launch
+from . import launch, test_mixture
 from .runs import configure
+
+en_shards = test_mixture.en_shards  # the fixture of the mixture's English set, shared with test_mixture.py
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +29,15 @@ OVER = {"optim.max_steps": 0, "validation.every": 0, "logging.log_every": 1, "ch
 
 
 @pytest.fixture(scope="module")
-def staged(setup):
-    cfg, out = configure(setup, "staged", stages=[STAGE1, STAGE2], **OVER)
+def mix(setup, en_shards):
+    """The runs' data: Chinese 0.75 and English 0.25 (data.sets), as dotted overrides."""
+    return {"data.path": "", "data.sets": [{"name": "zh", "path": str(setup[2]), "weight": 0.75},
+                                           {"name": "en", "path": str(en_shards), "weight": 0.25}]}
+
+
+@pytest.fixture(scope="module")
+def staged(setup, mix):
+    cfg, out = configure(setup, "staged", stages=[STAGE1, STAGE2], **OVER, **mix)
     proc = launch.run(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, launch.losses(out), proc
@@ -41,7 +51,8 @@ def trained(run: Path, step: int) -> dict[str, torch.Tensor]:
                                                     exclude_frozen_parameters=True)
 
 
-def test_the_embeddings_stage_changes_only_the_new_rows_and_the_next_stage_starts_from_them(setup, staged, tmp_path):
+def test_the_embeddings_stage_changes_only_the_new_rows_and_the_next_stage_starts_from_them(setup, mix, staged,
+                                                                                             tmp_path):
     out, losses, proc = staged
     assert sorted(losses) == list(range(1, 9))
     assert "stage 1/2 'embeddings': steps 1..4, trains embeddings" in proc.stdout
@@ -49,13 +60,15 @@ def test_the_embeddings_stage_changes_only_the_new_rows_and_the_next_stage_start
     records = launch.metrics(out, "train")
     assert [r["stage"] for r in records] == ["embeddings"] * 4 + ["lora"] * 4
     assert all(r["lr"] == 0 for r in records[:4]) and all(r["lr"] > 0 for r in records[4:])
+    assert records[-1]["epochs/en"] > 0 and records[-1]["epochs/zh"] > records[3]["epochs/zh"]  # one mixed order
     # Re-warmed: each stage's first step is at 1/warm-up of its peak (warm-up 1: the peak itself).
     assert records[0]["embedding_lr"] == pytest.approx(1e-2) and records[4]["lr"] == pytest.approx(3e-3)
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["stage"] == "embeddings" and [s["name"] for s in state["schedule"]["stages"]] == ["embeddings", "lora"]
 
     # The first stage alone, probed: every parameter before and after, gathered.
-    cfg, probe_out = configure(setup, "stage1_probe", stages=[STAGE1], **{**OVER, "checkpoint.save_every": 0})
+    cfg, probe_out = configure(setup, "stage1_probe", stages=[STAGE1],
+                              **{**OVER, "checkpoint.save_every": 0}, **mix)
     dump = tmp_path / "probe.pt"
     proc = launch.run(cfg, script=Path(__file__).with_name("probe_train.py"), extra=[str(dump)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,10 +93,10 @@ def test_the_embeddings_stage_changes_only_the_new_rows_and_the_next_stage_start
 
 
 @pytest.mark.parametrize("at", [2, 4, 6], ids=["before", "at", "after"])
-def test_resume_around_the_boundary_continues_exactly(setup, staged, at):
+def test_resume_around_the_boundary_continues_exactly(setup, mix, staged, at):
     """Before the boundary (the resumed run crosses it), at it (the checkpoint holds stage 1's last weights and
     stage-1 optimizer state, which stage 2's first step starts afresh), after it (nothing is reset again)."""
-    cfg, out = configure(setup, f"staged_resume_{at}", stages=[STAGE1, STAGE2], **OVER)
+    cfg, out = configure(setup, f"staged_resume_{at}", stages=[STAGE1, STAGE2], **OVER, **mix)
     tag = f"step-{at:08d}"
     shutil.copytree(staged[0] / "checkpoints" / tag, out / "checkpoints" / tag)
     proc = launch.run(cfg)
@@ -92,8 +105,8 @@ def test_resume_around_the_boundary_continues_exactly(setup, staged, at):
     assert launch.losses(out) == {s: staged[1][s] for s in range(at + 1, 9)}  # bit for bit
 
 
-def test_resume_inside_the_first_stage_on_one_process_crosses_the_boundary(setup, staged):
-    cfg, out = configure(setup, "staged_2to1", stages=[STAGE1, STAGE2], **OVER)
+def test_resume_inside_the_first_stage_on_one_process_crosses_the_boundary(setup, mix, staged):
+    cfg, out = configure(setup, "staged_2to1", stages=[STAGE1, STAGE2], **OVER, **mix)
     shutil.copytree(staged[0] / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
     proc = launch.run(cfg, nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,9 +117,9 @@ def test_resume_inside_the_first_stage_on_one_process_crosses_the_boundary(setup
         assert got[step] == pytest.approx(staged[1][step], abs=1e-5), step
 
 
-def test_a_resume_under_other_stages_is_refused(setup, staged):
+def test_a_resume_under_other_stages_is_refused(setup, mix, staged):
     other = {**STAGE2, "lr": 1e-3}
-    cfg, out = configure(setup, "staged_changed", stages=[STAGE1, other], **OVER)
+    cfg, out = configure(setup, "staged_changed", stages=[STAGE1, other], **OVER, **mix)
     shutil.copytree(staged[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
     proc = launch.run(cfg)
     assert proc.returncode != 0

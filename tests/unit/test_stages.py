@@ -124,3 +124,13 @@ def test_bad_stages_are_refused_in_one_line(stages, optim, message):
 def test_a_run_without_stages_is_unchanged():
     cfg = build(TrainConfig, {"model": {"config": {"vocab_size": 10}}, "optim": {"max_steps": 7}})
     assert cfg.stages == [] and cfg.optim.max_steps == 7
+
+
+def test_stages_as_flags():
+    cfg = config(["emb=embeddings:4", "{name: both, trainable: lora+embeddings, steps: 6, lr: 3.0e-3}"])
+    assert [(s.name, s.trainable, s.steps, s.lr) for s in cfg.stages] == [("emb", "embeddings", 4, 0.0),
+                                                                         ("both", "lora+embeddings", 6, 3e-3)]
+    with pytest.raises(UserError, match=r"^stages\[0\]: expected NAME=TRAINABLE:STEPS"):
+        config(["emb-embeddings"])
+    with pytest.raises(UserError, match=r"^stages\[0\]: trainable: 'embedding' is not one of"):
+        config(["emb=embedding:4"])
