@@ -179,10 +179,12 @@ class Trainer:
         o = self.cfg.optim
         return {"max_steps": self.plan.max_steps, "lr": o.lr, "embedding_lr": o.embedding_lr or o.lr,
                 "warmup_steps": o.warmup_steps or int(o.warmup_ratio * self.plan.max_steps),
-                "min_lr_ratio": o.min_lr_ratio, **({"stages": self.stages.record()} if self.stages else {})}
+                "min_lr_ratio": o.min_lr_ratio, "stages": self.stages.record() if self.stages else []}
 
     def _check_schedule(self, theirs: dict | None) -> None:
         mine = self._schedule()
+        if theirs is not None:  # a checkpoint from before staged schedules had none: adding stages is a change
+            theirs = {"stages": [], **theirs}
         changed = {k: (theirs[k], v) for k, v in mine.items() if theirs and k in theirs and theirs[k] != v}
         if not changed:
             return

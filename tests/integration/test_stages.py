@@ -117,9 +117,10 @@ def test_resume_inside_the_first_stage_on_one_process_crosses_the_boundary(setup
         assert got[step] == pytest.approx(staged[1][step], abs=1e-5), step
 
 
-def test_a_resume_under_other_stages_is_refused(setup, mix, staged):
-    other = {**STAGE2, "lr": 1e-3}
-    cfg, out = configure(setup, "staged_changed", stages=[STAGE1, other], **OVER, **mix)
+@pytest.mark.parametrize("stages", [[STAGE1, {**STAGE2, "lr": 1e-3}], []], ids=["other", "none"])
+def test_a_resume_under_other_stages_is_refused(setup, mix, staged, stages):
+    over = {**OVER, **mix, "optim.max_steps": 0 if stages else 8}  # no stages: the same number of steps
+    cfg, out = configure(setup, f"staged_changed_{len(stages)}", stages=stages, **over)
     shutil.copytree(staged[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
     proc = launch.run(cfg)
     assert proc.returncode != 0
