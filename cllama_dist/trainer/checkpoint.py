@@ -69,6 +69,7 @@ class TrainerState:
     base_vocab: int = 0
     # data.document_mask: a resume with it switched would change what every later step attends to and predicts.
     document_mask: bool = False
+    stage: str = ""  # a staged schedule: the stage of the last step taken ("": none; trainer/stages.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerState":

@@ -15,6 +15,7 @@ from typing import Literal
 from ..config import PathStr, Section, check, option
 from ..data.config import DataConfig
 from ..model.config import LoraConfig, ModelConfig
+from .stages import StageConfig, check_stages
 
 
 @dataclass
@@ -170,3 +171,12 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = option(CheckpointConfig, "Checkpoints and resume.")
     validation: ValidationConfig = option(ValidationConfig, "Validation.")
     logging: LoggingConfig = option(LoggingConfig, "Logging.")
+    stages: list[StageConfig] = option(
+        [], "A staged schedule (docs/stages.md): a list of {name, trainable, steps, lr, embedding_lr, warmup_steps, "
+            "min_lr_ratio}, run in order, each stage from the previous one's last weights with its learning rate "
+            "re-warmed and a fresh optimizer state; trainable is embeddings (the transformer frozen, LoRA "
+            "zero-effect), lora+embeddings or lora. The steps add up to optim.max_steps (0: their sum). Empty: one "
+            "stage training LoRA + the embeddings under optim's schedule.")
+
+    def validate(self) -> None:
+        check_stages(self.stages, self.optim.max_steps)

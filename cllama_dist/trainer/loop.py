@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
 from .plan import Plan, lr_factor
+from .stages import Gates, Schedule
 from .validate import Validators
 
 EXIT_DONE, EXIT_STOPPED, EXIT_NONFINITE = 0, 3, 4
@@ -123,7 +124,10 @@ class Trainer:
         self.train_blocks, self.order = mixture.train_data(self.sets, cfg.seed, self.single)
         self.validator = Validators(self.sets, cfg.data.micro_batch_size, cfg.validation.sequences, self.single)
         self.notes += self.validator.notes
-        self.plan = Plan.make(cfg.data, cfg.optim.max_steps, dist.world_size(), self.block, len(self.train_blocks),
+        # A staged schedule (trainer/stages.py): its steps are the run's.
+        self.stages = Schedule(cfg.stages, cfg.optim) if cfg.stages else None
+        max_steps = self.stages.max_steps if self.stages else cfg.optim.max_steps
+        self.plan = Plan.make(cfg.data, max_steps, dist.world_size(), self.block, len(self.train_blocks),
                               None if self.single else self.order)
 
     def _choose_checkpoint(self) -> dict:
@@ -188,10 +192,12 @@ class Trainer:
         o = self.cfg.optim
         return {"max_steps": self.plan.max_steps, "lr": o.lr, "embedding_lr": o.embedding_lr or o.lr,
                 "warmup_steps": o.warmup_steps or int(o.warmup_ratio * self.plan.max_steps),
-                "min_lr_ratio": o.min_lr_ratio}
+                "min_lr_ratio": o.min_lr_ratio, "stages": self.stages.record() if self.stages else []}
 
     def _check_schedule(self, theirs: dict | None) -> None:
         mine = self._schedule()
+        if theirs is not None:  # a checkpoint from before staged schedules had none: adding stages is a change
+            theirs = {"stages": [], **theirs}
         changed = {k: (theirs[k], v) for k, v in mine.items() if theirs and k in theirs and theirs[k] != v}
         if not changed:
             return
@@ -225,6 +231,8 @@ class Trainer:
         return (self.sft and self.manifest.get("layout") == "packed") or (not self.sft and self.cfg.data.document_mask)
 
     def _setup_engine(self) -> None:
+        if self.stages:  # before DeepSpeed's own hooks, so that a frozen group's gradients reach it as zeros
+            self.stages.gates = Gates(self.model)
         self.engine = engines.initialize(self.model, self.cfg.optim, self.ds_config)
         self.start_step = 0
         if self.resume_from:
@@ -307,11 +315,14 @@ class Trainer:
         elif self.cfg.data.document_mask:
             say("  documents kept apart (data.document_mask): attention within each document only, positions "
                 "restarting at each, no document's first token predicted from the one before")
+        for line in self.stages.describe() if self.stages else []:
+            say(f"  {line}")
         for note in self.notes:
             say(f"  {note}")
         if self.resume_from:
             say(f"  resumed from {self.resume_from} at step {self.start_step} "
-                f"(sample {self.start_step * self.plan.global_batch:,})")
+                f"(sample {self.start_step * self.plan.global_batch:,})"
+                + (f", in stage {self.stages.at(self.start_step).name!r}" if self.stages else ""))
 
     # -- one step ---------------------------------------------------------------------------------------
 
@@ -366,7 +377,8 @@ class Trainer:
                              mixture=mixture.identity(self.sets, self.order, self.single),
                              config=to_dict(self.cfg), template=self.manifest.get("template") if self.sft else None,
                              base_vocab=self.llama.vocab_size,
-                             document_mask=bool(self.cfg.data.document_mask and not self.sft))
+                             document_mask=bool(self.cfg.data.document_mask and not self.sft),
+                             stage=self.stages.at(max(step - 1, 0)).name if self.stages else "")
         # fp32 master weights + two Adam moments + the weights themselves: at most 16 bytes a trainable parameter.
         path = self.checkpointer.save(self.engine, state, expected_bytes=16 * self.counts.trainable)
         self.logger.say(f"saved checkpoint {path} ({reason})")
@@ -393,8 +405,12 @@ class Trainer:
                 self.validate(0)
             self.throughput.restart()
             while step < plan.max_steps:
-                lr_scale = lr_factor(step, cfg.optim, plan.max_steps)
-                engines.set_lr(self.engine, lr_scale)
+                if self.stages:
+                    lrs = self.stages.enter(self.engine, step)  # this step's stage: its gates, rates, state
+                else:
+                    lr_scale = lr_factor(step, cfg.optim, plan.max_steps)
+                    engines.set_lr(self.engine, lr_scale)
+                    lrs = {"lr": cfg.optim.lr * lr_scale}
                 loss = self.train_step(step)
                 step += 1
                 self.throughput.step()
@@ -405,7 +421,7 @@ class Trainer:
                     continue
                 bad_in_row = 0
                 grad_norm = self.engine.get_global_grad_norm()
-                record = {"type": "train", "step": step, "loss": loss, "lr": cfg.optim.lr * lr_scale,
+                record = {"type": "train", "step": step, "loss": loss, **lrs,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
                 if not self.single:
                     record.update({f"epochs/{k}": v for k, v in self.order.epochs(step * plan.global_batch).items()})

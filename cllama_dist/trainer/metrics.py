@@ -129,6 +129,8 @@ class Throughput:
 
 def train_line(r: dict[str, Any]) -> str:
     parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}"]
+    if "stage" in r:  # a staged schedule (trainer/stages.py): the stage and the embedding rows' rate
+        parts[2:] = [f"stage {r['stage']}", f"lr {r['lr']:.2e}", f"embedding lr {r['embedding_lr']:.2e}"]
     if r.get("grad_norm") is not None:
         parts.append(f"grad norm {r['grad_norm']:.3f}")
     epochs = {k.partition("/")[2]: v for k, v in r.items() if k.startswith("epochs/")}

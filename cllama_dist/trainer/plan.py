@@ -69,7 +69,13 @@ class Plan:
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio at max_steps."""
     warmup = optim.warmup_steps or int(optim.warmup_ratio * max_steps)
+    return schedule_factor(step, warmup, max_steps, optim.min_lr_ratio)
+
+
+def schedule_factor(step: int, warmup: int, steps: int, min_lr_ratio: float) -> float:
+    """The share of the peak learning rate at step ``step`` (0-based) of ``steps``: linear warm-up over ``warmup``
+    steps, then cosine decay reaching ``min_lr_ratio`` at step ``steps`` (a run's whole curve, or one stage's)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -17,11 +17,12 @@ CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((PROJECT_ROOT / "deepspeed_configs").glob("*.json"))
 
 
-GPU_CONFIGS = [p for p in CONFIGS if p.name != "tiny-cpu.yaml"]
+GPU_CONFIGS = [p for p in CONFIGS if not p.name.startswith("tiny-cpu")]
 
 
 def test_there_are_shipped_configs():
-    assert {p.name for p in CONFIGS} >= {"tiny-cpu.yaml", "tinyllama-1b.yaml", "llama-7b.yaml", "llama-13b.yaml"}
+    assert {p.name for p in CONFIGS} >= {"tiny-cpu.yaml", "tinyllama-1b.yaml", "llama-7b.yaml", "llama-13b.yaml",
+                                         "llama-7b-two-stage.yaml", "tiny-cpu-two-stage.yaml"}
     assert {p.name for p in DS_CONFIGS} >= {"zero3.json", "zero2.json", "zero3_offload.json", "zero3_multinode.json"}
 
 
@@ -111,3 +112,16 @@ def test_a_checkpoint_config_of_the_flat_layout_still_builds():
     assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path, cfg.lora.rank, cfg.lora.targets) == \
         ("/base", "/tok", "/shards", 16, ["q_proj"])
     assert (cfg.model.embeddings, cfg.optim.lr, cfg.validation.every, cfg.logging.tensorboard) == ("full", 1e-4, 5, False)
+
+
+@pytest.mark.parametrize("name", ["llama-7b-two-stage.yaml", "tiny-cpu-two-stage.yaml"])
+def test_the_two_stage_configs_are_the_papers_two_stages(name):
+    """Stage 1 the embedding rows alone, stage 2 LoRA + the rows; otherwise the one-stage config's settings."""
+    from cllama_dist.trainer.stages import Schedule
+
+    cfg = load(TrainConfig, PROJECT_ROOT / "configs" / name)
+    one = load(TrainConfig, PROJECT_ROOT / "configs" / name.replace("-two-stage", ""))
+    assert [s.trainable for s in cfg.stages] == ["embeddings", "lora+embeddings"]
+    assert (cfg.model, cfg.lora, cfg.data, cfg.engine) == (one.model, one.lora, one.data, one.engine)
+    first, second = Schedule(cfg.stages, cfg.optim).stages
+    assert dict(first.peak)["lora"] == 0 and all(v > 0 for _, v in second.peak) and second.start == first.steps

@@ -1,0 +1,219 @@
+"""Staged schedules: a run in stages, each with its own trainable set, steps, learning rates and warm-up.
+
+The paper's basic 7B trained in two stages: the new embedding rows alone with the transformer frozen, then
+LoRA + the embedding rows. ``stages:`` in a run config names them (configs/llama-7b-two-stage.yaml)::
+
+    stages:
+      - {name: embeddings, trainable: embeddings, steps: 2000, embedding_lr: 2.0e-4}
+      - {name: lora, trainable: lora+embeddings, steps: 6000, lr: 1.0e-4}
+
+The design: ONE DeepSpeed engine over the union of what any stage trains (LoRA + the embedding rows), so
+that a stage boundary is an ordinary step, a checkpoint anywhere (inside a stage, at the boundary) resumes
+through the trainer's one resume path, also on another number of processes (universal checkpoints), and
+export sees one set of trained tensors. Rebuilding the engine per stage would need a second, partial load
+path under ZeRO-3 for every boundary. What keeps a frozen group frozen inside that one engine:
+
+- its gradients are replaced by exact zeros before they reach DeepSpeed (a hook on each parameter,
+  ``Gates``): the gradient norm and clipping see only what trains in the stage, and AdamW's moments of the
+  frozen group stay zero;
+- its learning rate is 0: torch's AdamW decays decoupled weights by ``p *= 1 - lr * wd`` and steps by
+  ``lr * m / (sqrt(v) + eps)``, both exactly nothing at lr 0, so the weights stay bit-identical (tested);
+- LoRA is present from the start but zero-effect while frozen: PEFT initialises B to zero, so B(A x) adds
+  exactly 0.0 to each projection; an embeddings-only stage computes what a model without LoRA computes.
+
+At the first step of every later stage the optimizer's state (both moments and the step count of every
+group) starts fresh, as a separate run from the previous stage's last weights would, so the learning rate
+re-warms over fresh moments and AdamW's bias correction restarts. The reset happens at that step whether
+the run got there uninterrupted or resumed from a checkpoint saved at the boundary, so both continue alike.
+
+The data continue through the same order across stages (the global sample position): a stage does not
+restart the epoch, and a resume anywhere reads the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import Section, check, option
+from ..model.vocab import is_embedding_param
+
+# What each kind trains, as the optimizer's parameter groups (trainer/engine.py: "lora", "embeddings").
+TRAINABLE = {"embeddings": ("embeddings",), "lora+embeddings": ("lora", "embeddings"), "lora": ("lora",)}
+
+
+@dataclass
+class StageConfig(Section):
+    """One stage of a staged schedule (``stages:`` in a run config)."""
+
+    name: str = option("", "Name of the stage (in logs, metrics and the checkpoint's record).")
+    trainable: Literal["embeddings", "lora+embeddings", "lora"] = option(
+        "lora+embeddings", "What trains: embeddings (the embedding rows alone, the transformer frozen and LoRA "
+                           "zero-effect), lora+embeddings, or lora (the embedding rows frozen).")
+    steps: int = option(0, "Optimizer steps of this stage.")
+    lr: float = option(0.0, "Peak learning rate of LoRA in this stage (0: optim.lr).")
+    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows in this stage (0: optim.embedding_lr, "
+                                      "or this stage's LoRA rate when that is 0 too).")
+    warmup_steps: int = option(-1, "Linear warm-up steps at the start of this stage (-1: optim.warmup_steps, or "
+                                   "optim.warmup_ratio of this stage's steps).")
+    min_lr_ratio: float = option(-1.0, "Cosine decay over this stage ends at this share of its peak (-1: "
+                                       "optim.min_lr_ratio).")
+
+    @classmethod
+    def from_text(cls, text: str) -> StageConfig:
+        """A flag's value: ``NAME=TRAINABLE:STEPS`` (``--stages emb=embeddings:1000 lora=lora+embeddings:3000``,
+        the rates from optim), or a YAML mapping (``'{name: emb, trainable: embeddings, steps: 1000}'``)."""
+        from ..config import ConfigError, build
+        from ..errors import UserError
+
+        def built(values) -> StageConfig:
+            try:
+                return build(cls, values)
+            except UserError as exc:  # "KEY: problem", to which the caller prefixes stages[i]
+                raise ConfigError("", str(exc)) from None
+
+        if text.lstrip().startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError("", f"expected a YAML mapping, got {text!r} ({exc})") from None
+            return built(value)
+        name, eq, rest = text.partition("=")
+        kind, colon, steps = rest.rpartition(":")
+        if not eq or not colon:
+            raise ConfigError("", f"expected NAME=TRAINABLE:STEPS (e.g. emb=embeddings:1000) or a YAML mapping, "
+                                  f"got {text!r}")
+        return built({"name": name.strip(), "trainable": kind, "steps": steps})
+
+    def validate(self) -> None:
+        import re
+
+        check(bool(self.name), "name", "is required (it names the stage in logs and checkpoints)")
+        check(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None, "name",
+              f"{self.name!r} may hold only letters, digits, '_', '.', '+' and '-'")
+        check(self.steps >= 1, "steps", f"stage {self.name!r}: must be at least 1, got {self.steps}")
+        check(self.lr >= 0, "lr", f"stage {self.name!r}: must be >= 0, got {self.lr}")
+        check(self.embedding_lr >= 0, "embedding_lr", f"stage {self.name!r}: must be >= 0, got {self.embedding_lr}")
+        check(self.warmup_steps >= -1, "warmup_steps", f"stage {self.name!r}: must be >= 0 (or -1), got "
+                                                       f"{self.warmup_steps}")
+        check(self.min_lr_ratio == -1 or 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+              f"stage {self.name!r}: must be in [0, 1] (or -1), got {self.min_lr_ratio}")
+
+
+def check_stages(stages: list[StageConfig], max_steps: int) -> None:
+    """The checks across stages (TrainConfig.validate): unique names, steps adding up to optim.max_steps."""
+    if not stages:
+        return
+    names = [s.name for s in stages]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, "stages", f"stage names must be unique; repeated: {', '.join(dup)}")
+    total = sum(s.steps for s in stages)
+    check(not max_steps or total == max_steps, "stages",
+          f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), but optim.max_steps is "
+          f"{max_steps}; make them equal, or set optim.max_steps: 0 to take the sum")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage resolved against the run's optim section: steps start..start+steps-1 (0-based)."""
+
+    index: int
+    name: str
+    trainable: tuple[str, ...]
+    start: int
+    steps: int
+    peak: tuple[tuple[str, float], ...]  # (group, peak lr); 0 for a group frozen in this stage
+    warmup: int
+    min_lr_ratio: float
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    def factor(self, step: int) -> float:
+        """Linear warm-up from this stage's first step, then cosine decay reaching min_lr_ratio at its end."""
+        from .plan import schedule_factor
+
+        return schedule_factor(step - self.start, self.warmup, self.steps, self.min_lr_ratio)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "trainable": "+".join(self.trainable), "start": self.start, "steps": self.steps,
+                "peak": dict(self.peak), "warmup": self.warmup, "min_lr_ratio": self.min_lr_ratio}
+
+
+class Schedule:
+    """The stages of a run, the learning rate of each group at each step, and the gates of frozen groups."""
+
+    def __init__(self, stages: list[StageConfig], optim):
+        self.stages: list[Stage] = []
+        start = 0
+        for i, s in enumerate(stages):
+            lr = s.lr or optim.lr
+            peaks = {"lora": lr, "embeddings": s.embedding_lr or optim.embedding_lr or lr}
+            kinds = TRAINABLE[s.trainable]
+            warmup = s.warmup_steps if s.warmup_steps >= 0 else (optim.warmup_steps or
+                                                                 int(optim.warmup_ratio * s.steps))
+            self.stages.append(Stage(i, s.name, kinds, start, s.steps,
+                                     tuple((g, peaks[g] if g in kinds else 0.0) for g in ("lora", "embeddings")),
+                                     warmup, s.min_lr_ratio if s.min_lr_ratio >= 0 else optim.min_lr_ratio))
+            start += s.steps
+        self.max_steps = start
+        self.gates: Gates | None = None
+
+    def at(self, step: int) -> Stage:
+        """The stage that step ``step`` (0-based) belongs to; the last one for the step after the end."""
+        return next((s for s in self.stages if step < s.end), self.stages[-1])
+
+    def describe(self) -> list[str]:
+        return [f"stage {s.index + 1}/{len(self.stages)} {s.name!r}: steps {s.start + 1}..{s.end}, trains "
+                f"{' + '.join(s.trainable)}, peak lr " + ", ".join(f"{g} {v:g}" for g, v in s.peak if v)
+                + f", warm-up {s.warmup}, decay to {s.min_lr_ratio:g}" for s in self.stages]
+
+    def record(self) -> list[dict]:
+        """What the checkpoint's schedule records (a resume under other stages is a schedule change)."""
+        return [s.as_dict() for s in self.stages]
+
+    def enter(self, engine, step: int) -> dict:
+        """Before step ``step``: close the gates of the groups this stage freezes, give each group its learning
+        rate, and at a later stage's first step start the optimizer's state afresh. Returns the lr record."""
+        stage = self.at(step)
+        if self.gates is not None:
+            self.gates.closed = {g for g, _ in stage.peak if g not in stage.trainable}
+        if step == stage.start and stage.index > 0:
+            reset_optimizer_state(engine)
+        factor, peak = stage.factor(step), dict(stage.peak)
+        for g in engine.optimizer.param_groups:
+            g["lr"] = peak[g["name"]] * factor
+        return {"lr": peak["lora"] * factor, "embedding_lr": peak["embeddings"] * factor, "stage": stage.name}
+
+
+class Gates:
+    """Exact-zero gradients for the parameter groups a stage freezes, applied by a hook on each parameter
+    before DeepSpeed sees the gradient (its own hooks act after accumulation into the parameter), so ZeRO's
+    reduction, the gradient norm and AdamW's moments get zeros. Nothing else changes: requires_grad stays as
+    deepspeed.initialize saw it (ZeRO builds its partitions and hooks from it once)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.closed: set[str] = set()
+        self.handles = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                group = "embeddings" if is_embedding_param(name) else "lora"  # engine.param_groups' rule
+                self.handles.append(p.register_hook(lambda grad, g=group: torch.zeros_like(grad)
+                                                    if g in self.closed else grad))
+
+
+def reset_optimizer_state(engine) -> None:
+    """Every tensor of the optimizer's state (AdamW: exp_avg, exp_avg_sq, step) set to zero, in place, where
+    DeepSpeed keeps it: the torch optimizer inside ZeRO's wrapper holds its flat fp32 partitions' state."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif isinstance(value, (int, float)):
+                state[key] = type(value)(0)
