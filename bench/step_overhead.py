@@ -229,7 +229,7 @@ def markdown(report: dict) -> str:
              f"Machine: {env.get('cpu')} ({env.get('cores')} cores), torch {env['torch']}, transformers "
              f"{env['transformers']}, peft {env['peft']}, deepspeed {env['deepspeed']}. One process, ZeRO-3 on the CPU, "
              f"22 layers x width 64, LoRA r 64 on 7 projections, head 32,000 + 17,953 rows, fp32, gradient checkpointing, "
-             f"micro-batch {MICRO} x accumulation {ACCUM} x {SEQ} tokens; {report['rounds']} rounds x {report['steps']} "
+             f"micro-batch {MICRO} x accumulation {ACCUM} x {SEQ} tokens, {report['threads']} torch threads; {report['rounds']} rounds x {report['steps']} "
              f"steps per setting after {report['warmup']} warm-up steps; median of the steps.", "",
              "| setting | ms per step (median) | min | max | vs before |", "|---|---|---|---|---|"]
     for label, r in res.items():
@@ -250,11 +250,13 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/out/step_overhead")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (default: 2, or the cores when fewer; recorded with the results)")
     p.add_argument("--append-docs", default="")
     args = p.parse_args(argv)
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from train_throughput import environment
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     dist.init()
     tokens = np.random.default_rng(0).integers(0, NEW_VOCAB, (256, SEQ)).astype(np.int64)
     trainers = {}
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           for k, v in times.items()), flush=True)
     results = {label: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v),
                        "steps_ms": [1e3 * x for x in v]} for label, v in times.items()}
-    report = {"environment": environment("cpu"), "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+    report = {"environment": environment("cpu"), "threads": args.threads, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
               "shape": SHAPE, "new_vocab": NEW_VOCAB, "seq": SEQ, "micro": MICRO, "accum": ACCUM,
               "results": results}
     if args.profile and "after" in trainers:
