@@ -187,7 +187,9 @@ def install_loss_forward(model: nn.Module, loss: str = "chunked", kernel: str = 
         targets = shifted[:, :-1]
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.clamp(min=0).flatten(), reduction="none")
         per_token = (per_token.view(targets.shape) * (targets != -100).to(per_token.dtype))
-        return CausalLMOutputWithPast(loss=per_token if loss_reduction == "none" else per_token.sum(), logits=None)
+        # "sum": per row, then over rows, the order the trainer's instruction-tuning loss always summed in.
+        return CausalLMOutputWithPast(loss=per_token if loss_reduction == "none" else per_token.sum(dim=1).sum(),
+                                      logits=None)
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

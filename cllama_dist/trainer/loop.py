@@ -396,7 +396,7 @@ class Trainer:
                 # The gradient norm is a device tensor under ZeRO-3: its record waits, unread, until the next
                 # logging step (or save, validation, skip, end), where all waiting norms are read at once.
                 record = {"type": "train", "step": step, "loss": loss, "lr": cfg.optim.lr * lr_scale,
-                          "grad_norm": self.engine.get_global_grad_norm()}
+                          "grad_norm": self.engine.get_global_grad_norm(), "time": round(time.time(), 3)}
                 if not self.single:
                     record.update({f"epochs/{k}": v for k, v in self.order.epochs(step * plan.global_batch).items()})
                 self.pending.append(record)
