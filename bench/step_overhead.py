@@ -15,7 +15,10 @@ partitioned and gathered; at width 64 they would all fall below it and stay resi
 pattern.
 
 Every setting is built in this one process before any is timed; then rounds of steps go through the settings
-in turn (so that machine drift hits all alike), after warm-up steps; the figure is the median step time.
+in turn (so that machine drift hits all alike), after warm-up steps; the figures are the median wall time and
+the median CPU time of this process per step (one torch thread by default: the CPU time is then the work done,
+which a machine shared with other jobs disturbs far less than the wall time). About 3 minutes on an idle
+2-core machine (builds ~1 min, 6 settings x 8 steps of ~2.5 s, the profile); longer under load.
 A step is what ``Trainer.run`` does per step: set the learning rate, ``train_step``, then the loop's per-step
 reads (``before``: the gradient norm read as a float every step; ``after``: gradient norms kept as device
 tensors and read together at the logging step, here the end of each round) and the stop-flag agreement.
@@ -253,13 +256,14 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/out/step_overhead")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per setting per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch threads (default: 2, or the cores when fewer; recorded with the results)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: a step's CPU time is then its work, which other jobs on a shared machine "
+                        "disturb far less than its wall time; recorded with the results)")
     p.add_argument("--append-docs", default="")
     args = p.parse_args(argv)
 
