@@ -158,3 +158,15 @@ def test_mean_of_a_batch_without_predicted_tokens_is_nan_as_in_transformers():
         for mode in ("hf", "chunked"):
             install_loss_forward(model, mode, "torch")
             assert torch.isnan(model(input_ids=x, labels=labels).loss)
+
+
+def test_the_kernel_setting_on_the_cpu():
+    from cllama_dist.model.loss import resolve_kernel
+
+    assert resolve_kernel("auto", "cpu") == ("torch", "auto: not on a GPU")
+    assert resolve_kernel("torch", "cpu")[0] == "torch"
+    for kind in ("liger", "cce"):
+        with pytest.raises(ValueError, match="runs on CUDA only"):
+            resolve_kernel(kind, "cpu")
+    with pytest.raises(ValueError, match="unknown loss kernel"):
+        resolve_kernel("triton", "cpu")
