@@ -2,28 +2,16 @@
 
 Validation during training (trainer/validate.py) and ``cllama eval`` both call ``causal_nll``, so the two
 report the same numbers for the same model and tokens: loss = total nll / total predicted tokens.
+
+The NLL comes from the model's loss forward (model/adapters.install_loss_forward: by default the chunked loss,
+which never builds the tokens x vocabulary logits); a model without one is scored from its logits, the
+log-softmax in fp32 whatever their dtype (bf16 log-sum-exp over ~50K columns loses about two decimal digits).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL (nats, fp32) of ``targets[:, t]`` under ``logits[:, t]``, and per-row counts.
-
-    ``logits`` (B, T, V) and ``targets`` (B, T) are already aligned (the caller shifts); ``mask`` (B, T)
-    marks the positions that count. The log-softmax runs in fp32 whatever the logits' dtype: bf16 log-sum-exp
-    over ~50K columns loses about two decimal digits.
-    """
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    per_token = per_token.view(targets.shape)
-    if mask is None:
-        return per_token.sum(dim=1), torch.full((targets.shape[0],), targets.shape[1], dtype=torch.long,
-                                                 device=targets.device)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum(dim=1), mask.long().sum(dim=1)
 
 
 def _per_token(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
