@@ -178,6 +178,15 @@ def minimum(value: float) -> float:
     return _reduce(value, dist.ReduceOp.MIN)
 
 
+def sum_on_device(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over all ranks, in place, on their own device: no host synchronisation here (the
+    caller reads the result when it needs it: the trainer once per step, docs/hazards.md#h18). On gloo
+    (CPU runs) the tensor is on the CPU already; on nccl it lives on this rank's GPU."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj

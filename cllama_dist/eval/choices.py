@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..model.scoring import token_nll
+from ..model.scoring import masked_nll
 from ..progress import Progress
 
 LETTERS = ("A", "B", "C", "D")
@@ -137,8 +137,11 @@ def option_nll(model, tokenizer, prompt: str, conts: list[str], device, max_len:
         attn[i, :len(s)] = 1
         scored[i, a - 1:b - 1] = True  # position t predicts token t + 1
     x, attn, scored = x.to(device), attn.to(device), scored.to(device)
-    logits = model(input_ids=x, attention_mask=attn).logits[:, :-1]
-    nll, _ = token_nll(logits, x[:, 1:], scored)
+    # Labels aligned with x, -100 but at the option's tokens: the model's loss forward scores them without
+    # the full logits (model/scoring.py), the same NLL as from the logits.
+    labels = torch.full_like(x, -100)
+    labels[:, 1:] = torch.where(scored, x[:, 1:], labels[:, 1:])
+    nll, _ = masked_nll(model, {"input_ids": x, "attention_mask": attn}, labels)
     return nll.double().cpu().tolist()
 
 

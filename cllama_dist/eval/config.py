@@ -45,6 +45,10 @@ class EvalConfig(CorpusConfig):
               "every token exactly once (capped at the model's max_position_embeddings).")
     batch_size: int = option(4, "Windows per forward pass.")
     max_documents: int = option(0, "Stop after this many documents (text) or blocks (shards); 0: all.")
+    loss: Literal["chunked", "hf"] = option(
+        "chunked", "How the loss is computed: chunked (a few hundred tokens at a time, never the full tokens x "
+                   "vocabulary logits; model/loss.py) or hf (from the full logits, the reference; the same figures "
+                   "within fp32 rounding).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("auto", "Weights dtype; auto: bf16 on a GPU, fp32 on the CPU.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     generate: bool = option(False, "Also sample continuations of --prompts and report generation speed (tokens/s).")

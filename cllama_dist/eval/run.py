@@ -142,6 +142,10 @@ def load(cfg: EvalConfig):
                         f"{rows:,} embedding rows: a merged tokenizer with the base model? Pass the adapter "
                         "(--adapter) or the merged model")
     model.to(device).eval()
+    from ..model.adapters import install_loss_forward
+
+    # Scores through the chunked loss (no full logits; a chat or generation call without labels is unchanged).
+    install_loss_forward(model, getattr(cfg, "loss", "chunked"), "torch")
     return model, tokenizer, what, device
 
 

@@ -117,8 +117,9 @@ def enable_checkpointing(model: nn.Module, scope: str) -> list[int]:
 
 def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: int, new_vocab: int,
                 dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None,
-                packed_rows: bool = False):
-    """Base + extended vocabulary + LoRA + gradient checkpointing. Returns (model, keep_alive)."""
+                packed_rows: bool = False, loss_kernel: str = "torch"):
+    """Base + extended vocabulary + LoRA + gradient checkpointing + the loss (``cfg.loss`` with the resolved
+    ``loss_kernel``: loss.resolve_kernel's answer). Returns (model, keep_alive)."""
     config = load_llama_config(cfg)
     extended = config.vocab_size == new_vocab != orig_vocab  # a merged pre-trained model (instruction tuning)
     if config.vocab_size != orig_vocab and not extended:
@@ -137,7 +138,105 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
         # not require grad").
         enable_checkpointing(model, cfg.checkpoint_scope)
     model = apply_lora(model, lora_cfg, cfg.embeddings, seed)
+    install_loss_forward(model, cfg.loss, loss_kernel)
     return model, keep_alive
+
+
+LOSS_MARK = "_cllama_loss"  # on the causal LM whose forward install_loss_forward replaced: (loss, kernel)
+
+
+def install_loss_forward(model: nn.Module, loss: str = "chunked", kernel: str = "torch") -> nn.Module:
+    """Give ``model`` (a Hugging Face causal LM, or a PEFT model around one) a forward that, given ``labels``,
+    computes their loss without building the (tokens x V') logits (``loss="chunked"``, model/loss.py), or as
+    transformers does (``"hf"``, the reference); without labels it is the model's own forward (generation, chat
+    and export are unchanged). Returns ``model``.
+
+    With labels (aligned with input_ids, -100 ignored; the shift happens here, as in transformers) the output's
+    ``.loss`` is, by ``loss_reduction``: "mean" (the default: transformers' loss, the mean NLL over the predicted
+    positions), "sum" (their summed NLL) or "none" (per-token NLL (B, T-1), 0 where ignored); ``.logits`` is
+    None on the chunked path. The decoder runs as its own module call, then the lm_head *module* is called with
+    the labels, so ZeRO-3's hooks gather and release the head's weights around the loss and before its backward
+    (model/vocab.py). A head that is neither a SplitLMHead nor a bias-free Linear (e.g. a PEFT wrapper around
+    lm_head) takes the "hf" path. ``kernel``: the fused kernel for "mean" / "sum" (loss.resolve_kernel's
+    answer: torch, liger or cce); per-token losses always use the pure-PyTorch path.
+    """
+    import functools
+    import inspect
+    import types
+
+    import torch.nn.functional as F
+
+    from .loss import split_linear_cross_entropy, split_linear_token_nll
+
+    if loss not in ("chunked", "hf"):
+        raise ValueError(f"unknown loss {loss!r}; expected chunked or hf")
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = getattr(lm, "_cllama_original_forward", None) or lm.forward  # installing twice re-wraps the original
+    signature = inspect.signature(original)
+
+    def head_nll(hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor | None:
+        head = lm.get_output_embeddings()
+        flat_h, flat_l = hidden.flatten(0, 1), labels.flatten()
+        if isinstance(head, SplitLMHead):
+            return head(flat_h, labels=flat_l, reduction=reduction, kernel=kernel)
+        if type(head) is nn.Linear and head.bias is None:  # a stock model (cllama eval): one weight, no ZeRO
+            if reduction == "none":
+                return split_linear_token_nll(flat_h, [head.weight], flat_l)
+            return split_linear_cross_entropy(flat_h, [head.weight], flat_l, backend=kernel)[0]  # type: ignore[arg-type]
+        return None
+
+    @functools.wraps(original)
+    def forward(self, *args, labels: torch.Tensor | None = None, loss_reduction: str = "mean", **kwargs):
+        if labels is None:
+            return original(*args, **kwargs)
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be mean, sum or none; got {loss_reduction!r}")
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        bound = {**bound, **extra}
+        bound.pop("logits_to_keep", None)
+        # labels[:, t + 1] is the target of position t; the last position predicts nothing.
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        b, t = labels.shape
+        if loss == "chunked" and (lm.get_output_embeddings() is not None):
+            out = lm.model(**bound)
+            nll = head_nll(out.last_hidden_state, shifted, "none" if loss_reduction == "none" else "sum")
+            if nll is not None:
+                if loss_reduction == "none":
+                    value = nll.view(b, t)[:, :-1]
+                elif loss_reduction == "sum":
+                    value = nll
+                else:  # transformers' mean: over predicted positions (0 / 0 = NaN, as there)
+                    value = nll / (shifted != -100).sum()
+                return CausalLMOutputWithPast(loss=value, logits=None)
+        if loss_reduction == "mean":
+            return original(**bound, labels=labels)
+        logits = original(**bound).logits[:, :-1]
+        targets = shifted[:, :-1]
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.clamp(min=0).flatten(), reduction="none")
+        per_token = (per_token.view(targets.shape) * (targets != -100).to(per_token.dtype))
+        # "sum": per row, then over rows, the order the trainer's instruction-tuning loss always summed in.
+        return CausalLMOutputWithPast(loss=per_token if loss_reduction == "none" else per_token.sum(dim=1).sum(),
+                                      logits=None)
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm._cllama_original_forward = original
+    lm.forward = types.MethodType(forward, lm)
+    setattr(lm, LOSS_MARK, (loss, kernel))
+    return model
+
+
+def installed_loss(model: nn.Module) -> tuple[str, str] | None:
+    """(loss, kernel) of the causal LM inside ``model`` (a DeepSpeed engine, a PEFT model, the LM itself) when
+    ``install_loss_forward`` gave it its forward; None otherwise (its forward knows no loss_reduction)."""
+    m: nn.Module | None = model
+    while m is not None:
+        mark = m.__dict__.get(LOSS_MARK)
+        if mark is not None:
+            return mark
+        m = next((m._modules[k] for k in ("module", "base_model", "model") if m._modules.get(k) is not None), None)
+    return None
 
 
 @dataclass

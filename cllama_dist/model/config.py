@@ -45,6 +45,17 @@ class ModelConfig(Section):
         "auto", "transformers attention kernel: sdpa, eager, flash_attention_2, or auto = flash_attention_2 on a GPU "
                 "in bf16/fp16 when the flash-attn package is installed, else sdpa (PyTorch's fused kernels, flash "
                 "attention among them on GPUs); on the CPU always sdpa.", legacy="attn_implementation")
+    loss: Literal["chunked", "hf"] = option(
+        "chunked", "How training, validation and cllama eval compute the loss over the split lm_head. chunked: a "
+                   "few hundred tokens at a time over both vocabulary parts, never building the (tokens x vocabulary) "
+                   "logits (model/loss.py; for 8 x 2,048 tokens and 49,953 rows ~20x less loss memory); hf: "
+                   "transformers' loss over the full logits (the reference; same values within fp32 rounding).")
+    loss_kernel: Literal["auto", "torch", "liger", "cce"] = option(
+        "auto", "The kernel of the chunked training loss. auto: an installed fused kernel (Liger-Kernel's fused "
+                "linear cross-entropy, else Apple's cut-cross-entropy; both Triton, GPU only) after a check at start "
+                "that it gives the PyTorch path's loss and gradients, else the pure-PyTorch path (always on the "
+                "CPU); torch: the pure-PyTorch path; liger / cce: that kernel (refused off the GPU or when not "
+                "installed). Per-token losses (validation, eval) always use the PyTorch path.")
     adapter: PathStr = option(
         "", "Start from model.path + this adapter (a `cllama export adapter` folder, e.g. the pre-training run's): "
             "rank 0 merges them once into RUN/start-model (reused on resume) and the run trains on the merged model, "

@@ -155,7 +155,9 @@ class _SplitLinearCrossEntropy(torch.autograd.Function):
             lse[s:s + chunk] = run
             target[s:s + chunk] = tgt
         valid = labels != ignore_index
-        nll = torch.where(valid, lse - target, torch.zeros((), dtype=acc, device=hidden.device)).sum()
+        # Per-token NLL, 0 at ignored positions: callers sum it (training) or keep it per row (validation,
+        # instruction tuning's per-row sums); the backward takes a per-token incoming gradient either way.
+        nll = torch.where(valid, lse - target, torch.zeros((), dtype=acc, device=hidden.device))
         # Only inputs and lse are saved; the weights are saved as the Parameter objects (ZeRO-3, above).
         ctx.save_for_backward(hidden, labels, lse, *weights)
         ctx.chunk = chunk
@@ -175,11 +177,11 @@ class _SplitLinearCrossEntropy(torch.autograd.Function):
         acc = lse.dtype
         grad_w32 = [torch.zeros(w.shape, dtype=acc, device=w.device) if need else None
                     for w, need in zip(weights, need_w)]
-        g = grad_nll.to(acc)
+        g = grad_nll.to(acc)  # (N,): one incoming gradient per token (all equal for a summed loss)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
             lab = labels[s:s + chunk]
-            row_scale = (lab != ctx.ignore_index).to(acc) * g  # zero for ignored rows
+            row_scale = (lab != ctx.ignore_index).to(acc) * g[s:s + chunk]  # zero for ignored rows
             gh32 = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
             offset = 0
             for w, gw32 in zip(weights, grad_w32):
@@ -252,6 +254,65 @@ def _fused(kind: str, hidden: torch.Tensor, weights: Sequence[torch.Tensor], lab
     raise ValueError(f"unknown fused kernel {kind!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def fused_matches_reference(kind: str, device: str) -> tuple[bool, str]:
+    """Whether fused kernel ``kind`` gives the pure-PyTorch path's loss and gradients on ``device`` (bf16, a
+    small random problem with ignored positions, two parts of which the first is frozen), and the worst
+    relative differences. Run once per process before the kernel is trusted (``resolve_kernel``)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, h, sizes = 512, 128, (640, 384)
+    hidden = torch.randn(n, h, generator=g).to(device, torch.bfloat16)
+    ws = [(torch.randn(v, h, generator=g) / h**0.5).to(device, torch.bfloat16) for v in sizes]
+    labels = torch.randint(0, sum(sizes), (n,), generator=g).to(device)
+    labels[::5] = -100
+    results = []
+    for fused in (True, False):
+        hid = hidden.clone().requires_grad_(True)
+        wts = [ws[0].clone(), ws[1].clone().requires_grad_(True)]
+        if fused:
+            loss = _fused(kind, hid, wts, labels, -100)
+        else:
+            loss = _SplitLinearCrossEntropy.apply(hid, labels, default_chunk_tokens(sum(sizes)), -100, *wts).sum()
+        gh, gw = torch.autograd.grad(loss, [hid, wts[1]])
+        results.append((loss.detach().float(), gh.float(), gw.float()))
+    (lf, hf, wf), (lt, ht, wt) = results
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    diffs = (rel(lf, lt), rel(hf, ht), rel(wf, wt))
+    # bf16 GEMMs in both: the tolerance is bf16's (8 bits of mantissa), not fp32's.
+    ok = all(d == d and d < 2e-2 for d in diffs)
+    return ok, f"loss {diffs[0]:.1e}, grad hidden {diffs[1]:.1e}, grad new rows {diffs[2]:.1e} relative"
+
+
+def resolve_kernel(kernel: str, device: torch.device | str) -> tuple[str, str]:
+    """The kernel a ``model.loss_kernel`` setting means on ``device`` and why: (torch | liger | cce, reason).
+
+    auto: an installed fused kernel on CUDA after ``fused_matches_reference``, else the pure-PyTorch path
+    (always on the CPU). liger / cce: that kernel, refused (ValueError) off CUDA or when it does not import.
+    """
+    dev = torch.device(device)
+    if kernel == "torch":
+        return "torch", "as configured"
+    if kernel in ("liger", "cce"):
+        if dev.type != "cuda":
+            raise ValueError(f"the {kernel} loss kernel runs on CUDA only; this run is on {dev}")
+        module = "liger_kernel.transformers.functional" if kernel == "liger" else "cut_cross_entropy"
+        if not _importable(module):
+            raise ValueError(f"the {kernel} loss kernel is not installed (cannot import {module})")
+        return kernel, "as configured"
+    if kernel != "auto":
+        raise ValueError(f"unknown loss kernel {kernel!r}; expected auto, torch, liger or cce")
+    kind = fused_kernel_available(dev)
+    if kind is None:
+        return "torch", "auto: no fused kernel installed" if dev.type == "cuda" else "auto: not on a GPU"
+    ok, diffs = fused_matches_reference(kind, str(dev))
+    if not ok:
+        return "torch", f"auto: {kind} differs from the reference ({diffs}), not used"
+    return kind, f"auto: {kind} checked against the reference ({diffs})"
+
+
 def split_linear_cross_entropy(hidden: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor, *,
                                chunk_tokens: int | None = None, ignore_index: int = -100,
                                backend: Backend = "torch") -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,12 +349,21 @@ def split_linear_cross_entropy(hidden: torch.Tensor, weights: Sequence[torch.Ten
         raise ValueError(f"unknown backend {backend!r}; expected auto, torch, liger or cce")
     if kind is not None:
         return _fused(kind, hidden, weights, labels, ignore_index), n_valid
+    return split_linear_token_nll(hidden, weights, labels, chunk_tokens=chunk_tokens,
+                                  ignore_index=ignore_index).sum(), n_valid
+
+
+def split_linear_token_nll(hidden: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor, *,
+                           chunk_tokens: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token NLL (N,), fp32, 0 where the label is ``ignore_index``: the pure-PyTorch path of
+    ``split_linear_cross_entropy`` before its sum, differentiable the same way (validation's per-row sums and
+    instruction tuning's masked rows need it per token; a fused kernel's "sum" cannot give that)."""
+    _check_inputs(hidden, weights, labels)
     total = sum(int(w.shape[0]) for w in weights)
     chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(total)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1; got {chunk}")
-    nll = _SplitLinearCrossEntropy.apply(hidden, labels, chunk, ignore_index, *weights)
-    return nll, n_valid
+    return _SplitLinearCrossEntropy.apply(hidden, labels.long(), chunk, ignore_index, *weights)
 
 
 def reference_cross_entropy(hidden: torch.Tensor, weights: Sequence[torch.Tensor], labels: torch.Tensor,

@@ -73,7 +73,12 @@ class SplitEmbedding(nn.Module):
 
 
 class SplitLMHead(nn.Module):
-    """The output projection with the same split: logits = [h @ W_base^T, h @ W_new^T]."""
+    """The output projection with the same split: logits = [h @ W_base^T, h @ W_new^T].
+
+    Called with ``labels`` it returns their NLL instead of the logits, computed chunk by chunk over the two
+    parts (model/loss.py) so the (tokens x V') logits never exist. The loss runs inside this module's forward
+    on purpose: under ZeRO-3 the module's hooks gather both weights around it and again before its backward.
+    """
 
     def __init__(self, base: torch.Tensor, new_rows: torch.Tensor, orig_vocab: int | None = None,
                  new_vocab: int | None = None, train_base: bool = False):
@@ -83,8 +88,18 @@ class SplitLMHead(nn.Module):
         self.weight_base = _as_param(base, train_base)
         self.weight_new = _as_param(new_rows, True)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(hidden, self.weight_base), F.linear(hidden, self.weight_new)], dim=-1)
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                reduction: Literal["none", "sum"] = "none", kernel: str = "torch") -> torch.Tensor:
+        """Logits (..., V'); or, given ``labels`` (N,) aligned with ``hidden`` (N, H) (ignored: -100), the fp32
+        per-token NLL (N,) (``reduction="none"``) or its sum (``"sum"``, which may use a fused ``kernel``)."""
+        if labels is None:
+            return torch.cat([F.linear(hidden, self.weight_base), F.linear(hidden, self.weight_new)], dim=-1)
+        from .loss import split_linear_cross_entropy, split_linear_token_nll
+
+        weights = [self.weight_base, self.weight_new]  # the Parameters themselves (model/loss.py: ZeRO-3)
+        if reduction == "none":
+            return split_linear_token_nll(hidden, weights, labels)
+        return split_linear_cross_entropy(hidden, weights, labels, backend=kernel)[0]  # type: ignore[arg-type]
 
     def full_weight(self) -> torch.Tensor:
         return torch.cat([self.weight_base, self.weight_new], dim=0)

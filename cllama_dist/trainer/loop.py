@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..model import flops
 from ..model.config import resolve_dtype
 from ..model.identity import base_fingerprint
-from ..model.scoring import masked_nll
+from ..model.scoring import summed_nll
 from ..progress import Progress
 from . import engine as engines
 from . import mixture
@@ -216,10 +216,21 @@ class Trainer:
         cfg = self.cfg
         sub = subword_spellings(self.vocab) if cfg.model.new_row_init == "subword" else None
         zero3 = engines.zero_stage(self.ds_config) == 3
+        self.loss_kernel, why = "torch", "the hf loss"
+        if cfg.model.loss == "chunked":
+            from ..model.loss import resolve_kernel
+
+            try:
+                self.loss_kernel, why = resolve_kernel(cfg.model.loss_kernel, self.device)
+            except ValueError as exc:
+                raise UserError(f"model.loss_kernel: {exc}") from None
+        self.loss_note = f"loss {cfg.model.loss}" + (f", kernel {self.loss_kernel} ({why})"
+                                                       if cfg.model.loss == "chunked" else "")
         self.model, self._keep_alive = build_model(cfg.model, cfg.lora, cfg.seed, self.vocab.orig_vocab,
                                                    self.vocab.new_vocab, DTYPES[self.dtype],
                                                    self.ds_config if zero3 else None, sub,
-                                                   packed_rows=self._rows_kept_apart() and self.plan.micro > 1)
+                                                   packed_rows=self._rows_kept_apart() and self.plan.micro > 1,
+                                                   loss_kernel=self.loss_kernel)
         self.counts = count_parameters(self.model)
         self.model_dtype = DTYPES[self.dtype]
         self.attn = self.model.config._attn_implementation  # model.attn_implementation resolved (auto: adapters.py)
@@ -286,7 +297,7 @@ class Trainer:
         say(f"  vocabulary {self.vocab.orig_vocab:,} -> {self.vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{engines.zero_stage(self.ds_config)}, {self.dtype}, "
             f"gradient checkpointing {m.checkpoint_scope + ' layers' if m.gradient_checkpointing else 'off'}, "
-            f"{self.attn} attention, device {self.device}")
+            f"{self.attn} attention, {self.loss_note}, device {self.device}")
         say(f"  parameters: total {c.total:,}, LoRA {c.lora:,}, new rows {c.new_rows:,}, trainable {c.trainable:,} "
             f"({100 * c.share:.2f}%); optimizer state {c.optimizer_bytes(self.dtype != 'fp32') / 2**20:,.1f} MiB")
         say(f"  FLOPs per token: {self.flops['actual'] / 1e9:,.3f} G as computed (LoRA: ~4N + recompute + attention), "
@@ -339,11 +350,18 @@ class Trainer:
         # divided by the step's loss-token count over all ranks and scaled by world x accum, which DeepSpeed's
         # gradient averaging and accumulation divide by again: the gradient is that of the mean over every loss
         # token of the global batch.
-        nll, _ = masked_nll(self.engine, inputs, labels_of(rows, self.device))
-        return nll.sum() * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
+        nll = summed_nll(self.engine, inputs, labels_of(rows, self.device))
+        return nll * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
     def train_step(self, step: int) -> float | None:
-        """One optimizer step; returns the mean loss over all processes, or None when it was skipped."""
+        """One optimizer step; returns the mean loss over all processes, or None when it was skipped.
+
+        One host synchronisation for the whole step (docs/hazards.md#h18): the micro-batches' losses and a
+        non-finite flag are accumulated on the device, every micro-batch runs its backward, then one all-reduce
+        of [loss sum, non-finite count] and one read of it decide, on every rank alike, between the optimizer
+        step and a skip. A skipped step's gradients (NaN ones included) are discarded before anything uses
+        them: the optimizer never sees them, and ZeRO's next micro-batch overwrites its gradient partitions.
+        """
         g = self.plan.global_batch
         positions = step_positions(step, g, self.plan.micro, dist.rank(), self.plan.world)
         if self.train_blocks.token_loss:
@@ -351,23 +369,27 @@ class Trainer:
             # this rank's micro-batches are slices of them.
             step_rows = self.order.indices(np.arange(step * g, (step + 1) * g))
             self.step_loss_tokens = self.train_blocks.loss_tokens(step_rows)
-        losses = []
+        # float64, as the host-side sum of per-micro-batch values it replaces was.
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, non-finite micro-batches]
         micro = (self.train_blocks.rows(step_rows[p - step * g] if self.train_blocks.token_loss else self.order.indices(p))
                  for p in positions)
         for k, rows in enumerate(self.copier.stream(micro)):  # the next micro-batch copied while this one computes
             self.engine.set_gradient_accumulation_boundary(k == len(positions) - 1)
             loss = self.micro_batch_loss(rows, step, k)
-            # All ranks agree before anyone runs backward: a rank alone skipping would hang the others.
-            if dist.any_true(not torch.isfinite(loss).item()):
-                if k:
-                    engines.discard_gradients(self.engine)
-                return None
+            value = loss.detach().double()
+            totals += torch.stack([value, (~torch.isfinite(value)).double()])
+            # Backward even of a non-finite loss: every rank runs the same collectives whatever its values,
+            # and the decision waits for the step's end.
             self.engine.backward(loss)
-            losses.append(loss.item())
+        loss_sum, nonfinite = dist.sum_on_device(totals).tolist()  # the step's one host read
+        if nonfinite:
+            engines.discard_gradients(self.engine)
+            return None
         self.engine.step()
-        return dist.mean(sum(losses) / len(losses))
+        return loss_sum / (len(positions) * self.plan.world)
 
     def save(self, step: int, reason: str) -> Path:
+        self._write_pending()  # every record up to a checkpoint is on disk before it (resume truncates past it)
         state = TrainerState(step=step, world_size=self.plan.world, global_batch=self.plan.global_batch,
                              samples_consumed=step * self.plan.global_batch,
                              tokenizer_sha256=self.vocab.fingerprint["sha256"], orig_vocab=self.vocab.orig_vocab,
@@ -386,6 +408,7 @@ class Trainer:
         return path
 
     def validate(self, step: int) -> None:
+        self._write_pending()  # train records before the eval record of the same step
         result = self.validator.run(self.engine, self.to_device)
         if result is not None:
             self.logger.log({"type": "eval", "step": step, **result})
@@ -400,6 +423,7 @@ class Trainer:
         bar = Progress("train", total=plan.max_steps, unit="step", enabled=dist.is_main())
         bar.update(self.start_step)
         step, bad_in_row, self.last_validated = self.start_step, 0, None
+        self.pending: list[dict] = []  # train records whose grad_norm is not read yet
         try:
             if cfg.validation.at_start and step == 0:
                 self.validate(0)
@@ -420,15 +444,17 @@ class Trainer:
                         return EXIT_NONFINITE
                     continue
                 bad_in_row = 0
-                grad_norm = self.engine.get_global_grad_norm()
+                # The gradient norm is a device tensor under ZeRO-3: its record waits, unread, until the next
+                # logging step (or save, validation, skip, end), where all waiting norms are read at once.
                 record = {"type": "train", "step": step, "loss": loss, **lrs,
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                          "grad_norm": self.engine.get_global_grad_norm(), "time": round(time.time(), 3)}
                 if not self.single:
                     record.update({f"epochs/{k}": v for k, v in self.order.epochs(step * plan.global_batch).items()})
+                self.pending.append(record)
                 if step % cfg.logging.log_every == 0 or step == plan.max_steps:
                     record.update(self.throughput.report())
+                    self._write_pending()
                     self.logger.say(train_line(record))
-                self.logger.log(record)
                 bar.update(1, f"loss {loss:.4f}")
                 if cfg.validation.every and step % cfg.validation.every == 0:
                     self.validate(step)
@@ -445,9 +471,22 @@ class Trainer:
                 self.save(step, "end")
             return EXIT_DONE
         finally:
+            self._write_pending()
             bar.close()
             stop.restore()
             self.logger.close()
+
+    def _write_pending(self) -> None:
+        """Log the waiting train records, their gradient norms read from the device in one go."""
+        pending, self.pending = getattr(self, "pending", []), []
+        if not pending:
+            return
+        norms = [r["grad_norm"] for r in pending]
+        tensors = [n for n in norms if torch.is_tensor(n)]
+        values = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist() if tensors else [])
+        for r, n in zip(pending, norms):
+            r["grad_norm"] = next(values) if torch.is_tensor(n) else (None if n is None else float(n))
+            self.logger.log(r)
 
     def close(self) -> None:
         """Release the run folder (rank 0's lock)."""
@@ -457,6 +496,7 @@ class Trainer:
 
     def _skipped(self, step: int, in_row: int) -> bool:
         """Log a skipped step; after max_nonfinite_steps in a row save the last good state. True: stop."""
+        self._write_pending()
         self.logger.say(f"step {step}: non-finite loss, step skipped ({in_row} in a row)")
         self.logger.log({"type": "train", "step": step, "loss": float("nan"), "skipped": True})
         if in_row < self.cfg.optim.max_nonfinite_steps:

@@ -73,7 +73,8 @@ class Logger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        record = {**record, "time": round(time.time(), 3)}  # when it happened: runs span days and requeues
+        # When it happened (runs span days and requeues): a record written later than its step carries its own.
+        record = {**record, "time": record.get("time", round(time.time(), 3))}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for t in self.trackers:

@@ -97,6 +97,11 @@ def test_option_scores_equal_a_direct_log_likelihood(tiny_base):
             logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
         direct = -sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
         assert nll == pytest.approx(direct, rel=1e-5)
+    # cllama eval gives the model the chunked loss forward (eval/run.py): the same scores through it.
+    from cllama_dist.model.adapters import install_loss_forward
+
+    install_loss_forward(model, "chunked", "torch")
+    assert option_nll(model, tok, prompt, ["A", "甲乙"], torch.device("cpu"), 256) == pytest.approx(got, rel=1e-6)
 
 
 def test_bad_files_are_refused_in_one_line(tmp_path, mc):
