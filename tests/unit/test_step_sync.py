@@ -23,6 +23,7 @@ import torch
 from cllama_dist.model.adapters import build_model
 from cllama_dist.model.config import LoraConfig, ModelConfig
 from cllama_dist.model.presets import TINY
+from cllama_dist.trainer.batches import DeviceCopier, model_inputs
 from cllama_dist.trainer.loop import Trainer
 from cllama_dist.trainer.plan import Plan
 
@@ -88,7 +89,9 @@ def trainer(model, rec: Recorder, cls=Trainer, accum: int = 3):
     t.cfg = SimpleNamespace(model=SimpleNamespace(attn_implementation="sdpa"))
     data = np.random.default_rng(0).integers(0, NEW, (64, BLOCK)).astype(np.int32)
     t.order = SimpleNamespace(indices=lambda pos: np.asarray(pos) % 64)
-    t.train_blocks = SimpleNamespace(rows=lambda idx: {"input_ids": data[idx].astype(np.int64)})
+    t.train_blocks = SimpleNamespace(rows=lambda idx: {"input_ids": data[idx].astype(np.int64)}, token_loss=False)
+    t.attn = "sdpa"
+    t.copier = DeviceCopier(lambda rows: model_inputs(rows, "cpu", "sdpa", torch.float32), "cpu")
     t.engine = Engine(model, rec)
     return t
 
