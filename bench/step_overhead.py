@@ -31,6 +31,10 @@ Settings (``before`` is the trainer as of commit 7790984, its ``train_step`` rep
   after                this branch's default: one all-reduce + one host read per step, model.loss chunked
   after, loss hf       the new step with the old loss: what the synchronisation change alone does
   before, chunked      the old step with the new loss: what the loss change alone does
+  after, resident      `after` with engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-2: the frozen
+                       base a plain tensor, no per-module hooks, gathers or releases; trainable parameters and
+                       their optimizer state still partitioned): what auto picks on a GPU where the base fits
+  after, resident, every-other   and model.checkpoint_scope: every-other (half the layers recomputed)
   ref: persistent      (an existing DeepSpeed setting, not this branch's change) `after` with every parameter
                        persistent (stage3_param_persistence_threshold 1e12): no gathers or releases at all
   ref: no ckpt         (existing setting) `after` without gradient checkpointing: no recomputation pass
@@ -48,6 +52,13 @@ What each change should save, written before measuring (on this CPU proxy):
     today's default): the rest of the step is ZeRO-3's per-module work (22 layers x 7 projections, each
     gathered and released in the forward, the recomputation and the backward), which items 3-4 address.
     The profile below (--profile) says where the time goes.
+  - resident (item 3), written before measuring: the profile of `after` puts ~1.6 s of a ~2.5 s step in
+    ZeRO-3's per-module machinery (LinearFunctionForZeroStage3Backward ~0.8 s, pre/post-backward hooks ~0.76 s,
+    ~7,000 calls) and 0.15 s in the matrix products; ZeRO-2 has none of it, so expected: the step falls to
+    roughly a third or less of `before` (the target), what remains being autograd, PEFT's wrappers and the
+    recomputation.
+  - every-other checkpointing: half the recomputed forward of 22 layers: expected a further ~10-15 % off
+    `after, resident`.
 
 Output: OUT/results.json and OUT/results.md (machine, versions, commit, date); --append-docs appends the Markdown.
 """
@@ -116,6 +127,8 @@ SETTINGS = {
     "after": (False, "chunked", {}, {}),
     "after, loss hf": (False, "hf", {}, {}),
     "before, chunked": (True, "chunked", {}, {}),
+    "after, resident": (False, "chunked", {}, {"frozen_base": "resident"}),
+    "after, resident, every-other": (False, "chunked", {}, {"frozen_base": "resident", "checkpoint_scope": "every-other"}),
     "ref: persistent": (False, "chunked", {"stage3_param_persistence_threshold": 10**12}, {}),
     "ref: no ckpt": (False, "chunked", {}, {"gradient_checkpointing": False}),
 }
@@ -130,25 +143,32 @@ def build(label: str, tokens):
     from cllama_dist.model.config import LLAMA_PROJECTIONS
     from cllama_dist.trainer import engine as engines
     from cllama_dist.trainer.config import TrainConfig
+    from cllama_dist.trainer.batches import DeviceCopier, model_inputs
     from cllama_dist.trainer.loop import Trainer
     from cllama_dist.trainer.plan import Plan
 
     legacy, loss, zero, model_over = SETTINGS[label]
+    model_over = dict(model_over)
+    frozen_base = model_over.pop("frozen_base", "partitioned")  # an engine setting, not a model one
     cfg = build_config(TrainConfig, {
         "model": {"config": SHAPE, "embeddings": "new-rows", "gradient_checkpointing": True,
                   "attn_implementation": "sdpa", "loss": loss, "loss_kernel": "torch", **model_over},
         "lora": {"rank": 64, "alpha": 128, "dropout": 0.05, "targets": LLAMA_PROJECTIONS},
         "data": {"path": "unused", "micro_batch_size": MICRO, "global_batch_size": MICRO * ACCUM},
         "optim": {"max_steps": 10**6, "lr": 2e-4, "warmup_steps": 0},
-        "engine": {"dtype": "fp32", "single_process_zero2": False,
+        "engine": {"dtype": "fp32", "frozen_base": frozen_base,
                    "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0, **zero}}}})
     plan = Plan(world=1, micro=MICRO, accum=ACCUM, block=SEQ, max_steps=10**6, train_sequences=len(tokens))
-    ds = engines.resolve(cfg, plan, "fp32", universal=False)
-    model, _ = build_model(cfg.model, cfg.lora, 0, SHAPE["vocab_size"], NEW_VOCAB, torch.float32, ds, None, "torch")
+    ds = engines.resolve(cfg, plan, "fp32", universal=False, frozen_base=frozen_base)
+    zero3 = engines.zero_stage(ds) == 3
+    model, _ = build_model(cfg.model, cfg.lora, 0, SHAPE["vocab_size"], NEW_VOCAB, torch.float32,
+                           ds if zero3 else None, None, loss_kernel="torch")
     t = object.__new__(legacy_trainer_class() if legacy else Trainer)
     t.cfg, t.plan, t.device, t.dtype, t.model_dtype, t.sft = cfg, plan, "cpu", "fp32", torch.float32, False
     t.order = SimpleNamespace(indices=lambda pos: pos % len(tokens))
-    t.train_blocks = SimpleNamespace(rows=lambda idx: {"input_ids": tokens[idx]})
+    t.train_blocks = SimpleNamespace(rows=lambda idx: {"input_ids": tokens[idx]}, token_loss=False)
+    t.attn = "sdpa"
+    t.copier = DeviceCopier(lambda rows: model_inputs(rows, "cpu", "sdpa", torch.float32), "cpu")
     t.engine = engines.initialize(model, cfg.optim, ds)
     t.legacy = legacy
     t.pending = []
