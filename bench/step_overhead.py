@@ -260,10 +260,16 @@ def markdown(report: dict) -> str:
     for label, r in res.items():
         lines.append(f"| {label} | {r['median_ms']:,.1f} | {r['min_ms']:,.1f} | {r['max_ms']:,.1f} | "
                      f"{r['median_ms'] / before:.3f} | {r['cpu_median_ms']:,.1f} | {r['cpu_median_ms'] / cpu_before:.3f} |")
-    after = res["after"]["median_ms"] / before
-    after_cpu = res["after"]["cpu_median_ms"] / cpu_before
-    lines += ["", f"Target (issue 14): the proxy's step at most {TARGET:.3f} of before; after is {after:.3f} (wall), "
-              f"{after_cpu:.3f} (CPU time): " + ("met." if max(after, after_cpu) <= TARGET else "NOT met.")]
+    # Two defaults: `after` is what engine.frozen_base: auto picks on the CPU (partitioned); `after, resident` is
+    # what it picks on a GPU whose memory holds the frozen base (the case this proxy stands for).
+    for label, where in (("after", "the CPU default"), ("after, resident", "the GPU default where the base fits")):
+        if label not in res:
+            continue
+        wall, cpu = res[label]["median_ms"] / before, res[label]["cpu_median_ms"] / cpu_before
+        lines += ["", f"Target (issue 14): the proxy's step at most {TARGET:.3f} of before; `{label}` ({where}) is "
+                  f"{wall:.3f} (wall), {cpu:.3f} (CPU time): " + ("met." if max(wall, cpu) <= TARGET else
+                                                                 "NOT met." if min(wall, cpu) > TARGET else
+                                                                 "met by one measure, not the other.")]
     if report.get("profile"):
         p = report["profile"]
         lines += ["", f"Where the time of `after` goes (cProfile, {p['steps']} steps, own time by package):", ""]
