@@ -35,10 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import Section, check, option
-from ..model.vocab import is_embedding_param
+
+if TYPE_CHECKING:  # the config half of this module is read by `cllama --help` and the offline stages: no torch
+    import torch
 
 # What each kind trains, as the optimizer's parameter groups (trainer/engine.py: "lora", "embeddings").
 TRAINABLE = {"embeddings": ("embeddings",), "lora+embeddings": ("lora", "embeddings"), "lora": ("lora",)}
@@ -198,6 +200,10 @@ class Gates:
     deepspeed.initialize saw it (ZeRO builds its partitions and hooks from it once)."""
 
     def __init__(self, model: torch.nn.Module):
+        import torch
+
+        from ..model.vocab import is_embedding_param
+
         self.closed: set[str] = set()
         self.handles = []
         for name, p in model.named_parameters():
@@ -210,6 +216,8 @@ class Gates:
 def reset_optimizer_state(engine) -> None:
     """Every tensor of the optimizer's state (AdamW: exp_avg, exp_avg_sq, step) set to zero, in place, where
     DeepSpeed keeps it: the torch optimizer inside ZeRO's wrapper holds its flat fp32 partitions' state."""
+    import torch
+
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for state in opt.state.values():
         for key, value in state.items():
