@@ -87,7 +87,13 @@ def test_two_runs_into_one_output_one_writer_wins_the_other_is_refused(tiny_merg
         time.sleep(0.02)  # python's start-up takes longer than 0.5 s here: start the clock when it writes
     time.sleep(0.5)
     assert first.poll() is None, "the first run ended before the second started: make the corpus bigger"
-    second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    # Paused while the second runs: on a loaded machine the second's start-up could otherwise outlast the
+    # first's whole run (seen in CI-like load), and the test would race instead of testing the lock.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
     assert second.returncode == 2, second.stderr
