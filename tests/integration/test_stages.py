@@ -161,3 +161,20 @@ def test_export_holds_every_stage_s_weights(staged, tiny_model_dir, tmp_path):
         want = ours.eval()(ids).logits
         assert torch.allclose(stock(ids).logits, want, atol=1e-5)
         assert torch.allclose(merged(ids).logits, want, atol=1e-5)
+
+
+def test_stages_under_a_resident_base_train_the_same_curve(setup, mix, staged):
+    """engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-2: what auto picks on a GPU that holds the
+    base): the gates act on ZeRO-2's gradients too, so the embeddings stage leaves LoRA at zero and both stages
+    follow the partitioned run's losses."""
+    cfg, out = configure(setup, "staged_resident", stages=[STAGE1, STAGE2], **OVER, **mix,
+                         **{"engine.frozen_base": "resident"})
+    proc = launch.run(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frozen base resident (as configured" in proc.stdout
+    got, ref = launch.losses(out), staged[1]
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-5), step
+    at_boundary = trained(out, 4)
+    assert all(not at_boundary[n].any() for n in at_boundary if "lora_B" in n)
