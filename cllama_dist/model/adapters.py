@@ -7,6 +7,7 @@ Everything else is frozen, structurally (model/vocab.py says why a gradient mask
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,47 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
 LOSS_MARK = "_cllama_loss"  # on the causal LM whose forward install_loss_forward replaced: (loss, kernel)
 
 
+# How many forwards are running whose rows are known to hold one sequence each (see one_sequence_per_row).
+_ONE_SEQUENCE_PER_ROW = [0]
+
+
+def _skip_packed_check() -> None:
+    """Wrap transformers' masking_utils.find_packed_sequence_indices (once) so that it answers None without
+    reading the device while one_sequence_per_row is active; elsewhere it is transformers' own."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return
+    found = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if found is None or getattr(found, "_cllama", False):
+        return
+
+    def find_packed_sequence_indices(position_ids, _original=found):
+        return None if _ONE_SEQUENCE_PER_ROW[0] else _original(position_ids)
+
+    find_packed_sequence_indices._cllama = True  # type: ignore[attr-defined]
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+
+
+@contextlib.contextmanager
+def one_sequence_per_row():
+    """While active, transformers takes every row for one sequence without asking the device.
+
+    Why: transformers (5.24) calls find_packed_sequence_indices in every decoder forward that has position ids
+    (it makes them from the cache position when none are given) but no attention mask, and that function ends
+    in ``(mask[:, -1] == 0).all()`` as a Python bool: a host synchronisation per micro-batch, stalling the
+    GPU queue (docs/hazards.md#h18). Where the caller passed neither position ids nor a mask, the positions are
+    0..T-1 in every row, for which that function returns None: the answer is known without the read. Rows with
+    several examples or documents pass position ids or a mask (trainer/batches.py) and keep transformers' check.
+    """
+    _skip_packed_check()
+    _ONE_SEQUENCE_PER_ROW[0] += 1
+    try:
+        yield
+    finally:
+        _ONE_SEQUENCE_PER_ROW[0] -= 1
+
+
 def install_loss_forward(model: nn.Module, loss: str = "chunked", kernel: str = "torch") -> nn.Module:
     """Give ``model`` (a Hugging Face causal LM, or a PEFT model around one) a forward that, given ``labels``,
     computes their loss without building the (tokens x V') logits (``loss="chunked"``, model/loss.py), or as
@@ -195,6 +237,11 @@ def install_loss_forward(model: nn.Module, loss: str = "chunked", kernel: str = 
         extra = bound.pop("kwargs", {})
         bound = {**bound, **extra}
         bound.pop("logits_to_keep", None)
+        plain = all(bound.get(k) is None for k in ("position_ids", "attention_mask", "past_key_values"))
+        with one_sequence_per_row() if plain else contextlib.nullcontext():
+            return loss_forward(bound, labels, loss_reduction)
+
+    def loss_forward(bound: dict, labels: torch.Tensor, loss_reduction: str):
         # labels[:, t + 1] is the target of position t; the last position predicts nothing.
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
         b, t = labels.shape
