@@ -88,6 +88,14 @@ class TokenBlocks:
         return self.shards[int(shard[0])].flat[start:start + self.block_size]
 
 
+def require_boundaries(manifest: dict, what: str, prefix: str = "") -> None:
+    """Refuse shards without the doc_starts column (``what``: "the shards in F were" / "set 'en' (F) was")."""
+    if "doc_starts" not in (manifest.get("columns") or []):
+        raise UserError(f"{prefix}{what} made without --record-boundaries (no doc_starts column), so documents "
+                        "cannot be kept apart: re-run `cllama preprocess --record-boundaries`, or set "
+                        "data.document_mask: false")
+
+
 class BoundaryBlocks(TokenBlocks):
     """TokenBlocks of shards made with ``--record-boundaries``, which can also say where each row's documents
     start (the doc_starts column, read in place like the tokens): what ``data.document_mask`` needs."""
@@ -95,10 +103,7 @@ class BoundaryBlocks(TokenBlocks):
     shard_class = MappedBoundaryShard
 
     def __init__(self, folder: str | Path, manifest: dict, split: str):
-        if "doc_starts" not in (manifest.get("columns") or []):
-            raise UserError(f"the shards in {folder} were made without --record-boundaries (no doc_starts column), "
-                            "so documents cannot be kept apart: re-run `cllama preprocess --record-boundaries`, or "
-                            "set data.document_mask: false")
+        require_boundaries(manifest, f"the shards in {folder} were")
         super().__init__(folder, manifest, split)
         shards: list[MappedBoundaryShard] = self.shards  # type: ignore[assignment]
         cat = lambda name: np.concatenate([getattr(m, name) for m in shards] or [np.zeros(0)]).astype(np.int64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.config import DataConfig, DataSetConfig
-from ..data.loader import GlobalOrder, MixedOrder
+from ..data.loader import GlobalOrder, MixedOrder, require_boundaries
 from ..data.shards import (
     PRETRAIN_FORMATS,
     SFT_FORMAT,
@@ -62,12 +62,9 @@ def read_sets(data: DataConfig, fingerprint: dict) -> tuple[list[ShardSet], int]
         if out and _kind(manifest) != _kind(out[0].manifest):
             raise UserError(f"set {s.name!r} ({s.path}) holds {_kind(manifest)}, set {out[0].name!r} holds "
                             f"{_kind(out[0].manifest)}: a mixture reads one kind of rows")
-        if data.document_mask and manifest.get("format") != SFT_FORMAT \
-                and "doc_starts" not in (manifest.get("columns") or []):
-            what = f"the shards in {s.path} were" if not data.sets else f"set {s.name!r} ({s.path}) was"
-            raise UserError(f"data.document_mask: {what} made without --record-boundaries (no doc_starts column), "
-                            "so documents cannot be kept apart: re-run `cllama preprocess --record-boundaries`, or "
-                            "set data.document_mask: false")
+        if data.document_mask and manifest.get("format") != SFT_FORMAT:
+            require_boundaries(manifest, f"the shards in {s.path} were" if not data.sets else
+                               f"set {s.name!r} ({s.path}) was", prefix="data.document_mask: ")
         out.append(ShardSet(s, manifest, data.document_mask))
     return out, block
 
