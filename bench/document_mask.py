@@ -76,7 +76,7 @@ def main() -> None:
 
     from cllama_dist.data.shards import load_manifest
     from cllama_dist.model.scoring import masked_nll
-    from cllama_dist.trainer.batches import PretrainData, labels_of, model_inputs
+    from cllama_dist.trainer.batches import PretrainData, model_inputs
 
     rows_needed = args.micro * (args.steps + args.warmup)
     results = []
@@ -102,8 +102,9 @@ def main() -> None:
                     t0 = time.perf_counter()
                     rows = data.rows(idx)
                     inputs = model_inputs(rows, "cpu", impl, torch.float32)
+                    labels = inputs.pop("labels", None)
                     if data.token_loss:
-                        nll, _ = masked_nll(model, inputs, labels_of(rows, "cpu"))
+                        nll, _ = masked_nll(model, inputs, labels)
                         loss = nll.sum() / data.loss_tokens(idx)
                     else:
                         loss = model(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss

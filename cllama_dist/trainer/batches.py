@@ -103,7 +103,11 @@ def open_data(folder: str, manifest: dict, split: str, document_mask: bool = Fal
 
 def model_inputs(rows: dict[str, np.ndarray], device: str, attn_implementation: str,
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the model's forward for ``rows`` (PretrainData/SFTData.rows), on ``device``."""
+    """The keyword arguments of the model's forward for ``rows`` (PretrainData/SFTData.rows), on ``device``, and
+    the rows' ``labels`` where they carry any (instruction rows, document-masked blocks): the caller pops them.
+    Every tensor goes through the same pinned, non-blocking copy, so that DeviceCopier prefetches the labels
+    with the inputs; a copy from pageable memory would make the host wait for the GPU's queue inside the
+    micro-batch loop."""
     def put(a: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(a)
         return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x
@@ -115,12 +119,9 @@ def model_inputs(rows: dict[str, np.ndarray], device: str, attn_implementation: 
         mask = document_mask(put(rows["segments"]), attn_implementation, dtype)
         if mask is not None:
             out["attention_mask"] = mask
+    if "labels" in rows:
+        out["labels"] = put(rows["labels"])
     return out
-
-
-def labels_of(rows: dict[str, np.ndarray], device: str) -> torch.Tensor:
-    x = torch.from_numpy(rows.get("labels", rows["input_ids"]))
-    return x.to(device, non_blocking=True) if device.startswith("cuda") else x
 
 
 class DeviceCopier:

@@ -29,7 +29,7 @@ from ..model.scoring import summed_nll
 from ..progress import Progress
 from . import engine as engines
 from . import mixture
-from .batches import DeviceCopier, labels_of, model_inputs
+from .batches import DeviceCopier, model_inputs
 from .checkpoint import Checkpointer, TrainerState, read_state
 from .config import TrainConfig
 from .metrics import Logger, Throughput, train_line
@@ -338,19 +338,21 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------------
 
     def to_device(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """The model's forward arguments for ``rows`` (trainer/batches.py), on this rank's device."""
+        """The model's forward arguments for ``rows`` (trainer/batches.py), on this rank's device, with the
+        rows' labels under "labels" where they have any (popped before the forward)."""
         return self.copier.take(rows)
 
     def micro_batch_loss(self, rows: dict[str, np.ndarray], step: int, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (``micro`` of ``plan.accum`` in optimizer step ``step``, from 0)."""
-        inputs = self.to_device(rows)
+        inputs = dict(self.to_device(rows))
+        labels = inputs.pop("labels", None)
         if not self.train_blocks.token_loss:  # plain pre-training blocks: every micro-batch has the same count
             return self.engine(input_ids=inputs["input_ids"], labels=inputs["input_ids"]).loss
         # Summed NLL over the loss tokens (responses; with data.document_mask every token but document starts),
         # divided by the step's loss-token count over all ranks and scaled by world x accum, which DeepSpeed's
         # gradient averaging and accumulation divide by again: the gradient is that of the mean over every loss
         # token of the global batch.
-        nll = summed_nll(self.engine, inputs, labels_of(rows, self.device))
+        nll = summed_nll(self.engine, inputs, inputs["input_ids"] if labels is None else labels)
         return nll * (self.plan.world * self.plan.accum / max(self.step_loss_tokens, 1))
 
     def train_step(self, step: int) -> float | None:

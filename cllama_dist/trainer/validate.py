@@ -25,7 +25,7 @@ from .. import distributed as dist
 from ..data.loader import eval_batches, text_sizes
 from ..data.shards import SFT_FORMAT
 from ..model.scoring import causal_nll, masked_nll
-from .batches import labels_of, open_data
+from .batches import open_data
 
 
 class Validator:
@@ -46,9 +46,10 @@ class Validator:
         nll = count = 0.0
         for idx, w in eval_batches(self.n, self.micro, dist.rank(), dist.world_size()):
             rows = self.blocks.rows(idx)
-            inputs = to_device(rows)
-            if "labels" in rows:  # instruction rows, or blocks whose documents are kept apart (data.document_mask)
-                row_nll, row_count = masked_nll(engine, inputs, labels_of(rows, str(inputs["input_ids"].device)))
+            inputs = dict(to_device(rows))
+            labels = inputs.pop("labels", None)
+            if labels is not None:  # instruction rows, or blocks whose documents are kept apart (data.document_mask)
+                row_nll, row_count = masked_nll(engine, inputs, labels)
             else:
                 row_nll, row_count = causal_nll(engine, inputs["input_ids"])
             weight = torch.from_numpy(w)

@@ -21,8 +21,16 @@ from cllama_dist.data.shards import load_manifest
 from cllama_dist.errors import UserError
 from cllama_dist.model.scoring import masked_nll
 from cllama_dist.trainer import mixture
-from cllama_dist.trainer.batches import IGNORE, PretrainData, labels_of, model_inputs
+from cllama_dist.trainer.batches import IGNORE, PretrainData, model_inputs
 from cllama_dist.trainer.validate import Validators
+
+
+def forward_inputs(rows, impl):
+    inputs = model_inputs(rows, "cpu", impl, torch.float32)
+    if "labels" in rows:  # document-masked blocks: the labels are copied with the inputs
+        assert torch.equal(inputs.pop("labels"), torch.from_numpy(rows["labels"]))
+    assert "labels" not in inputs
+    return inputs
 
 
 BLOCK = 96
@@ -102,7 +110,7 @@ def test_a_changed_document_leaves_the_next_documents_logits_unchanged(edited, i
         differ = np.flatnonzero(ra["input_ids"][0] != rb["input_ids"][0])
         assert len(differ) and differ.min() >= e0 and differ.max() < e1
         with torch.no_grad():
-            rows[mask] = [model(**model_inputs(r, "cpu", impl, torch.float32)).logits[0] for r in (ra, rb)]
+            rows[mask] = [model(**forward_inputs(r, impl)).logits[0] for r in (ra, rb)]
         if mask:
             seg = ra["segments"][0]
             assert seg[n0] == seg[n1 - 1] != seg[n0 - 1] and ra["position_ids"][0, n0:n1].tolist() == list(range(n1 - n0))
@@ -158,7 +166,9 @@ def test_validation_scores_each_document_alone(tiny_merged, tmp_path):
     part = v.parts[0][1].blocks
     r = part.rows(np.arange(len(part)))
     with torch.no_grad():
-        nll, count = masked_nll(model, to_device(r), labels_of(r, "cpu"))
+        inputs = to_device(r)
+        labels = inputs.pop("labels")
+        nll, count = masked_nll(model, inputs, labels)
     assert int(count.sum()) == part.loss_tokens(np.arange(len(part)))
     assert got["loss"] == pytest.approx(float(nll.double().sum()) / int(count.sum()), rel=1e-6)
 

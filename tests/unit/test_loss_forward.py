@@ -107,7 +107,8 @@ def test_packed_rows_equal_hf():
     rows = {"input_ids": x, "labels": lab, "segments": seg, "position_ids": positions_from_segments(seg)}
     inputs = model_inputs(rows, "cpu", "sdpa", torch.float32)
     assert "attention_mask" in inputs and "position_ids" in inputs
-    labels = torch.from_numpy(lab)
+    labels = inputs.pop("labels")
+    assert torch.equal(labels, torch.from_numpy(lab))
     hf = loss_and_grads(model, "hf", lambda m: summed_nll(m, inputs, labels))
     ours = loss_and_grads(model, "chunked", lambda m: summed_nll(m, inputs, labels))
     assert_same(hf, ours)

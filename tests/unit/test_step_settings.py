@@ -113,7 +113,8 @@ def test_device_copier_keeps_order_and_values_and_converts_one_ahead():
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(0, NEW, (2, 16)),
                 "segments": np.repeat(np.arange(4), 4)[None].repeat(2, 0),
-                "position_ids": np.tile(np.arange(4), 4)[None].repeat(2, 0)} for _ in range(4)]
+                "position_ids": np.tile(np.arange(4), 4)[None].repeat(2, 0),
+                "labels": rng.integers(-100, NEW, (2, 16))} for _ in range(4)]
     log: list[tuple[str, int]] = []
 
     def convert(rows):
@@ -131,6 +132,7 @@ def test_device_copier_keeps_order_and_values_and_converts_one_ahead():
         for rows, tensors in got:
             want = model_inputs(rows, "cpu", "sdpa", torch.float32)
             assert tensors.keys() == want.keys() and all(torch.equal(tensors[k], want[k]) for k in want)
+            assert torch.equal(tensors["labels"], torch.from_numpy(rows["labels"]))  # prefetched with the inputs
         assert [e for e in log if e[0] == "convert"] == [("convert", i) for i in range(4)]  # each once
         if ahead:  # batch k+1 is converted before batch k is used
             assert log == [("convert", 0), ("convert", 1), ("use", 0), ("convert", 2), ("use", 1),
