@@ -31,9 +31,11 @@ Settings (``before`` is the trainer as of commit 7790984, its ``train_step`` rep
   after                this branch's default: one all-reduce + one host read per step, model.loss chunked
   after, loss hf       the new step with the old loss: what the synchronisation change alone does
   before, chunked      the old step with the new loss: what the loss change alone does
-  after, resident      `after` with engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-2: the frozen
-                       base a plain tensor, no per-module hooks, gathers or releases; trainable parameters and
-                       their optimizer state still partitioned): what auto picks on a GPU where the base fits
+  after, resident      `after` with engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-1: the frozen
+                       base a plain tensor, no per-module hooks, gathers or releases; the trainable parameters'
+                       optimizer state still partitioned): what auto picks on a GPU where the base fits
+  after, resident as ZeRO-2   resident as it was until commit 6aab24f (ZeRO-2: the trainable gradients
+                       partitioned too), side by side with ZeRO-1
   after, resident, every-other   and model.checkpoint_scope: every-other (half the layers recomputed)
   ref: persistent      (an existing DeepSpeed setting, not this branch's change) `after` with every parameter
                        persistent (stage3_param_persistence_threshold 1e12): no gathers or releases at all
@@ -59,6 +61,12 @@ What each change should save, written before measuring (on this CPU proxy):
     recomputation.
   - every-other checkpointing: half the recomputed forward of 22 layers: expected a further ~10-15 % off
     `after, resident`.
+  - resident as ZeRO-1 instead of ZeRO-2, written before the change (profile of `after, resident` as ZeRO-2 on
+    the 2-core VM, 2026-12-02 17:45 UTC: ~1,130 ms a step): ZeRO-2 runs its gradient hook
+    (reduce_independent_p_g_buckets_and_remove_grads, ~110 ms a step with what it calls, 1,240 calls) after
+    every micro-batch's backward, moving each trainable gradient into the reduce buckets and its partition;
+    ZeRO-1 runs it only at the accumulation boundary (1 of 4 micro-batches). Expected: about 3/4 of that
+    hook's time, ~80 ms, i.e. ~7-10 % off the resident step.
 
 Output: OUT/results.json and OUT/results.md (machine, versions, commit, date); --append-docs appends the Markdown.
 """
@@ -129,6 +137,7 @@ SETTINGS = {
     "before, chunked": (True, "chunked", {}, {}),
     "after, resident": (False, "chunked", {}, {"frozen_base": "resident"}),
     "after, resident, every-other": (False, "chunked", {}, {"frozen_base": "resident", "checkpoint_scope": "every-other"}),
+    "after, resident as ZeRO-2": (False, "chunked", {}, {"frozen_base": "resident", "resident_stage": 2}),
     "ref: persistent": (False, "chunked", {"stage3_param_persistence_threshold": 10**12}, {}),
     "ref: no ckpt": (False, "chunked", {}, {"gradient_checkpointing": False}),
 }
@@ -149,7 +158,8 @@ def build(label: str, tokens):
 
     legacy, loss, zero, model_over = SETTINGS[label]
     model_over = dict(model_over)
-    frozen_base = model_over.pop("frozen_base", "partitioned")  # an engine setting, not a model one
+    frozen_base = model_over.pop("frozen_base", "partitioned")  # engine settings, not model ones
+    resident_stage = model_over.pop("resident_stage", engines.RESIDENT_STAGE)
     cfg = build_config(TrainConfig, {
         "model": {"config": SHAPE, "embeddings": "new-rows", "gradient_checkpointing": True,
                   "attn_implementation": "sdpa", "loss": loss, "loss_kernel": "torch", **model_over},
@@ -159,7 +169,8 @@ def build(label: str, tokens):
         "engine": {"dtype": "fp32", "frozen_base": frozen_base,
                    "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0, **zero}}}})
     plan = Plan(world=1, micro=MICRO, accum=ACCUM, block=SEQ, max_steps=10**6, train_sequences=len(tokens))
-    ds = engines.resolve(cfg, plan, "fp32", universal=False, frozen_base=frozen_base)
+    ds = engines.resolve(cfg, plan, "fp32", universal=False,
+                         frozen_base=engines.FrozenBase(frozen_base, "bench", 3 if frozen_base == "partitioned" else resident_stage))
     zero3 = engines.zero_stage(ds) == 3
     model, _ = build_model(cfg.model, cfg.lora, 0, SHAPE["vocab_size"], NEW_VOCAB, torch.float32,
                            ds if zero3 else None, None, loss_kernel="torch")

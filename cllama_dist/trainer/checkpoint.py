@@ -236,14 +236,16 @@ class Checkpointer:
                 continue
             if state.get(key) != value:
                 raise UserError(f"cannot resume {path}: its {key} is {state.get(key)!r}, this run's is {value!r}")
-        stage = expected.get("zero_stage")
-        if stage is not None and state.get("zero_stage", stage) != stage:
-            # DeepSpeed lays out ZeRO-2 and ZeRO-3 checkpoints differently; its loaders read only their own.
-            # engine.frozen_base picks the stage of a ZeRO-3 config (resident = ZeRO-2): both choices are named.
+        stage, saved = expected.get("zero_stage"), state.get("zero_stage")
+        if stage is not None and saved is not None and (saved == 3) != (stage == 3):
+            # DeepSpeed lays out ZeRO-3 checkpoints differently from ZeRO-1/2 (one optimizer class, the same
+            # files, read across the two: tests/integration/test_frozen_base.py); its loaders read only their own.
+            # engine.frozen_base picks the stage of a ZeRO-3 config (resident = ZeRO-1, or ZeRO-2 in runs saved
+            # before): both choices are named.
             def named(s: int) -> str:
                 return f"ZeRO-{s} (engine.frozen_base: {'partitioned' if s == 3 else 'resident'})"
 
-            raise UserError(f"cannot resume {path}: it was saved under {named(state['zero_stage'])}, this run is "
+            raise UserError(f"cannot resume {path}: it was saved under {named(saved)}, this run is "
                             f"{named(stage)}; DeepSpeed's loaders read only their own stage's layout: keep the "
                             "run's DeepSpeed config and frozen_base")
 

@@ -70,15 +70,16 @@ class EngineConfig(Section):
         "auto", "Where the frozen bf16 base lives under a ZeRO-3 config. partitioned: ZeRO-3 as configured, each "
                 "process holds 1/world of every weight and all-gathers each layer in the forward, the recomputation "
                 "and the backward of every micro-batch. resident: the whole frozen base on every device and no "
-                "weight gathers, while gradients and optimizer state of the trainable parameters (LoRA, new rows) "
-                "stay partitioned; done by running the config as ZeRO-2, which partitions only what the optimizer "
-                "owns (trainer/engine.py says why not ZeRO-3 persistence). auto: resident on GPUs when the weights "
+                "weight gathers, while the optimizer state of the trainable parameters (LoRA, new rows) stays "
+                "partitioned; done by running the config as ZeRO-1, which partitions only what the optimizer owns "
+                "and reduces the trainable gradients once per step (trainer/engine.py says why not ZeRO-3 "
+                "persistence, nor ZeRO-2). auto: resident on GPUs when the weights "
                 "plus this process's optimizer share take at most half the device's free memory (the other half "
                 "for activations and the loss), else partitioned; partitioned on the CPU (tests exercise ZeRO-3 "
                 "there; host memory is shared by the processes) and with offload_param. Printed at start with the "
-                "memory it expects. A checkpoint resumes only under the ZeRO stage it was saved with (resident is "
-                "ZeRO-2, partitioned ZeRO-3): resuming, auto follows the checkpoint; a forced choice that differs "
-                "is refused naming both.")
+                "memory it expects. A resident checkpoint (ZeRO-1, or ZeRO-2 when saved by earlier versions) does "
+                "not resume under ZeRO-3 nor the reverse: resuming, auto follows the checkpoint; a forced choice "
+                "that differs is refused naming both.")
     single_process_zero2: bool = option(
         False, "Earlier name of frozen_base: resident for a single process (kept for existing configs; true with "
                "one process means resident, with several it changes nothing, as before). Prefer engine.frozen_base.",

@@ -50,28 +50,43 @@ def read_deepspeed_json(name: str) -> tuple[Path, dict[str, Any]]:
     return path, ds
 
 
-# Bytes per trainable parameter beside its weight: the fp32 master (4), Adam's two moments (8) and its
-# gradient (2-4), all partitioned over the processes in both choices. An upper bound, as in Trainer.save.
-TRAINABLE_STATE_BYTES = 16
+# Bytes per trainable parameter beside its weight: the fp32 master (4) and Adam's two moments (8), partitioned
+# over the processes in both choices, and its gradient (at most 4), partitioned under ZeRO-3 and held whole
+# under resident's ZeRO-1. An upper bound, as in Trainer.save.
+OPTIMIZER_STATE_BYTES = 12
+GRADIENT_BYTES = 4
+TRAINABLE_STATE_BYTES = OPTIMIZER_STATE_BYTES + GRADIENT_BYTES
 # auto keeps the base resident when weights + optimizer share take at most this share of the free device
 # memory: the rest is for activations (checkpointed layer inputs), the loss chunks and the allocator's slack.
 RESIDENT_SHARE = 0.5
+# The ZeRO stage a ZeRO-3 config runs as when the base is resident (make_resident says why 1 and not 2).
+RESIDENT_STAGE = 1
 
 
 @dataclass(frozen=True)
 class FrozenBase:
-    """Where the frozen base lives (engine.frozen_base resolved) and why, printed at start."""
+    """Where the frozen base lives (engine.frozen_base resolved) and why, printed at start. ``stage``: the ZeRO
+    stage the run uses (3 partitioned; resident: RESIDENT_STAGE, or the stage of the checkpoint resumed, or of a
+    config that is not ZeRO-3)."""
 
     choice: str  # "resident" | "partitioned"
     reason: str
+    stage: int = 0
+
+    def __post_init__(self):
+        if not self.stage:
+            object.__setattr__(self, "stage", 3 if self.choice == "partitioned" else RESIDENT_STAGE)
 
 
 def expected_bytes(choice: str, total_params: int, trainable: int, world: int, weight_bytes: int) -> int:
     """Weights + optimizer state one process holds before activations: resident keeps every weight (frozen and
-    trainable, at ``weight_bytes`` each); partitioned 1/world of them (plus, transiently, the layers being
-    gathered, which stage3_max_live_parameters bounds). Trainable state is partitioned in both."""
-    weights = total_params * weight_bytes
-    return (weights if choice == "resident" else -(-weights // world)) + -(-TRAINABLE_STATE_BYTES * trainable // world)
+    trainable, at ``weight_bytes`` each) and the trainable parameters' whole gradients; partitioned 1/world of
+    both (plus, transiently, the layers being gathered, which stage3_max_live_parameters bounds). The fp32
+    masters and Adam moments are partitioned in both."""
+    weights, grads = total_params * weight_bytes, GRADIENT_BYTES * trainable
+    if choice == "resident":
+        return weights + grads + -(-OPTIMIZER_STATE_BYTES * trainable // world)
+    return -(-weights // world) + -(-TRAINABLE_STATE_BYTES * trainable // world)
 
 
 def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, cuda: bool,
@@ -91,16 +106,20 @@ def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, c
             raise UserError(f"engine.frozen_base: partitioned needs a ZeRO-3 DeepSpeed config, and "
                             f"{engine.deepspeed_config} is ZeRO-{stage} (weights replicated); use a ZeRO-3 config "
                             "or frozen_base: auto")
-        return FrozenBase("resident", f"the DeepSpeed config is ZeRO-{stage}, which never partitions weights")
+        return FrozenBase("resident", f"the DeepSpeed config is ZeRO-{stage}, which never partitions weights", stage)
+    # A resident checkpoint resumes under the stage it was saved with (ZeRO-2 before RESIDENT_STAGE was 1): the
+    # run goes on as it began. (DeepSpeed reads either stage's files under the other as well.)
+    resident_stage = resume_stage if resume_stage in (1, 2) else RESIDENT_STAGE
     if setting != "auto":
-        return FrozenBase(setting, "as configured")
+        return FrozenBase(setting, "as configured", resident_stage if setting == "resident" else 3)
     if engine.single_process_zero2:
-        if world == 1:
-            return FrozenBase("resident", "engine.single_process_zero2 on one process")
+        if world == 1:  # the legacy key's own meaning: ZeRO-2
+            return FrozenBase("resident", "engine.single_process_zero2 on one process",
+                              resume_stage if resume_stage in (1, 2) else 2)
         return FrozenBase("partitioned", "engine.single_process_zero2 applies to one process only")
-    if resume_stage in (2, 3):
-        return FrozenBase("resident" if resume_stage == 2 else "partitioned",
-                          f"auto: the checkpoint resumed was saved under ZeRO-{resume_stage}")
+    if resume_stage in (1, 2, 3):
+        return FrozenBase("partitioned" if resume_stage == 3 else "resident",
+                          f"auto: the checkpoint resumed was saved under ZeRO-{resume_stage}", resume_stage)
     if zero.get("offload_param", {}).get("device", "none") != "none":
         return FrozenBase("partitioned", "auto: the DeepSpeed config offloads parameters")
     if not cuda or sizes is None or free_bytes is None:
@@ -116,10 +135,11 @@ def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, c
                                      f"the {free / 2**30:,.1f} GiB free on the fullest device")
 
 
-def make_resident(zero: dict[str, Any]) -> None:
-    """A ZeRO-3 block rewritten as ZeRO-2 in place: the frozen base resident, trainable state partitioned.
+def make_resident(zero: dict[str, Any], stage: int = RESIDENT_STAGE) -> None:
+    """A ZeRO-3 block rewritten in place as ZeRO-``stage`` (1, or 2 for runs saved that way): the frozen base
+    resident, the trainable parameters' optimizer state partitioned.
 
-    Why ZeRO-2 and not DeepSpeed's ZeRO-3 means of keeping weights (deepspeed 0.19 source read for this):
+    Why not DeepSpeed's ZeRO-3 means of keeping weights (deepspeed 0.19 source read for this):
     - ``stage3_param_persistence_threshold`` is a per-parameter element count (and
       ``stage3_model_persistence_threshold`` a total); persistent parameters stay gathered, but ZeRO-3 still
       loads them partitioned (zero.Init), gathers them once, and keeps its pre/post forward and backward hooks
@@ -131,20 +151,28 @@ def make_resident(zero: dict[str, Any]) -> None:
       tune how gathers overlap and group; none removes them.
     - DeepCompile (``compile.deepcompile``) needs torch.compile of the whole PEFT model with checkpointing; not
       verified with this model, so not used.
-    ZeRO-2 partitions only what the optimizer owns: the gradients and the fp32 masters and Adam moments of the
-    trainable parameters. Frozen parameters are not in any optimizer group, so DeepSpeed leaves them as plain
-    device tensors: no gathers, no hooks, numerics of ZeRO-3 (tests/integration/test_frozen_base.py). The cost:
-    the whole base on every device, and loading it whole in each process (no zero.Init).
+    ZeRO-1 and -2 partition only what the optimizer owns. Frozen parameters are in no optimizer group, so
+    DeepSpeed leaves them as plain device tensors: no gathers, no hooks, numerics of ZeRO-3
+    (tests/integration/test_frozen_base.py). The cost: the whole base on every device, and loading it whole in
+    each process (no zero.Init).
+
+    Why ZeRO-1 rather than 2: ZeRO-2 also partitions the gradients, which it does by moving every trainable
+    gradient into its reduce buckets in a hook after each micro-batch's backward (stage_1_and_2.py's
+    reduce_independent_p_g_buckets_and_remove_grads); ZeRO-1 lets the micro-batches accumulate in place and
+    reduces once, at the accumulation boundary. The gradients kept whole are those of LoRA and the new rows
+    (7B: ~167M values, ~0.3 GB in bf16), small beside the base that resident already replicates; the CPU proxy
+    measured the step 13-14% faster (docs/benchmarks.md). Both stages save the same checkpoint layout.
     """
-    zero["stage"] = 2
+    zero["stage"] = stage
     for key in [k for k in zero if k.startswith(("stage3_", "zero_hpz", "zero_quantized")) or k == "offload_param"]:
         del zero[key]  # ZeRO-3-only settings
 
 
 def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: int = 1,
-            cuda: bool = False, frozen_base: str = "") -> dict[str, Any]:
+            cuda: bool = False, frozen_base: FrozenBase | str = "") -> dict[str, Any]:
     """The DeepSpeed JSON with its "auto" values filled from the run config, in one place. ``frozen_base``: the
-    resolved choice (``choose_frozen_base``); empty: decided here without device memory (the CPU's rule)."""
+    resolved choice (``choose_frozen_base``; a bare "resident" means RESIDENT_STAGE); empty: decided here without
+    device memory (the CPU's rule)."""
     name, _ = choose_deepspeed_json(cfg.engine, nodes, cuda)
     path, ds = read_deepspeed_json(name)
     merge_into(ds, cfg.engine.deepspeed_overrides)
@@ -159,9 +187,11 @@ def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: in
             raise UserError(f"{path}: {key} is {ds[key]}, but the run config gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
-    frozen_base = frozen_base or choose_frozen_base(cfg.engine, zero, plan.world, cuda=False).choice
-    if zero.get("stage") == 3 and frozen_base == "resident":
-        make_resident(zero)
+    if isinstance(frozen_base, str):
+        frozen_base = FrozenBase(frozen_base, "") if frozen_base else \
+            choose_frozen_base(cfg.engine, zero, plan.world, cuda=False)
+    if zero.get("stage") == 3 and frozen_base.choice == "resident":
+        make_resident(zero, frozen_base.stage)
     if zero.get("zero_hpz_partition_size") == "auto":
         # ZeRO++ hierarchical partitioning: a secondary copy of the weights within each node, so the
         # per-micro-step all-gather stays on NVLink. "auto" = the processes of one node.

@@ -165,8 +165,7 @@ class Trainer:
             self.cfg.engine, engines.read_deepspeed_zero(self.cfg, self.ds_name), self.plan.world, cuda,
             self._model_sizes, lambda: int(dist.minimum(torch.cuda.mem_get_info()[0])),
             self.resume_state.get("zero_stage") if self.resume_state else None)
-        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes, cuda,
-                                         self.frozen.choice)
+        self.ds_config = engines.resolve(self.cfg, self.plan, self.dtype, self.universal, nodes, cuda, self.frozen)
         self.base_model = dist.on_main("fingerprinting the base model",
                                        lambda: base_fingerprint(self.cfg.model, self.cfg.seed))
         if self.resume_state:

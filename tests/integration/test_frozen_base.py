@@ -1,5 +1,7 @@
-"""engine.frozen_base on 2 processes over gloo: resident (ZeRO-2 of the same config) trains the reference's
-curve (ZeRO-3, partitioned), and a checkpoint of one choice resumed under the other is refused naming both."""
+"""engine.frozen_base on 2 processes over gloo: resident (ZeRO-1 of the same config) trains the reference's
+curve (ZeRO-3, partitioned); its checkpoint resumes under ZeRO-2 (the layout both share; resident runs saved
+before resident was ZeRO-1 are ZeRO-2) and continues the curve; a checkpoint of one choice resumed under the
+other is refused naming both."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(
     proc = launch.run(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "frozen base resident (as configured; engine.frozen_base)" in proc.stdout
-    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
     assert "frozen base partitioned (auto on the CPU" in reference[2].stdout
     got, want = launch.losses(out), reference[1]
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -30,7 +32,7 @@ def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
 
     # The trained tensors of the two checkpoints (DeepSpeed's fp32 reader handles both stages) agree, and the
-    # adapter exports from the ZeRO-2 one as from ZeRO-3's.
+    # adapter exports from the ZeRO-1 one as from ZeRO-3's.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = f"step-{STEPS:08d}"
@@ -47,10 +49,24 @@ def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 4 * sum(t.numel() for t in mine.values())
 
+    # Its step-5 checkpoint resumed under ZeRO-2 (deepspeed_configs/zero2.json): DeepSpeed reads the ZeRO-1 files
+    # and the curve goes on (ZeRO-2 reduces every micro-batch, ZeRO-1 once per step: the same sums in fp32 up to
+    # their order).
+    cfg3, out3 = configure(setup, "resident_as_zero2", **{"engine.deepspeed_config": "deepspeed_configs/zero2.json",
+                                                          "validation.every": 0, "checkpoint.save_every": 5})
+    shutil.copytree(out / "checkpoints" / "step-00000005", out3 / "checkpoints" / "step-00000005")
+    proc = launch.run(cfg3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "DeepSpeed ZeRO-2" in proc.stdout
+    resumed = launch.losses(out3)
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(got[step], abs=1e-5), step
+
     # Its checkpoint under the other choice: refused in one line naming both, nothing touched.
     cfg2, out2 = configure(setup, "resident_to_partitioned", **{"engine.frozen_base": "partitioned"})
     shutil.copytree(out / "checkpoints", out2 / "checkpoints")
     proc = launch.single(cfg2)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert ("saved under ZeRO-2 (engine.frozen_base: resident), this run is ZeRO-3 (engine.frozen_base: "
+    assert ("saved under ZeRO-1 (engine.frozen_base: resident), this run is ZeRO-3 (engine.frozen_base: "
             "partitioned)") in proc.stderr and "Traceback" not in proc.stderr

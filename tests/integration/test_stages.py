@@ -164,8 +164,8 @@ def test_export_holds_every_stage_s_weights(staged, tiny_model_dir, tmp_path):
 
 
 def test_stages_under_a_resident_base_train_the_same_curve(setup, mix, staged):
-    """engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-2: what auto picks on a GPU that holds the
-    base): the gates act on ZeRO-2's gradients too, so the embeddings stage leaves LoRA at zero and both stages
+    """engine.frozen_base: resident (the ZeRO-3 config run as ZeRO-1: what auto picks on a GPU that holds the
+    base): the gates act on ZeRO-1's gradients too, so the embeddings stage leaves LoRA at zero and both stages
     follow the partitioned run's losses."""
     cfg, out = configure(setup, "staged_resident", stages=[STAGE1, STAGE2], **OVER, **mix,
                          **{"engine.frozen_base": "resident"})

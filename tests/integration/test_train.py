@@ -171,17 +171,29 @@ def test_signal_saves_mid_run_and_resume_on_one_process_matches(setup, reference
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(setup):
-    cfg, out = configure(setup, "nonfinite", **{"optim.max_nonfinite_steps": 3, "checkpoint.save_every": 0,
-                                                "validation.every": 0})
-    # The fault is injected by a test-only subclass of the trainer (tests/integration/fault_train.py).
-    proc = launch.run(cfg, launcher="deepspeed", script=launch.FAULTY, extra=["--fault-nonfinite-steps", "4", "7", "8", "9"])
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "step 4: non-finite loss, step skipped (1 in a row)" in proc.stdout
-    assert "stopping: 3 non-finite losses in a row" in proc.stdout
-    recs = {r["step"]: r for r in launch.metrics(out, "train")}
-    assert recs[4].get("skipped") and not recs[5].get("skipped") and recs[9].get("skipped")
-    state = json.loads((out / "checkpoints" / "step-00000009" / "trainer_state.json").read_text())
-    assert state["reason"] == "non-finite loss"
+    """Under both frozen_base choices: ZeRO-3 reduces each micro-batch's gradients into its partitions, ZeRO-1
+    (resident) accumulates them in place until the step's last micro-batch; a skipped step's gradients must be
+    gone from both before the next step, so the two runs' losses after the skip agree."""
+    losses = {}
+    for fb in ("partitioned", "resident"):
+        cfg, out = configure(setup, f"nonfinite_{fb}", **{"optim.max_nonfinite_steps": 3, "checkpoint.save_every": 0,
+                                                          "validation.every": 0, "logging.log_every": 1,
+                                                          "engine.frozen_base": fb})
+        # The fault is injected by a test-only subclass of the trainer (tests/integration/fault_train.py): NaN in
+        # the last micro-batch of steps 4, 7, 8, 9, after the earlier micro-batches' backward.
+        proc = launch.run(cfg, launcher="deepspeed", script=launch.FAULTY,
+                          extra=["--fault-nonfinite-steps", "4", "7", "8", "9"])
+        assert proc.returncode == 4, proc.stderr[-3000:]
+        assert "step 4: non-finite loss, step skipped (1 in a row)" in proc.stdout
+        assert "stopping: 3 non-finite losses in a row" in proc.stdout
+        recs = {r["step"]: r for r in launch.metrics(out, "train")}
+        assert recs[4].get("skipped") and not recs[5].get("skipped") and recs[9].get("skipped")
+        state = json.loads((out / "checkpoints" / "step-00000009" / "trainer_state.json").read_text())
+        assert state["reason"] == "non-finite loss"
+        losses[fb] = {s: r["loss"] for s, r in recs.items() if not r.get("skipped")}
+    assert sorted(losses["resident"]) == sorted(losses["partitioned"]) == [1, 2, 3, 5, 6]
+    for step, want in losses["partitioned"].items():  # step 6 follows step 5's update: no gradient of step 4 in it
+        assert losses["resident"][step] == pytest.approx(want, abs=1e-5), step
 
 
 def test_mismatched_shards_are_refused_before_training(setup, tiny_base, tmp_path):

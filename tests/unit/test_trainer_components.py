@@ -107,6 +107,11 @@ def test_trainer_state_round_trip_and_resume_checks(tmp_path):
     with pytest.raises(UserError, match=r"saved under ZeRO-3 \(engine.frozen_base: partitioned\), this run is ZeRO-2 "
                                          r"\(engine.frozen_base: resident\)"):
         Checkpointer.check_resumable(tmp_path, data, {**mine, "zero_stage": 2})
+    with pytest.raises(UserError, match=r"saved under ZeRO-1 \(engine.frozen_base: resident\), this run is ZeRO-3"):
+        Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 1}, mine)
+    # ZeRO-1 and ZeRO-2 share DeepSpeed's layout: either resumes under the other.
+    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 1}, {**mine, "zero_stage": 2})
+    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 2}, {**mine, "zero_stage": 1})
 
 
 def test_param_groups_split_lora_from_embedding_rows_by_the_vocab_naming_contract():
