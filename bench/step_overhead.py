@@ -82,6 +82,7 @@ import pstats
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -182,9 +183,35 @@ def build(label: str, tokens):
     t.copier = DeviceCopier(lambda rows: model_inputs(rows, "cpu", "sdpa", torch.float32), "cpu")
     t.engine = engines.initialize(model, cfg.optim, ds)
     t.legacy = legacy
+    t.zero3 = zero3
     t.pending = []
     t.step_no = 0
     return t
+
+
+@contextmanager
+def own_process_linear(zero3: bool):
+    """torch.nn.functional.linear as the setting's own training process has it.
+
+    DeepSpeed's zero.Init replaces torch.nn.functional.linear by ZeRO-3's wrapper (LinearFunctionForZeroStage3,
+    with its own autograd backward) for the rest of the process ("This will persist unless manually reset",
+    deepspeed/runtime/zero/partition_parameters.py). A ZeRO-3 training process runs with it; a resident one
+    never enters zero.Init and runs plain F.linear. All settings share this one process, so a resident setting
+    built after a partitioned one would run every Linear through ZeRO-3's function (measured: a quarter of its
+    step, commit 37d620b): its steps run with the plain function put back, the partitioned ones as they are.
+    """
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+    plain = getattr(Init, "linear_bk", None)  # the original, saved by the first zero.Init
+    if zero3 or plain is None:
+        yield
+        return
+    current, torch.nn.functional.linear = torch.nn.functional.linear, plain
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = current
 
 
 def one_step(t) -> None:
@@ -192,16 +219,17 @@ def one_step(t) -> None:
     from cllama_dist import distributed as dist
     from cllama_dist.trainer import engine as engines
 
-    engines.set_lr(t.engine, 1.0)
-    loss = t.train_step(t.step_no)
-    t.step_no += 1
-    assert loss is not None and loss == loss
-    norm = t.engine.get_global_grad_norm()
-    if t.legacy:
-        float(norm)
-    else:
-        t.pending.append(norm)
-    dist.any_true(False)  # the stop-flag agreement, once per step in both
+    with own_process_linear(t.zero3):
+        engines.set_lr(t.engine, 1.0)
+        loss = t.train_step(t.step_no)
+        t.step_no += 1
+        assert loss is not None and loss == loss
+        norm = t.engine.get_global_grad_norm()
+        if t.legacy:
+            float(norm)
+        else:
+            t.pending.append(norm)
+        dist.any_true(False)  # the stop-flag agreement, once per step in both
 
 
 def flush(t) -> None:

@@ -27,7 +27,7 @@ fp32 master partitions plus Adam's two moments). Ratios are against the referenc
 `partitioned:engine.frozen_base=partitioned`, ZeRO-3 gathering the frozen base as the reference does, or
 `every-other:model.checkpoint_scope=every-other`), measured in the same run at the first sequence length only.
 Our variants run with `engine.frozen_base: auto` unless they set it: on a GPU where the base fits, resident
-(the ZeRO-3 config run as ZeRO-2); the reference always runs the ZeRO-3 config partitioned. The table's ZeRO
+(the ZeRO-3 config run as ZeRO-1); the reference always runs the ZeRO-3 config partitioned. The table's ZeRO
 column gives the stage each variant ran.
 
 Output: OUT/results.json, OUT/results.md (with GPU, driver, versions, commit, date), one log per variant;
