@@ -157,11 +157,12 @@ def make_resident(zero: dict[str, Any], stage: int = RESIDENT_STAGE) -> None:
     each process (no zero.Init).
 
     Why ZeRO-1 rather than 2: ZeRO-2 also partitions the gradients, which it does by moving every trainable
-    gradient into its reduce buckets in a hook after each micro-batch's backward (stage_1_and_2.py's
-    reduce_independent_p_g_buckets_and_remove_grads); ZeRO-1 lets the micro-batches accumulate in place and
-    reduces once, at the accumulation boundary. The gradients kept whole are those of LoRA and the new rows
-    (7B: ~167M values, ~0.3 GB in bf16), small beside the base that resident already replicates; the CPU proxy
-    measured the step 13-14% faster (docs/benchmarks.md). Both stages save the same checkpoint layout.
+    gradient into its reduce buckets in a hook after each micro-batch's backward and reduce-scattering them
+    (stage_1_and_2.py's reduce_independent_p_g_buckets_and_remove_grads); ZeRO-1 lets the micro-batches
+    accumulate in place and reduces once, at the accumulation boundary: accumulation-steps times fewer gradient
+    reductions across the processes. The gradients kept whole are those of LoRA and the new rows (7B: ~167M
+    values, ~0.3 GB in bf16), small beside the base that resident already replicates. On one process (the CPU
+    proxy, docs/benchmarks.md) the two measured the same. Both stages save the same checkpoint layout.
     """
     zero["stage"] = stage
     for key in [k for k in zero if k.startswith(("stage3_", "zero_hpz", "zero_quantized")) or k == "offload_param"]:

@@ -1,4 +1,4 @@
-"""The README's main command, start to finish: `cllama demo`, killed during training, then completed and reused."""
+"""The README's main command, start to finish: `cllama demo`, interrupted during training, then completed and reused."""
 
 from __future__ import annotations
 
@@ -36,27 +36,38 @@ def demo(out: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedPr
                           text=True, env=launch.env(), timeout=timeout)
 
 
-def test_the_whole_demo_survives_a_kill_and_reuses_its_stages(tmp_path):
+def job_processes(out: Path) -> list[str]:
+    """The processes whose command line names the demo's folder (the demo, DeepSpeed's launchers, workers)."""
+    return subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+
+
+def test_the_whole_demo_survives_an_interrupt_and_reuses_its_stages(tmp_path):
     out = tmp_path / "demo"
-    # 1. Killed (launcher, workers and all) once the training stage has a checkpoint.
+    # 1. Ctrl-C, as a terminal sends it (SIGINT to the foreground process group), once the training stage has a
+    # checkpoint: the workers save at their next step, the demo waits for them and exits 130 in one line, and no
+    # process of the job is left behind (the job once ran in a session of its own and outlived a killed demo).
+    logs = [open(tmp_path / name, "w+") for name in ("demo.out", "demo.err")]  # files: a pipe unread would fill
     proc = subprocess.Popen(["cllama", "demo", "--out", str(out), "--steps", str(STEPS), "--sft-steps", str(SFT_STEPS),
                              *REPLAY],
-                            env=launch.env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = out / "train" / "run" / "checkpoints" / "step-00000005" / "trainer_state.json"
+                            env=launch.env(), stdout=logs[0], stderr=logs[1], start_new_session=True)
+    ckpts = out / "train" / "run" / "checkpoints"
     end = time.time() + 600
-    while not first.is_file():
+    while not (ckpts / "step-00000005" / "trainer_state.json").is_file():
         assert proc.poll() is None, f"the demo ended (exit {proc.returncode}) before its first checkpoint"
         assert time.time() < end, "no checkpoint within 10 minutes"
         time.sleep(0.2)
-    pids = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    os.killpg(proc.pid, signal.SIGKILL)
-    for pid in pids:  # the deepspeed launcher puts workers in the same session; kill any stragglers too
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    stdout, stderr = ((tmp_path / name).read_text() for name in ("demo.out", "demo.err"))
+    for fh in logs:
+        fh.close()
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "cllama demo: interrupted" and "Traceback" not in stdout + stderr
+    assert "interrupted: the training processes save a checkpoint" in stdout
+    saved = sorted(p for p in ckpts.glob("step-*") if (p / "trainer_state.json").is_file())
+    state = json.loads((saved[-1] / "trainer_state.json").read_text())
+    assert state["reason"] == "signal" and state["step"] > 5, state
+    assert job_processes(out) == [], "processes of the interrupted job are still running"
 
     # 2. Run again: finished stages reused, training resumed from its checkpoint, the rest completed.
     done = demo(out)

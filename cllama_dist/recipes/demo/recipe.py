@@ -197,9 +197,12 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
     env = environment(cpu=not torch.cuda.is_available(), nproc=nproc)
     print("  $ " + shlex.join(train_command(config, nproc)), flush=True)
     log = folder / "train.log"
+    # The job stays in the demo's process group, as `cllama train --launcher deepspeed` does: a terminal's
+    # Ctrl-C reaches the workers (they save at the next step boundary; DeepSpeed's launcher SIGTERMs them too
+    # and SIGKILLs them 30 s later), and whatever kills the demo's group kills the job with it. In a session of
+    # its own (as before) a killed demo left the job running on, orphaned, writing to a pipe nobody read.
     with open(log, "a") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             for line in proc.stdout:
                 fh.write(line)
@@ -208,11 +211,9 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
                 if not line.startswith("[20") or "[train]" in line or "ERROR" in line:
                     print("  | " + line.rstrip(), flush=True)
         except KeyboardInterrupt:
-            import os
-            import signal
-
-            os.killpg(proc.pid, signal.SIGTERM)  # the trainer saves a checkpoint; the next demo resumes it
-            proc.wait()
+            print("  interrupted: the training processes save a checkpoint at their next step (the next "
+                  f"`cllama demo` resumes it); their output goes on into {log}", flush=True)
+            drain(proc, fh)
             raise
         code = proc.wait()
     if code != 0:
@@ -227,6 +228,18 @@ def train_stage(folder: Path, run_cfg: dict, nproc: int = DEMO_PROCS) -> dict:
             # per set for a mixture (zh/bits_per_char, en/bits_per_char), else the one folder's
             "validation_bits_per_char": {k: v for k, v in (evals[-1] if evals else {}).items()
                                          if k.endswith("bits_per_char")}}
+
+
+def drain(proc, fh) -> None:
+    """The rest of an interrupted job's output into its log until it exits: the processes still print while
+    they save, and a pipe nobody reads would block them or break their writes. A second Ctrl-C stops waiting
+    (the workers, interrupted twice, exit without saving)."""
+    try:
+        for line in proc.stdout:
+            fh.write(line)
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
 
 
 def export(folder: Path, r: dict, which: str = "train") -> dict:
