@@ -109,13 +109,12 @@ def choose_frozen_base(engine: EngineConfig, zero: dict[str, Any], world: int, c
         return FrozenBase("resident", f"the DeepSpeed config is ZeRO-{stage}, which never partitions weights", stage)
     # A resident checkpoint resumes under the stage it was saved with (ZeRO-2 before RESIDENT_STAGE was 1): the
     # run goes on as it began. (DeepSpeed reads either stage's files under the other as well.)
-    resident_stage = resume_stage if resume_stage in (1, 2) else RESIDENT_STAGE
+    saved_resident = resume_stage if resume_stage in (1, 2) else None
     if setting != "auto":
-        return FrozenBase(setting, "as configured", resident_stage if setting == "resident" else 3)
+        return FrozenBase(setting, "as configured", (saved_resident or RESIDENT_STAGE) if setting == "resident" else 3)
     if engine.single_process_zero2:
         if world == 1:  # the legacy key's own meaning: ZeRO-2
-            return FrozenBase("resident", "engine.single_process_zero2 on one process",
-                              resume_stage if resume_stage in (1, 2) else 2)
+            return FrozenBase("resident", "engine.single_process_zero2 on one process", saved_resident or 2)
         return FrozenBase("partitioned", "engine.single_process_zero2 applies to one process only")
     if resume_stage in (1, 2, 3):
         return FrozenBase("partitioned" if resume_stage == 3 else "resident",
