@@ -287,7 +287,7 @@ def _decompressed(src: Source, raw: BinaryIO) -> BinaryIO:
     return raw
 
 
-def _open_binary(src: Source) -> BinaryIO:
+def open_binary(src: Source) -> BinaryIO:
     """The uncompressed bytes of ``src`` (closing it closes the file)."""
     raw = open(src.path, "rb")
     if not src.compression:
@@ -449,7 +449,7 @@ class RecordReader:
                 import tempfile
 
                 tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
-                with _open_binary(src) as fh:
+                with open_binary(src) as fh:
                     while chunk := fh.read(1 << 20):
                         tmp.write(chunk)
                 tmp.close()
