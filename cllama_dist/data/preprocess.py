@@ -26,6 +26,7 @@ import itertools
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -64,15 +65,20 @@ def plan_settings(cfg: PreprocessConfig, fp: dict) -> dict:
 
 
 class Pretraining:
-    """The pre-training kind (pipeline.Kind): documents of text into packed sequences of ``block_size`` tokens."""
+    """The pre-training kind (pipeline.Kind): documents of text into packed sequences of ``block_size`` tokens.
+
+    ``encoders``: the tokenizer given (``cfg.tokenizer``) -> its Encoder (default ``encoder.open_encoder``)."""
 
     folder_kind = KIND
     command = "cllama preprocess"
     label = "preprocess"
 
+    def __init__(self, encoders: Callable[[str], Encoder] = open_encoder):
+        self.encoders = encoders
+
     def plan(self, cfg: PreprocessConfig) -> Work:
         """The tokenizer, the sources and the plan, every input checked before anything is written."""
-        encoder = open_encoder(cfg.tokenizer)
+        encoder = self.encoders(cfg.tokenizer)
         sources = resolve_inputs(cfg.inputs)
         # files and folders as given (globs are covered by sources)
         named = [p for p in cfg.inputs if os.path.exists(p)]

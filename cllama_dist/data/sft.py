@@ -5,10 +5,11 @@
     cllama preprocess-sft finalize --output sft/                                          # after all tasks
 
 This is the instruction-tuning kind (``Instruction``) of the machinery both preprocessors share (data/pipeline,
-whose docstring explains the contract): the plan of chunks and groups comes from the inputs and settings alone, so 1 or 8 workers and 1 or 3 tasks
-give byte-identical shards; outputs never touch inputs and only a folder of this kind ("sft-shards") is
-ever replaced; one writer per output (the folder's plan lock, a lock per task, finalize's lock); a group's
-record, written last, commits it, so a re-run resumes; a full disk removes the partial files and says so.
+whose docstring explains the contract): the plan of chunks and groups comes from the inputs and settings
+alone, so 1 or 8 workers and 1 or 3 tasks give byte-identical shards; outputs never touch inputs and only a
+folder of this kind ("sft-shards") is ever replaced; one writer per output (the folder's plan lock, a lock per
+task, finalize's lock); a group's record, written last, commits it, so a re-run resumes; a full disk removes
+the partial files and says so.
 
 What is particular here:
 

@@ -60,17 +60,18 @@ def preprocess(kind: Kind, cfg: ConfigT) -> dict | None:
 
 # -------------------------------------------------------------------------------------------- workers
 
-_ENCODER: list[ChunkEncoder] = []  # this process's chunk encoder, once started
+_worker: ChunkEncoder | None = None  # this process's chunk encoder, once started
 
 
 def _start(encoder: ChunkEncoder) -> None:
+    global _worker
     encoder.start()
-    _ENCODER[:] = [encoder]
+    _worker = encoder
 
 
 def _encode(job: tuple[int, list, str]) -> dict:
     index, chunk, spill = job
-    return _ENCODER[0].encode(index, chunk, Path(spill))
+    return _worker.encode(index, chunk, Path(spill))  # type: ignore[union-attr]
 
 
 def spill_write(f, array: np.ndarray) -> None:
