@@ -31,10 +31,10 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, files
+from . import pipeline
 from .config import PreprocessConfig
 from .corpus import RecordReader, Source, SkipCounter, resolve_inputs
 from .encoder import Encoder, open_encoder
-from . import pipeline
 from .pipeline import SPLITS, Work, make_plan, shard_path, spill_write, split_of
 from .shards.format import FORMAT, FORMAT_V1, SIZE_COLUMNS, dtype_for_vocab
 from .shards.write import ShardWriter

@@ -137,7 +137,7 @@ def take_task_lock(out: Path, plan: dict, cfg: RunConfig, kind: Kind) -> Lock:
     return take(Lock(out / name, f"{kind.label} task {cfg.task_id} of {cfg.num_tasks}"))
 
 
-def open_output(cfg: RunConfig, plan: dict, hold_task: bool, kind: Kind) -> Lock | None:
+def open_output(cfg: RunConfig, plan: dict, kind: Kind, *, hold_task: bool) -> Lock | None:
     """Create the output folder with its plan, or check that an existing one has the same plan; then (with
     ``hold_task``) take this task's lock. Only a folder this project made is ever replaced (--overwrite), and
     never while another writer holds a lock in it.

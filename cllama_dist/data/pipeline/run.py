@@ -33,7 +33,7 @@ def prepare(kind: Kind, cfg: ConfigT) -> dict:
     """
     cfg = resolve_task(cfg)
     work = kind.plan(cfg)
-    open_output(cfg, work.plan, False, kind)
+    open_output(cfg, work.plan, kind, hold_task=False)
     return work.plan
 
 
@@ -42,7 +42,7 @@ def run_task(kind: Kind, cfg: ConfigT) -> dict:
     did."""
     cfg = resolve_task(cfg)
     work = kind.plan(cfg)
-    lock = open_output(cfg, work.plan, True, kind)
+    lock = open_output(cfg, work.plan, kind, hold_task=True)
     try:
         return run_groups(kind, cfg, work.plan, work.sources, work.encoder)
     finally:
