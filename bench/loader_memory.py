@@ -97,7 +97,7 @@ def shard_set(folder: Path, gb: float, tokenizer: Path, shard_mb: float, block: 
     import numpy as np
 
     from cllama_dist.data.config import PreprocessConfig
-    from cllama_dist.data.preprocess import _settings, build_manifest
+    from cllama_dist.data.preprocess import build_manifest, plan_settings
     from cllama_dist.data.shards import MANIFEST, ShardWriter, load_manifest
     from cllama_dist.files import claim_folder, write_atomic
     from cllama_dist.tokenizer.spm import fingerprint
@@ -105,7 +105,7 @@ def shard_set(folder: Path, gb: float, tokenizer: Path, shard_mb: float, block: 
     fp = fingerprint(tokenizer)
     cfg = PreprocessConfig(inputs=["synthetic"], tokenizer=str(tokenizer), output=str(folder), block_size=block,
                            shard_size_mb=shard_mb, validation_fraction=0.01)
-    settings = _settings(cfg, fp)
+    settings = plan_settings(cfg, fp)
     want = int(gb * 1e9)
     if (folder / MANIFEST).is_file():
         m = load_manifest(folder)

@@ -65,7 +65,7 @@ def run_ceiling(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
     """SentencePiece's own batch encode on all cores; reading the text is not timed."""
     import sentencepiece as spm
 
-    from cllama_dist.data.preprocess import split_of
+    from cllama_dist.data.pipeline import split_of
 
     sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer) / "tokenizer.model"))
     lines = [l for l in Path(corpus).read_text(encoding="utf-8").split("\n") if l.strip()]
@@ -100,7 +100,7 @@ def run_ours(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
 def ours_stream_sha256(work: Path) -> str:
     """Group shards + remainders, in order, rebuild the whole train stream. Run outside the measured
     process: memory-mapping every shard would count against the pipeline's peak memory."""
-    from cllama_dist.data.preprocess import GROUPS
+    from cllama_dist.data.pipeline import GROUPS
     from cllama_dist.data.shards import shard_tokens
 
     out = work / "ours_out"

@@ -125,14 +125,14 @@ def _simple(stage: Callable, printer: Callable) -> Callable[[Any, argparse.Names
 def _preprocess(cfg: PreprocessConfig, args: argparse.Namespace) -> None:
     if args.action == "prepare":
         plan = stages.preprocess_prepare(cfg)
-        from .data.preprocess import resolve_task
+        from .data.pipeline import resolve_task
 
         print(f"{cfg.output}: {len(plan['groups'])} shard groups over {resolve_task(cfg).num_tasks} task(s), "
               f"{len(plan['chunks'])} input chunks; ready for the tasks")
         return
     m = stages.preprocess(cfg)
     if m is None:
-        from .data.preprocess import resolve_task
+        from .data.pipeline import resolve_task
 
         task = resolve_task(cfg)
         print(f"task {task.task_id} of {task.num_tasks} done; after all tasks: "
@@ -142,7 +142,7 @@ def _preprocess(cfg: PreprocessConfig, args: argparse.Namespace) -> None:
 
 
 def _preprocess_sft(cfg: SFTPreprocessConfig, args: argparse.Namespace) -> None:
-    from .data.preprocess import resolve_task
+    from .data.pipeline import resolve_task
     from .data.sft import summary
 
     if args.action == "prepare":

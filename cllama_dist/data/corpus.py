@@ -12,6 +12,7 @@ what lets several Slurm array tasks share one huge file.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -177,6 +178,61 @@ def _walk(folder: str) -> Iterator[str]:
             yield os.path.join(root, n)
 
 
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` never follows a symlink back into a folder it is
+    already inside. glob's ``**`` follows every symlinked folder, so a link to an ancestor repeats the tree under
+    it until the path is too long, and two such links (DIR/a -> DIR, DIR/b -> DIR) double it at every level: it
+    never returns. Like ``_walk``, each route stops where it would loop; everything else matches as glob does
+    (hidden names only by a pattern that starts with '.', ``**`` as zero or more folders)."""
+    if "**" not in pattern:
+        return glob.glob(pattern, recursive=True)
+    head, parts = ("/", pattern.lstrip("/").split("/")) if pattern.startswith("/") else ("", pattern.split("/"))
+    return sorted(set(_expand(head, [x for x in parts if x], frozenset())))
+
+
+def _expand(base: str, parts: list[str], inside: frozenset[str]) -> Iterator[str]:
+    """The paths under ``base`` that match ``parts``; ``inside``: the real paths of the folders the route went
+    through by ``**``."""
+    if not parts:
+        yield base
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        inside = inside | {os.path.realpath(base or ".")}
+        yield from _expand(base, rest, inside) if rest else (os.path.join(base, n) for n in _names(base, "*", False))
+        for name in _names(base, "*", True):
+            sub = os.path.join(base, name)
+            if os.path.realpath(sub) not in inside:  # else a link back into a folder this route is inside: a loop
+                yield from _expand(sub, parts, inside)
+    elif glob.has_magic(part):
+        for name in _names(base, part, bool(rest)):
+            yield from _expand(os.path.join(base, name), rest, inside)
+    else:
+        path = os.path.join(base, part)
+        if os.path.isdir(path) if rest else os.path.lexists(path):
+            yield from _expand(path, rest, inside)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (a -> b, b -> a): not a folder
+        return False
+
+
+def _names(folder: str, pattern: str, folders_only: bool) -> list[str]:
+    """The entries of ``folder`` matching ``pattern`` (hidden ones only for a pattern starting with '.'), as
+    glob lists them: unreadable folders hold nothing, symlinked folders count as folders."""
+    try:
+        with os.scandir(folder or ".") as it:
+            entries = [(e.name, _is_dir(e)) for e in it]
+    except OSError:
+        return []
+    hidden = pattern.startswith(".")
+    return [n for n, is_dir in entries if (is_dir or not folders_only) and (hidden or not n.startswith("."))
+            and fnmatch.fnmatch(n, pattern)]
+
+
 def resolve_inputs(patterns: list[str], quiet: bool = False) -> Inputs:
     """Expand files, folders (recursively) and globs into a sorted, de-duplicated list of sources.
 
@@ -221,7 +277,7 @@ def resolve_inputs(patterns: list[str], quiet: bool = False) -> Inputs:
             why = ", not a regular file (reading it could block forever)" if kind == "special" else ""
             raise UserError(f"{pattern} is {info}{why}: a corpus input is a file, a folder or a glob")
         else:
-            candidates = sorted(p for p in glob.glob(pattern, recursive=True) if classify(p) and not os.path.isdir(p))
+            candidates = sorted(p for p in _glob(pattern) if classify(p) and not os.path.isdir(p))
             before = len(found) + sum(map(len, skipped.values()))
             for c in candidates:
                 consider(c)
@@ -287,7 +343,7 @@ def _decompressed(src: Source, raw: BinaryIO) -> BinaryIO:
     return raw
 
 
-def _open_binary(src: Source) -> BinaryIO:
+def open_binary(src: Source) -> BinaryIO:
     """The uncompressed bytes of ``src`` (closing it closes the file)."""
     raw = open(src.path, "rb")
     if not src.compression:
@@ -449,7 +505,7 @@ class RecordReader:
                 import tempfile
 
                 tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
-                with _open_binary(src) as fh:
+                with open_binary(src) as fh:
                     while chunk := fh.read(1 << 20):
                         tmp.write(chunk)
                 tmp.close()

@@ -4,12 +4,12 @@
     cllama preprocess-sft ... --layout packed --max-length 1024 --num-tasks 8 --task-id 3   # one array task
     cllama preprocess-sft finalize --output sft/                                          # after all tasks
 
-The pre-training preprocessor's contract (data/preprocess.py explains it; the machinery is shared, not
-copied: ``plan_chunks``, ``plan_groups``, ``run_groups``, ``finalize_groups``, the locks and the plan checks):
-the plan of chunks and groups comes from the inputs and settings alone, so 1 or 8 workers and 1 or 3 tasks
-give byte-identical shards; outputs never touch inputs and only a folder of this kind ("sft-shards") is
-ever replaced; one writer per output (the folder's plan lock, a lock per task, finalize's lock); a group's
-record, written last, commits it, so a re-run resumes; a full disk removes the partial files and says so.
+This is the instruction-tuning kind (``Instruction``) of the machinery both preprocessors share (data/pipeline,
+whose docstring explains the contract): the plan of chunks and groups comes from the inputs and settings
+alone, so 1 or 8 workers and 1 or 3 tasks give byte-identical shards; outputs never touch inputs and only a
+folder of this kind ("sft-shards") is ever replaced; one writer per output (the folder's plan lock, a lock per
+task, finalize's lock); a group's record, written last, commits it, so a re-run resumes; a full disk removes
+the partial files and says so.
 
 What is particular here:
 
@@ -17,7 +17,7 @@ What is particular here:
   cllama_dist.sft.records. JSON Lines files that are not compressed are cut into byte ranges (a record
   belongs to the range holding its first byte); a JSON array or a compressed file is one chunk. Each input
   is looked at when planning: a file that is not JSON, or whose first records are of neither format, is
-  refused, naming it and its fields, instead of being read as thousands of skipped records.
+  refused, naming it and its fields, instead of being read as thousands of skipped records (data/sft_inputs.py).
 - **Examples**: each record is rendered through the chat template and encoded segment by segment
   (cllama_dist.sft.encode: the paper's token stream, loss mask on the responses and their EOS, every
   assistant turn), then truncated to ``max_length`` or skipped (``overflow``).
@@ -34,56 +34,47 @@ What is particular here:
   refuses, encode's too_long / prompt_too_long), with the file:line where each reason first occurred; with
   ``strict`` the first one is an error naming file and line.
 
-The shard format and manifest are described in data/shards.py ("Instruction-tuning shards") and in
+The shard format and manifest are described in data/shards/format.py ("instruction-tuning shards") and in
 ``build_sft_manifest``. This module must not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .. import __version__, files
 from ..errors import UserError
-from ..progress import Progress
 from ..sft import encode as enc
 from ..sft import records as rec
 from ..sft import templates as tpl
 from ..sft.pack import default_pad_id
 from ..tokenizer import spm as spmio
-from . import preprocess as pp
+from . import pipeline
 from .config import SFTPreprocessConfig
-from .corpus import Source, _open_binary, check_unchanged, resolve_inputs
-from .shards import SFT_COLUMNS, SFT_FORMAT, SFTShardWriter, dtype_for_vocab
+from .corpus import Source
+from .encoder import SentencePieceEncoder
+from .pipeline import SPLITS, Work, shard_path, spill_write, split_of
+from .sft_inputs import (SKIP_REASONS, UNRENDERABLE, ChunkCounts, conversations, instruction_sources, line_of,
+                         record_key)
+from .shards.format import SFT_COLUMNS, SFT_FORMAT, dtype_for_vocab
+from .shards.write import SFTShardWriter
 
-SPLITS = pp.SPLITS
 KIND = "sft-shards"
-STAGE = pp.Stage(KIND, "cllama preprocess-sft", "preprocess-sft")
-UNRENDERABLE = "unrenderable"  # the template refused the record (raise_exception), or it holds U+E000
-SKIP_REASONS = rec.SKIP_REASONS + (UNRENDERABLE,) + enc.ENCODE_SKIP_REASONS
 # Planning estimate of output bytes per input byte: about 0.3 tokens per byte of instruction JSON, each token
 # written as id + mask byte; padding adds more in the padded layout (x2 is typical of Alpaca-style data).
 TOKENS_PER_INPUT_BYTE = 0.3
 PADDED_EXPANSION = 2.0
-SNIFF_BYTES = 1 << 20  # how much of each input the plan looks at to tell its format
-SNIFF_RECORDS = 5      # refused only when none of its first records is of the format
 FLUSH_TOKENS = 1 << 20  # spill the encoded examples of a chunk every this many tokens
 
 
 # ------------------------------------------------------------------------------------------- inputs
-
-def _fields(s: dict) -> rec.Fields:
-    return rec.Fields(instruction=s["instruction_field"], input=s["input_field"] or None, output=s["output_field"],
-                      system=s["system_field"] or None)
-
 
 def _tokenizer(path: str) -> Path:
     """The merged SentencePiece model file, or a one-line refusal saying what was given instead."""
@@ -136,92 +127,6 @@ def load_template(spec: str, tokenizer: str, sp) -> tpl.Template:
     enc.encode_conversation(probe, t, sp, 1 << 20)  # the tokenizer checks (BOS/EOS written as text, normalizer)
     return t
 
-
-def _sources(cfg: SFTPreprocessConfig) -> list[Source]:
-    if not cfg.inputs:
-        raise UserError("no instruction data given: pass --inputs FILES (Alpaca-style .json / .jsonl, chat .jsonl)")
-    sources = resolve_inputs(cfg.inputs)
-    out = []
-    for src in sources:
-        if src.fmt != "jsonl":
-            raise UserError(f"{src.path}: instruction data is JSON (Alpaca-style .json / .jsonl, chat .jsonl, "
-                            f"optionally .gz / .zst), not {src.fmt}")
-        out.append(dataclasses.replace(src, fmt="json") if _sniff(src, cfg) == "array" else src)
-    return out
-
-
-def _sniff(src: Source, cfg: SFTPreprocessConfig) -> str:
-    """"array" or "lines", after checking that the file's first records are instruction records of the format."""
-    try:
-        with _open_binary(src) as fh:
-            data = fh.read(SNIFF_BYTES)
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{src.path}: cannot read the file ({exc})") from None
-    except Exception as exc:  # zstandard's own error
-        raise UserError(f"{src.path}: cannot read the file, corrupt or truncated ({exc})") from None
-    whole = len(data) < SNIFF_BYTES
-    text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
-    body = text.lstrip(" \t\r\n")
-    if not body:
-        raise UserError(f"{src.path}: the file is empty: no instruction records")
-    objects: list[tuple[int, object]] = []
-    if body[0] == "[":
-        layout = "array"
-        dec = json.JSONDecoder()
-        i = len(text) - len(body) + 1
-        while len(objects) < SNIFF_RECORDS:
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text) or text[i] == "]":
-                break
-            try:
-                obj, end = dec.raw_decode(text, i)
-            except json.JSONDecodeError:
-                break  # cut by the sample, or broken: the reader names the line
-            objects.append((text.count("\n", 0, i) + 1, obj))
-            i = end
-    else:
-        layout = "lines"
-        lines = text.split("\n")
-        if not whole:
-            lines = lines[:-1]  # the sample may end inside a line
-        parsed_any = False
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            parsed_any = True
-            if isinstance(obj, dict):
-                objects.append((n, obj))
-            if len(objects) >= SNIFF_RECORDS:
-                break
-        if not parsed_any and any(line.strip() for line in lines):
-            raise UserError(f"{src.path}: not instruction data: none of its first lines is JSON (expected JSON Lines "
-                            "of Alpaca-style or chat records, or one JSON array of Alpaca-style records)")
-    dicts = [(n, o) for n, o in objects if isinstance(o, dict)]
-    if not dicts:
-        return layout  # nothing to judge by in the sample: the reader counts or names what it finds
-    a, m = (cfg.instruction_field, cfg.output_field), cfg.messages_key
-
-    def fits(o: dict) -> bool:
-        alpaca = any(k in o for k in a)
-        return {"alpaca": alpaca, "chat": m in o, "auto": alpaca or m in o}[cfg.format]
-
-    if not any(fits(o) for _, o in dicts):
-        n, o = dicts[0]
-        want = {"alpaca": f"an Alpaca-style record (fields {a[0]!r} / {a[1]!r})",
-                "chat": f"a chat record (field {m!r})",
-                "auto": f"an Alpaca-style record (fields {a[0]!r} / {a[1]!r}) nor a chat record (field {m!r})"}
-        keys = ", ".join(map(repr, list(o)[:8])) or "none"
-        head = f"{src.path}:{n}: {'neither' if cfg.format == 'auto' else 'not'} {want[cfg.format]}"
-        raise UserError(f"{head}; its fields are {keys} (set --format, --instruction-field, --output-field or "
-                        "--messages-key to read it)")
-    return layout
-
-
 # --------------------------------------------------------------------------------------------- plan
 
 def _settings(cfg: SFTPreprocessConfig, fp: dict, template: tpl.Template, pad_id: int) -> dict:
@@ -254,275 +159,152 @@ def _settings(cfg: SFTPreprocessConfig, fp: dict, template: tpl.Template, pad_id
 def make_plan(cfg: SFTPreprocessConfig, sources: list[Source], fp: dict, template: tpl.Template,
               pad_id: int) -> dict:
     itemsize = dtype_for_vocab(fp["vocab_size"]).itemsize
-    chunks = pp.plan_chunks(sources, cfg.chunk_mb)  # a JSON array (fmt "json") is not splittable: one chunk
     per_byte = TOKENS_PER_INPUT_BYTE * (itemsize + 1) * (PADDED_EXPANSION if cfg.layout == "padded" else 1.0)
-    return {
-        "inputs": [pp.input_identity(s) for s in sources],
-        "chunks": [c[:3] for c in chunks],
-        "groups": pp.plan_groups(chunks, cfg.shard_size_mb, per_byte),
-        "settings": _settings(cfg, fp, template, pad_id),
-        "template_source": template.source,
-    }
+    # a JSON array (fmt "json") is not splittable: one chunk
+    return pipeline.make_plan(sources, _settings(cfg, fp, template, pad_id), chunk_mb=cfg.chunk_mb,
+                              shard_size_mb=cfg.shard_size_mb, output_per_input_byte=per_byte,
+                              template_source=template.source)
 
 
-def _inputs_and_plan(cfg: SFTPreprocessConfig) -> tuple[Path, list[Source], tpl.Template, dict]:
-    """The tokenizer, template, sources and plan, every input checked before anything is written."""
-    import sentencepiece as spm
+class Instruction:
+    """The instruction-tuning kind (pipeline.Kind): records rendered through a chat template into rows of
+    ``max_length`` tokens with a loss mask."""
 
-    model = _tokenizer(cfg.tokenizer)
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    template = load_template(cfg.template, cfg.tokenizer, sp)
-    sources = _sources(cfg)
-    named = [p for p in cfg.inputs if os.path.exists(p)]
-    template_file = [template.origin] if template.origin not in ("builtin", "string") else []
-    files.check_not_input(cfg.output, {"instruction data": named + [s.path for s in sources],
-                                       "tokenizer": [cfg.tokenizer, str(model)], "chat template": template_file},
-                          KIND)
-    fp = spmio.fingerprint(model)
-    return model, sources, template, make_plan(cfg, sources, fp, template, default_pad_id(sp))
+    folder_kind = KIND
+    command = "cllama preprocess-sft"
+    label = "preprocess-sft"
+
+    def plan(self, cfg: SFTPreprocessConfig) -> Work:
+        """The tokenizer, template, sources and plan, every input checked before anything is written."""
+        encoder = SentencePieceEncoder(_tokenizer(cfg.tokenizer))
+        sp = encoder.processor
+        template = load_template(cfg.template, cfg.tokenizer, sp)
+        sources = instruction_sources(cfg)
+        named = [p for p in cfg.inputs if os.path.exists(p)]
+        template_file = [template.origin] if template.origin not in ("builtin", "string") else []
+        files.check_not_input(cfg.output, {"instruction data": named + [s.path for s in sources],
+                                           "tokenizer": [cfg.tokenizer, encoder.path], "chat template": template_file},
+                              KIND)
+        plan = make_plan(cfg, sources, encoder.fingerprint(), template, default_pad_id(sp))
+        return Work(sources, plan, ExampleChunks(encoder, plan["settings"], template, sources))
+
+    def group_writer(self, out: Path, plan: dict, group: int) -> "RowGroup":
+        return RowGroup(out, plan["settings"], group)
+
+    def manifest(self, out: Path, plan: dict, records: list[dict]) -> dict:
+        return _manifest(plan, records)
+
+
+INSTRUCTION = Instruction()
 
 
 def prepare(cfg: SFTPreprocessConfig) -> dict:
     """Check everything and create the output folder with its plan, without tokenizing (before an array)."""
-    cfg = pp.resolve_task(cfg)
-    *_, plan = _inputs_and_plan(cfg)
-    pp._open_output(cfg, plan, hold_task=False, stage=STAGE)
-    return plan
+    return pipeline.prepare(INSTRUCTION, cfg)
 
 
 def run_task(cfg: SFTPreprocessConfig) -> dict:
     """Encode this task's groups (all of them when num_tasks is 1), holding this task's lock."""
-    cfg = pp.resolve_task(cfg)
-    model, sources, template, plan = _inputs_and_plan(cfg)
-    out = Path(cfg.output)
-    lock = pp._open_output(cfg, plan, hold_task=True, stage=STAGE)
-    try:
-        def consume(pending: list[int], results: Iterator[dict], bar: Progress) -> int:
-            return _consume(out, plan, pending, results, sources, bar)
-
-        return pp.run_groups(cfg, out, plan, sources, STAGE, init=_init_worker,
-                             initargs=(str(model), plan["settings"], template, sources, str(out / pp.SPILL)),
-                             encode=_encode_chunk, consume=consume)
-    finally:
-        lock.release()  # type: ignore[union-attr]
+    return pipeline.run_task(INSTRUCTION, cfg)
 
 
 def finalize(output: str, verify: bool = True) -> dict:
     """Check that every group is committed and write manifest.json (under the finalize lock, refused while a task
     still holds its lock)."""
-    return pp.finalize_groups(output, STAGE, verify, _finalize)
+    return pipeline.finalize(INSTRUCTION, output, verify)
 
 
 def preprocess_sft(cfg: SFTPreprocessConfig) -> dict | None:
     """Run this task; finalize as well when it is the only task."""
-    cfg = pp.resolve_task(cfg)
-    run_task(cfg)
-    if cfg.num_tasks == 1:
-        return finalize(cfg.output, verify=False)
-    return None
+    return pipeline.preprocess(INSTRUCTION, cfg)
 
 
 # ------------------------------------------------------------------------------------------- worker
 
-_W: dict = {}
+class ExampleChunks:
+    """Renders and encodes chunks of instruction records (pipeline.ChunkEncoder): per split, the examples' ids
+    (``.tok``), loss masks (``.mask``) and lengths (``.len``)."""
 
+    def __init__(self, encoder: SentencePieceEncoder, settings: dict, template: tpl.Template, sources: list[Source]):
+        self.encoder, self.settings, self.template, self.sources = encoder, settings, template, sources
 
-def _init_worker(model_file: str, settings: dict, template: tpl.Template, sources: list[Source], spill: str) -> None:
-    import sentencepiece as spm
+    def start(self) -> None:
+        self.encoder.load()
 
-    _W.update(sp=spm.SentencePieceProcessor(model_file=model_file), s=settings, t=template, sources=sources,
-              spill=spill)
-
-
-def record_key(conv: rec.Conversation) -> str:
-    """What the split hash reads: the record's messages as canonical JSON."""
-    return json.dumps(conv.messages(), ensure_ascii=False, separators=(",", ":"))
-
-
-class _Counts:
-    def __init__(self) -> None:
-        self.read = 0
-        self.skipped: dict[str, int] = {r: 0 for r in SKIP_REASONS}
-        self.first: dict[str, int] = {}  # reason -> line, relative to the chunk's first line (1-based)
-        self.lines = 0  # lines in the chunk (a byte range of a JSON Lines file; 0 for a file read whole)
-
-    def skip(self, reason: str, line: int) -> None:
-        self.skipped[reason] += 1
-        self.first.setdefault(reason, line)
-
-
-def _line_of(path: str, offset: int) -> int:
-    """The 1-based line holding byte ``offset`` (for an error message: reads the file up to there)."""
-    n = 1
-    with open(path, "rb") as f:
-        left = offset
-        while left > 0:
-            block = f.read(min(left, 1 << 22))
-            if not block:
-                break
-            n += block.count(b"\n")
-            left -= len(block)
-    return n
-
-
-def _range_objects(src: Source, start: int, end: int, s: dict, counts: _Counts) -> Iterator[tuple[object, int, int]]:
-    """(parsed JSON, relative line, byte offset) of each record of the JSON Lines byte range [start, end), as
-    records._objects reads a whole file: BOM on the first line dropped, blank lines no records, bad UTF-8 and
-    bad JSON skipped (or, strict, an error naming file and line). Yields the line count at the end as
-    (None, lines, -1)."""
-    try:
-        raw = open(src.path, "rb")
-    except OSError as exc:
-        raise files.os_error(exc, src.path, "read") from None
-    with raw:
-        check_unchanged(src, os.fstat(raw.fileno()))
-        offset, line = 0, 0
-        if start > 0:
-            raw.seek(start - 1)
-            offset = start - 1 + len(raw.readline())  # that line began in the previous range
-        for data in raw:
-            if offset >= end:
-                break
-            here = offset
-            offset += len(data)
-            line += 1
-            if here == 0 and data.startswith(b"\xef\xbb\xbf"):
-                data = data[3:]
-            if not data.strip():
-                continue
-            counts.read += 1
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                _bad(src, here, line, counts, s, "invalid_utf8", f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                _bad(src, here, line, counts, s, "malformed_json", f"not JSON ({exc.msg} at column {exc.colno})")
-                continue
-            yield obj, line, here
-        check_unchanged(src, os.fstat(raw.fileno()))
-    check_unchanged(src)
-    yield None, line, -1
-
-
-def _bad(src: Source, offset: int, line: int, counts: _Counts, s: dict, reason: str, detail: str) -> None:
-    if s["strict"]:
-        raise UserError(f"{src.path}:{_line_of(src.path, offset)}: {detail} (drop --strict to skip and count such "
-                        "records)")
-    counts.skip(reason, line)
-
-
-def _conversations(src: Source, start: int, end: int | None, s: dict,
-                   counts: _Counts) -> Iterator[tuple[rec.Conversation, int, int]]:
-    """(conversation, relative line, byte offset or -1) of each good record of a chunk; bad ones counted."""
-    fields, key, fmt = _fields(s), s["messages_key"], s["record_format"]
-    if end is None:  # a JSON array or a compressed file: records' own reader, whole
-        stats = rec.ReadStats()
-        check_unchanged(src)
+    def encode(self, index: int, chunk: list, base: Path) -> dict:
+        """Read, render and encode one chunk; examples go to spill files per split (ids, mask, lengths)."""
+        src_i, start, end = chunk
+        sp, s, template, src = self.encoder.processor, self.settings, self.template, self.sources[src_i]
+        dtype = np.dtype(s["dtype"])
+        names = {split: {x: f"{base}.{split}.{x}" for x in ("tok", "mask", "len")} for split in SPLITS}
         try:
-            for conv in rec.read_conversations(src.path, fmt, fields=fields, messages_key=key, strict=s["strict"],
-                                               stats=stats):
-                yield conv, int(conv.where.rsplit(":", 1)[1]), -1
-        except UserError as exc:
-            msg = str(exc)
-            raise UserError(msg.replace("(drop strict to", "(drop --strict to")) from None
-        check_unchanged(src)
-        counts.read += stats.read
-        for reason, n in stats.skipped.items():
-            counts.skipped[reason] += n
-        for reason, where in stats.first.items():
-            counts.first.setdefault(reason, int(where.rsplit(":", 1)[1]))
-        return
-    for obj, line, here in _range_objects(src, start, end, s, counts):
-        if obj is None:
-            counts.lines = line
-            return
-        try:
-            is_chat = fmt == "chat" or (fmt == "auto" and isinstance(obj, dict) and key in obj)
-            conv = rec.chat_record(obj, key) if is_chat else rec.alpaca_record(obj, fields)
-        except rec._Skip as skip:  # (records' per-record verdict: reason and detail)
-            _bad(src, here, line, counts, s, skip.reason, skip.detail)
-            continue
-        yield conv, line, here
-
-
-def _encode_chunk(args: tuple) -> dict:
-    """Read, render and encode one chunk; examples go to spill files per split (ids, mask, lengths)."""
-    index, (src_i, start, end), _ = args
-    sp, s, template, src = _W["sp"], _W["s"], _W["t"], _W["sources"][src_i]
-    dtype = np.dtype(s["dtype"])
-    base = Path(_W["spill"]) / f"chunk-{index:07d}"
-    names = {split: {x: f"{base}.{split}.{x}" for x in ("tok", "mask", "len")} for split in SPLITS}
-    try:
-        spill = {split: {x: open(p, "wb") for x, p in names[split].items()} for split in SPLITS}
-    except OSError as exc:
-        raise files.os_error(exc, f"{base}.*", "create") from None
-    counts = _Counts()
-    per_split = {split: {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0} for split in SPLITS}
-    buf: dict[str, list] = {split: [[], [], []] for split in SPLITS}
-    buffered = 0
-    system = s["system"]
-
-    def flush() -> None:
-        nonlocal buffered
-        for split in SPLITS:
-            ids, mask, lens = buf[split]
-            if not lens:
-                continue
-            pp._spill_write(spill[split]["tok"], np.fromiter((t for x in ids for t in x), dtype, sum(lens)))
-            pp._spill_write(spill[split]["mask"], np.fromiter((t for x in mask for t in x), np.uint8, sum(lens)))
-            pp._spill_write(spill[split]["len"], np.asarray(lens, np.int64))
-            buf[split] = [[], [], []]
+            spill = {split: {x: open(p, "wb") for x, p in names[split].items()} for split in SPLITS}
+        except OSError as exc:
+            raise files.os_error(exc, f"{base}.*", "create") from None
+        counts = ChunkCounts()
+        per_split = {split: {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0} for split in SPLITS}
+        buf: dict[str, list] = {split: [[], [], []] for split in SPLITS}
         buffered = 0
+        system = s["system"]
 
-    done = False
-    try:
-        for conv, line, here in _conversations(src, start, end, s, counts):
-            split = SPLITS[pp.split_of(record_key(conv), s["validation_fraction"], s["seed"])]
-            if system is not None and conv.system is None:
-                conv = rec.Conversation(conv.turns, system, conv.where)
-            try:
-                r = enc.encode_conversation(conv, template, sp, s["max_length"], overflow=s["overflow"])
-            except UserError as exc:
-                _encode_skip(src, here, line, counts, s, UNRENDERABLE, f"the chat template cannot render it: {exc}")
-                continue
-            if isinstance(r, enc.Skip):
-                what = (f"{r.length:,} tokens, more than max_length {s['max_length']:,} (overflow skip)"
-                        if r.reason == "too_long" else
-                        f"its prompt alone fills max_length {s['max_length']:,} ({r.length:,} tokens): no response left")
-                _encode_skip(src, here, line, counts, s, r.reason, what)
-                continue
-            n = len(r.input_ids)
-            b = buf[split]
-            b[0].append(r.input_ids)
-            b[1].append(r.loss_mask)
-            b[2].append(n)
-            c = per_split[split]
-            c["examples"] += 1
-            c["tokens"] += n
-            c["response_tokens"] += sum(r.loss_mask)
-            c["truncated"] += r.truncated
-            buffered += n
-            if buffered >= FLUSH_TOKENS:
-                flush()
-        flush()
-        done = True
-    finally:
-        for f in (f for d in spill.values() for f in d.values()):
-            try:
-                f.close()
-            except OSError as exc:
-                if done:
-                    raise files.os_error(exc, f.name) from None
-    return {"index": index, "base": str(base), "splits": per_split, "read": counts.read, "skipped": counts.skipped,
-            "first": counts.first, "lines": counts.lines}
+        def flush() -> None:
+            nonlocal buffered
+            for split in SPLITS:
+                ids, mask, lens = buf[split]
+                if not lens:
+                    continue
+                spill_write(spill[split]["tok"], np.fromiter((t for x in ids for t in x), dtype, sum(lens)))
+                spill_write(spill[split]["mask"], np.fromiter((t for x in mask for t in x), np.uint8, sum(lens)))
+                spill_write(spill[split]["len"], np.asarray(lens, np.int64))
+                buf[split] = [[], [], []]
+            buffered = 0
+
+        done = False
+        try:
+            for conv, line, here in conversations(src, start, end, s, counts):
+                split = SPLITS[split_of(record_key(conv), s["validation_fraction"], s["seed"])]
+                if system is not None and conv.system is None:
+                    conv = rec.Conversation(conv.turns, system, conv.where)
+                try:
+                    r = enc.encode_conversation(conv, template, sp, s["max_length"], overflow=s["overflow"])
+                except UserError as exc:
+                    _encode_skip(src, here, line, counts, s, UNRENDERABLE, f"the chat template cannot render it: {exc}")
+                    continue
+                if isinstance(r, enc.Skip):
+                    what = (f"{r.length:,} tokens, more than max_length {s['max_length']:,} (overflow skip)"
+                            if r.reason == "too_long" else
+                            f"its prompt alone fills max_length {s['max_length']:,} ({r.length:,} tokens): no response left")
+                    _encode_skip(src, here, line, counts, s, r.reason, what)
+                    continue
+                n = len(r.input_ids)
+                b = buf[split]
+                b[0].append(r.input_ids)
+                b[1].append(r.loss_mask)
+                b[2].append(n)
+                c = per_split[split]
+                c["examples"] += 1
+                c["tokens"] += n
+                c["response_tokens"] += sum(r.loss_mask)
+                c["truncated"] += r.truncated
+                buffered += n
+                if buffered >= FLUSH_TOKENS:
+                    flush()
+            flush()
+            done = True
+        finally:
+            for f in (f for d in spill.values() for f in d.values()):
+                try:
+                    f.close()
+                except OSError as exc:
+                    if done:
+                        raise files.os_error(exc, f.name) from None
+        return {"index": index, "base": str(base), "splits": per_split, "read": counts.read, "skipped": counts.skipped,
+                "first": counts.first, "lines": counts.lines}
 
 
-def _encode_skip(src: Source, here: int, line: int, counts: _Counts, s: dict, reason: str, detail: str) -> None:
+def _encode_skip(src: Source, here: int, line: int, counts: ChunkCounts, s: dict, reason: str, detail: str) -> None:
     if s["strict"]:
-        at = _line_of(src.path, here) if here >= 0 else line
+        at = line_of(src.path, here) if here >= 0 else line
         raise UserError(f"{src.path}:{at}: {detail} (drop --strict to skip and count such records)")
     counts.skip(reason, line)
 
@@ -595,64 +377,60 @@ class RowPacker:
         self.writer.add(ids.reshape(n_rows, b), mask.reshape(n_rows, b), n_tokens, off, per_row)
 
 
-def _consume(out: Path, plan: dict, pending: list[int], results: Iterator[dict], sources: list[Source],
-             bar: Progress) -> int:
-    """Rows from the ordered chunk results, group by group; each group committed with its record."""
-    s = plan["settings"]
-    dtype, block = np.dtype(s["dtype"]), s["max_length"]
-    total = 0
-    it = iter(results)
-    for g in pending:
-        first, last = plan["groups"][g]
-        writers = {sp_: SFTShardWriter(out / f"{sp_}-{g:06d}.arrow", block, dtype) for sp_ in SPLITS}
-        packers = {sp_: RowPacker(s["layout"], block, s["pad_id"], dtype, writers[sp_]) for sp_ in SPLITS}
-        counts = {sp_: {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0} for sp_ in SPLITS}
-        skipped = {r: 0 for r in SKIP_REASONS}
-        first_skip: dict[str, list[int]] = {}
-        lines: list[int] = []
-        read = 0
-        try:
-            for c in range(first, last):
-                r = next(it)
-                for split in SPLITS:
-                    base = f"{r['base']}.{split}"
-                    tok = np.fromfile(f"{base}.tok", dtype=dtype)
-                    msk = np.fromfile(f"{base}.mask", dtype=np.uint8)
-                    lens = np.fromfile(f"{base}.len", dtype=np.int64)
-                    packers[split].feed(tok, msk, lens)
-                    for k, v in r["splits"][split].items():
-                        counts[split][k] += v
-                    for x in ("tok", "mask", "len"):
-                        os.unlink(f"{base}.{x}")
-                for reason, n in r["skipped"].items():
-                    skipped[reason] += n
-                for reason, line in r["first"].items():
-                    first_skip.setdefault(reason, [c, line])
-                lines.append(r["lines"])
-                read += r["read"]
-                total += sum(v["tokens"] for v in r["splits"].values())
-                bar.update(pp._chunk_bytes(plan["chunks"][r["index"]], sources), extra=f"{total / 1e6:.1f}M tokens")
-            shards = {}
-            for split in SPLITS:
-                packers[split].finish()
-                if writers[split].rows:
-                    shards[split] = writers[split].close()
-                else:
-                    writers[split].abort()
-                    shards[split] = None
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        record = {"group": g, "chunks": [first, last], "shards": shards, "counts": counts, "read": read,
-                  "skipped": skipped, "first_skip": first_skip, "lines": lines}
-        pp._write_json(pp._group_record_path(out, g), record)
-    return total
+class RowGroup:
+    """One group's train and validation shards (pipeline.GroupWriter): the chunks' examples into rows."""
+
+    def __init__(self, out: Path, s: dict, g: int):
+        self.dtype, block = np.dtype(s["dtype"]), s["max_length"]
+        self.writers = {sp: SFTShardWriter(shard_path(out, sp, g), block, self.dtype) for sp in SPLITS}
+        self.packers = {sp: RowPacker(s["layout"], block, s["pad_id"], self.dtype, self.writers[sp]) for sp in SPLITS}
+        self.counts = {sp: {"examples": 0, "tokens": 0, "response_tokens": 0, "truncated": 0} for sp in SPLITS}
+        self.skipped = {r: 0 for r in SKIP_REASONS}
+        self.first_skip: dict[str, list[int]] = {}
+        self.lines: list[int] = []
+        self.read = 0
+
+    def add(self, chunk: int, r: dict) -> int:
+        for split in SPLITS:
+            base = f"{r['base']}.{split}"
+            tok = np.fromfile(f"{base}.tok", dtype=self.dtype)
+            msk = np.fromfile(f"{base}.mask", dtype=np.uint8)
+            lens = np.fromfile(f"{base}.len", dtype=np.int64)
+            self.packers[split].feed(tok, msk, lens)
+            for k, v in r["splits"][split].items():
+                self.counts[split][k] += v
+            for x in ("tok", "mask", "len"):
+                os.unlink(f"{base}.{x}")
+        for reason, n in r["skipped"].items():
+            self.skipped[reason] += n
+        for reason, line in r["first"].items():
+            self.first_skip.setdefault(reason, [chunk, line])
+        self.lines.append(r["lines"])
+        self.read += r["read"]
+        return sum(v["tokens"] for v in r["splits"].values())
+
+    def close(self) -> dict:
+        shards = {}
+        for split in SPLITS:
+            self.packers[split].finish()
+            if self.writers[split].rows:
+                shards[split] = self.writers[split].close()
+            else:
+                self.writers[split].abort()
+                shards[split] = None
+        return {"shards": shards, "counts": self.counts, "read": self.read, "skipped": self.skipped,
+                "first_skip": self.first_skip, "lines": self.lines}
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
 
 
 # ------------------------------------------------------------------------------------------- finalize
 
-def _finalize(out: Path, plan: dict, records: list[dict]) -> dict:
+def _manifest(plan: dict, records: list[dict]) -> dict:
+    """manifest.json from the plan and the groups' records; the first line of each skip reason found back from
+    each chunk's line count (a chunk of a JSON Lines file counts its lines from its own start)."""
     s = plan["settings"]
     lines = [n for r in records for n in r["lines"]]  # per chunk, in plan order
     before: list[int] = []  # lines of the same file before each chunk

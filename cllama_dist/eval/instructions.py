@@ -64,12 +64,12 @@ def read_items(path: str | Path, *, strict: bool = False):
     items: list[Item] = []
     # The readers' own record parsing, so that held-out records are read exactly as training records are;
     # the raw object is needed too, for its task field.
-    for obj, where in records._objects(path, strict, stats):
+    for obj, where in records.read_objects(path, strict, stats):
         try:
             is_chat = isinstance(obj, dict) and "messages" in obj
             conv = records.chat_record(obj) if is_chat else records.alpaca_record(obj)
-        except records._Skip as s:
-            records._skip(stats, strict, s.reason, where, s.detail)
+        except records.BadRecord as s:
+            records.count_skip(stats, strict, s.reason, where, s.detail)
             continue
         stats.kept += 1
         msgs = conv.messages()

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
-from ..data.corpus import Source, _open_binary, classify
+from ..data.corpus import Source, open_binary, classify
 from ..errors import UserError
 
 # Skip reasons, in the order reports list them.
@@ -94,7 +94,9 @@ class ReadStats:
                 "first": dict(self.first)}
 
 
-class _Skip(Exception):
+class BadRecord(Exception):
+    """A record to skip (or, strict, to refuse): the reason it is counted under (SKIP_REASONS) and a detail."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -103,14 +105,14 @@ class _Skip(Exception):
 def _text(value, name: str, *, required: bool = True) -> str | None:
     if value is None:
         if required:
-            raise _Skip("missing_field", f"missing field {name!r}")
+            raise BadRecord("missing_field", f"missing field {name!r}")
         return None
     if not isinstance(value, str):
-        raise _Skip("non_string", f"field {name!r} is a {type(value).__name__}, not a string")
+        raise BadRecord("non_string", f"field {name!r} is a {type(value).__name__}, not a string")
     try:
         value.encode("utf-8")  # C speed; fails exactly on lone surrogates
     except UnicodeEncodeError:
-        raise _Skip("invalid_utf8", f"field {name!r} holds a lone surrogate (invalid UTF-8 or a \\ud8xx escape)") from None
+        raise BadRecord("invalid_utf8", f"field {name!r} holds a lone surrogate (invalid UTF-8 or a \\ud8xx escape)") from None
     return value
 
 
@@ -120,37 +122,37 @@ def _system(value) -> str | None:
 
 
 def alpaca_record(obj, fields: Fields = Fields()) -> Conversation:
-    """One Alpaca-style object as a Conversation (raises _Skip for a bad one)."""
+    """One Alpaca-style object as a Conversation (raises BadRecord for a bad one)."""
     if not isinstance(obj, dict):
-        raise _Skip("malformed_record", f"a record must be a JSON object, not {type(obj).__name__}")
+        raise BadRecord("malformed_record", f"a record must be a JSON object, not {type(obj).__name__}")
     instruction = _text(obj.get(fields.instruction), fields.instruction)
     output = _text(obj.get(fields.output), fields.output)
     inp = _text(obj.get(fields.input), fields.input, required=False) if fields.input else None
     system = _system(obj.get(fields.system)) if fields.system else None
     assert instruction is not None and output is not None
     if not instruction.strip() and not (inp or "").strip():
-        raise _Skip("empty_prompt", "instruction and input are both empty")
+        raise BadRecord("empty_prompt", "instruction and input are both empty")
     if not output.strip():
-        raise _Skip("empty_response", f"field {fields.output!r} is empty")
+        raise BadRecord("empty_response", f"field {fields.output!r} is empty")
     return single_turn(instruction, output, inp, system)
 
 
 def chat_record(obj, messages_key: str = "messages") -> Conversation:
-    """One chat object as a Conversation (raises _Skip for a bad one)."""
+    """One chat object as a Conversation (raises BadRecord for a bad one)."""
     if not isinstance(obj, dict):
-        raise _Skip("malformed_record", f"a record must be a JSON object, not {type(obj).__name__}")
+        raise BadRecord("malformed_record", f"a record must be a JSON object, not {type(obj).__name__}")
     msgs = obj.get(messages_key)
     if msgs is None:
-        raise _Skip("missing_field", f"missing field {messages_key!r}")
+        raise BadRecord("missing_field", f"missing field {messages_key!r}")
     if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-        raise _Skip("malformed_record", f"{messages_key!r} must be a list of objects")
+        raise BadRecord("malformed_record", f"{messages_key!r} must be a list of objects")
     roles, contents = [], []
     for i, m in enumerate(msgs, 1):
         if m.get("role") is None:
-            raise _Skip("missing_field", f"message {i} has no 'role'")
+            raise BadRecord("missing_field", f"message {i} has no 'role'")
         role = m["role"]
         if role not in ("system", "user", "assistant"):
-            raise _Skip("unknown_role", f"message {i} has role {role!r} (expected system, user or assistant)")
+            raise BadRecord("unknown_role", f"message {i} has role {role!r} (expected system, user or assistant)")
         content = _text(m.get("content"), f"content of message {i}")
         roles.append(role)
         contents.append(content)
@@ -159,7 +161,7 @@ def chat_record(obj, messages_key: str = "messages") -> Conversation:
         system = contents[0] if contents[0] and not contents[0].isspace() else None
         roles, contents = roles[1:], contents[1:]
     if not roles:
-        raise _Skip("role_order", "no user / assistant messages")
+        raise BadRecord("role_order", "no user / assistant messages")
     offset = len(msgs) - len(roles)
     for i, role in enumerate(roles):
         want = "user" if i % 2 == 0 else "assistant"
@@ -167,16 +169,16 @@ def chat_record(obj, messages_key: str = "messages") -> Conversation:
             what = ("a system message after the first" if role == "system"
                     else "starts with an assistant message" if i == 0
                     else f"two {role} messages in a row")
-            raise _Skip("role_order", f"message {i + 1 + offset}: {what}")
+            raise BadRecord("role_order", f"message {i + 1 + offset}: {what}")
     if roles[-1] != "assistant":
-        raise _Skip("role_order", "ends with a user message (no response to learn)")
+        raise BadRecord("role_order", "ends with a user message (no response to learn)")
     turns = []
     for i in range(0, len(roles), 2):
         user, assistant = contents[i], contents[i + 1]
         if not user.strip():
-            raise _Skip("empty_prompt", f"message {i + 1 + offset} (user) is empty")
+            raise BadRecord("empty_prompt", f"message {i + 1 + offset} (user) is empty")
         if not assistant.strip():
-            raise _Skip("empty_response", f"message {i + 2 + offset} (assistant) is empty")
+            raise BadRecord("empty_response", f"message {i + 2 + offset} (assistant) is empty")
         turns.append((user, assistant))
     return Conversation(tuple(turns), system)
 
@@ -193,11 +195,11 @@ def _source(path: str | os.PathLike) -> Source:
     return Source(os.path.abspath(p), "jsonl", compression, os.path.getsize(p))
 
 
-def _objects(path: str | os.PathLike, strict: bool, stats: ReadStats) -> Iterator[tuple[object, str]]:
+def read_objects(path: str | os.PathLike, strict: bool, stats: ReadStats) -> Iterator[tuple[object, str]]:
     """(parsed object, "file:line") for each record of a JSON Lines file or top-level JSON array."""
     src = _source(path)
     try:
-        with _open_binary(src) as fh:
+        with open_binary(src) as fh:
             first = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
             if first.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
                 yield from _array(src.path, fh.read(), strict, stats)
@@ -212,12 +214,12 @@ def _objects(path: str | os.PathLike, strict: bool, stats: ReadStats) -> Iterato
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    _skip(stats, strict, "invalid_utf8", where, f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
+                    count_skip(stats, strict, "invalid_utf8", where, f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    _skip(stats, strict, "malformed_json", where, f"not JSON ({exc.msg} at column {exc.colno})")
+                    count_skip(stats, strict, "malformed_json", where, f"not JSON ({exc.msg} at column {exc.colno})")
                     continue
                 yield obj, where
     except (OSError, EOFError) as exc:
@@ -269,7 +271,7 @@ def _array(path: str, data: bytes, strict: bool, stats: ReadStats) -> Iterator[t
         raise broken(i, "text after the closing ']'")
 
 
-def _skip(stats: ReadStats, strict: bool, reason: str, where: str, detail: str) -> None:
+def count_skip(stats: ReadStats, strict: bool, reason: str, where: str, detail: str) -> None:
     if strict:
         raise UserError(f"{where}: {detail} (drop strict to skip and count such records)")
     stats.skipped[reason] += 1
@@ -280,11 +282,11 @@ def read_alpaca(path: str | os.PathLike, fields: Fields = Fields(), *, strict: b
                 stats: ReadStats | None = None) -> Iterator[Conversation]:
     """Conversations of an Alpaca-style JSON Lines file or JSON array."""
     stats = stats if stats is not None else ReadStats()
-    for obj, where in _objects(path, strict, stats):
+    for obj, where in read_objects(path, strict, stats):
         try:
             conv = alpaca_record(obj, fields)
-        except _Skip as s:
-            _skip(stats, strict, s.reason, where, s.detail)
+        except BadRecord as s:
+            count_skip(stats, strict, s.reason, where, s.detail)
             continue
         stats.kept += 1
         yield Conversation(conv.turns, conv.system, where)
@@ -294,11 +296,11 @@ def read_chat(path: str | os.PathLike, *, messages_key: str = "messages", strict
               stats: ReadStats | None = None) -> Iterator[Conversation]:
     """Conversations of a chat JSON Lines file (or JSON array) of {"messages": [...]} records."""
     stats = stats if stats is not None else ReadStats()
-    for obj, where in _objects(path, strict, stats):
+    for obj, where in read_objects(path, strict, stats):
         try:
             conv = chat_record(obj, messages_key)
-        except _Skip as s:
-            _skip(stats, strict, s.reason, where, s.detail)
+        except BadRecord as s:
+            count_skip(stats, strict, s.reason, where, s.detail)
             continue
         stats.kept += 1
         yield Conversation(conv.turns, conv.system, where)
@@ -317,12 +319,12 @@ def read_conversations(path: str | os.PathLike, fmt: Literal["auto", "alpaca", "
     if fmt != "auto":
         raise UserError(f"unknown instruction format {fmt!r}: expected auto, alpaca or chat")
     stats = stats if stats is not None else ReadStats()
-    for obj, where in _objects(path, strict, stats):
+    for obj, where in read_objects(path, strict, stats):
         try:
             is_chat = isinstance(obj, dict) and messages_key in obj
             conv = chat_record(obj, messages_key) if is_chat else alpaca_record(obj, fields)
-        except _Skip as s:
-            _skip(stats, strict, s.reason, where, s.detail)
+        except BadRecord as s:
+            count_skip(stats, strict, s.reason, where, s.detail)
             continue
         stats.kept += 1
         yield Conversation(conv.turns, conv.system, where)

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from cllama_dist.data.config import PreprocessConfig
-from cllama_dist.data.preprocess import GROUPS, preprocess
+from cllama_dist.data.pipeline import GROUPS
+from cllama_dist.data.preprocess import preprocess
 from cllama_dist.data.shards import load_manifest, verify_shards
 
 from ..conftest import write_jsonl

@@ -199,6 +199,22 @@ def test_a_file_reached_twice_through_symlinks_is_read_once(tmp_path):
     assert [s.path for s in sources] == [str(tmp_path / "a.txt")]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("links", [{"a": ".", "b": "."}, {"a": "b", "b": "a"}, {"sub/up": "..", "sub/down": "../sub"}])
+def test_a_recursive_glob_over_self_referencing_symlinks_returns(tmp_path, links):
+    """Two links back into the folder made glob's ``**`` double the tree at every level (it never returned); a
+    pair of links to each other is a loop that is no folder at all. Either way the glob reads the corpus once."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS), encoding="utf-8")
+    for name, target in links.items():
+        (corpus / name).symlink_to(target)
+    pattern = str(corpus / "**" / "*.jsonl")
+    assert [s.path for s in resolve_inputs([pattern])] == [str(corpus / "a.jsonl")]
+    assert _resolve_with_alarm([pattern], seconds=30)[1] == DOCS
+    assert [s.path for s in resolve_inputs([str(corpus)])] == [str(corpus / "a.jsonl")]  # the folder form agrees
+
+
 def test_a_linked_folder_inside_a_corpus_folder_is_read(tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()

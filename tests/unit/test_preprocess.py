@@ -9,7 +9,8 @@ import sentencepiece as spm
 
 from cllama_dist.assets import corpus_path
 from cllama_dist.data.config import PreprocessConfig
-from cllama_dist.data.preprocess import GROUPS, Packer, finalize, preprocess, run_task, split_of, token_sizes
+from cllama_dist.data.pipeline import GROUPS, split_of
+from cllama_dist.data.preprocess import Packer, finalize, preprocess, run_task, token_sizes
 from cllama_dist.data.loader import text_sizes
 from cllama_dist.data.shards import FORMAT, check_manifest, load_manifest, shard_tokens, verify_shards
 from cllama_dist.errors import UserError
@@ -124,7 +125,7 @@ def test_slurm_array_environment_defaults(monkeypatch, tiny_merged, corpus, tmp_
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
-    from cllama_dist.data.preprocess import resolve_task
+    from cllama_dist.data.pipeline import resolve_task
 
     # The config keeps "unset" (0 / -1); the task resolves it from Slurm's array variables when it runs, so a
     # config built on a login node and pickled into a job reads the job's own variables.
@@ -305,18 +306,18 @@ def test_a_corpus_that_shrinks_during_the_run_is_an_error(tiny_merged, corpus, t
     src = tmp_path / "c.jsonl"
     src.write_bytes(Path(corpus).read_bytes())
     size = src.stat().st_size
-    real = pp._encode_chunk
+    real = pp.TextChunks.encode
     calls = []
 
-    def encode_then_truncate(args):
-        calls.append(args[0])
-        r = real(args)
+    def encode_then_truncate(self, index, chunk, spill):
+        calls.append(index)
+        r = real(self, index, chunk, spill)
         if len(calls) == 1:  # another job rewrites the corpus while this one reads it
             with open(src, "r+b") as f:
                 f.truncate(size * 88 // 100)
         return r
 
-    monkeypatch.setattr(pp, "_encode_chunk", encode_then_truncate)
+    monkeypatch.setattr(pp.TextChunks, "encode", encode_then_truncate)
     out = tmp_path / "o"
     with pytest.raises(UserError, match=rf"{src}: changed while being read \(size {size:,} -> {size * 88 // 100:,}"):
         preprocess(cfg(tiny_merged, src, out))

@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from cllama_dist.data.config import SFTPreprocessConfig
 from cllama_dist.data.loader import SFTBlocks, TokenBlocks, position_ids, segment_ids
-from cllama_dist.data.preprocess import GROUPS, split_of
+from cllama_dist.data.pipeline import GROUPS, split_of
 from cllama_dist.data.sft import RowPacker, finalize, preprocess_sft, record_key, run_task
 from cllama_dist.data.shards import (SFT_COLUMNS, SFT_FORMAT, SFTShardWriter, check_manifest, check_sft_manifest,
                                      load_manifest, load_sft_manifest, verify_shards)
