@@ -32,7 +32,7 @@ def test_submit_parses_the_job_config_and_the_flags_after_a_lone_dash_dash(monke
     run = tmp_path / "c.yaml"
     run.write_text("model:\n  config: {vocab_size: 10}\noptim:\n  lr: 3e-4\n  max_steps: 5\n")
     assert cli.main(["submit", "train", "--config", str(run), "--nodes", "2", "--device", "cpu", "--",
-                     "--lr", "1e-4", "--lora.rank", "4"]) == 0
+                     "--optim.lr", "1e-4", "--lora.rank", "4"]) == 0
     # The job carries a checked config object (YAML, then the flags after --), not argv to re-parse.
     cfg, job = seen["cfg"], seen["job"]
     assert (cfg.optim.lr, cfg.optim.max_steps, cfg.lora.rank, cfg.model.config) == (1e-4, 5, 4, {"vocab_size": 10})
