@@ -98,7 +98,7 @@ def peak_memory(device: str) -> dict:
 
 
 def train_config(spec: dict, overrides: dict):
-    """The run config of every variant (``overrides``: dotted keys, or the flat keys of earlier versions)."""
+    """The run config of every variant (``overrides``: dotted keys, e.g. ``model.embeddings``)."""
     from cllama_dist.config import build
     from cllama_dist.model.config import LLAMA_PROJECTIONS
     from cllama_dist.trainer.config import TrainConfig
@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = "bf16"
     else:
         peak, dtype = args.peak_tflops, "fp32"
-    variants: dict[str, dict] = {"ours-new-rows": {"embeddings": "new-rows"}, "ours-full": {"embeddings": "full"}}
+    variants: dict[str, dict] = {"ours-new-rows": {"model.embeddings": "new-rows"},
+                                 "ours-full": {"model.embeddings": "full"}}
     order = [v for v in args.variants if v in BASE]
     for item in args.variant:
         label, _, body = item.partition(":")
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         for kv in filter(None, body.split(",")):
             k, _, v = kv.partition("=")
             over[k] = json.loads(v) if v[:1] in "[{0123456789-" or v in ("true", "false") else v
-        variants[label] = {"embeddings": "new-rows", **over}
+        variants[label] = {"model.embeddings": "new-rows", **over}
         order.append(label)
 
     results: dict[str, dict] = {}

@@ -4,8 +4,7 @@ Each stage's config is a dataclass built from small sections, each defined besid
 (``trainer/config.py``, ``data/config.py``, ``model/config.py``, ...). A field is declared once, with
 ``option()``: its type annotation, its default and its help text. That one declaration gives
 
-- the YAML key (nested: ``optim: {lr: 2e-4}``), and the flag (``--optim.lr``; plus the flat flag and YAML
-  key that earlier versions used, e.g. ``--lr`` / ``lr:``, where ``legacy=`` names it);
+- the YAML key (nested: ``optim: {lr: 2e-4}``, or dotted: ``optim.lr: 2e-4``) and the flag (``--optim.lr``);
 - the help text of the flag, so a flag and its key never drift apart;
 - the check of every value against the declared type, wherever it comes from (YAML, a flag, Python).
 
@@ -28,6 +27,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from typing import Annotated, Any, Iterator, Literal, Union
 from .errors import UserError
 
 # A filesystem path, kept as a string ("" means unset). Declared as PathStr so that a list, a number or a
-# mapping given for a path is refused, and "~" is expanded.
+# mapping given for a path is refused, and "~" and environment variables ($VAR, ${VAR}) are expanded.
 PathStr = Annotated[str, "path"]
 
 __all__ = ["PathStr", "Section", "option", "ConfigError", "check", "require", "coerce", "build", "load", "load_yaml",
@@ -64,16 +64,14 @@ def require(cfg: Any, *names: str) -> None:
         check(bool(getattr(cfg, name)), name, "is required")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, legacy: str | None = None,
-           aliases: tuple[str, ...] | list[str] = (), flag: bool = True) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple[str, ...] | list[str] = (),
+           flag: bool = True) -> Any:
     """A config field with its help text.
 
-    legacy: the flat name this setting had before the config was nested (``lr`` for ``optim.lr``): the flag
-        ``--lr`` and the top-level YAML key ``lr:`` keep working, and so do checkpoints that recorded it.
     aliases: further flags (``--out``).
     flag: False for settings that only make sense in YAML or Python.
     """
-    meta = {"help": help, "legacy": legacy, "aliases": tuple(aliases), "flag": flag}
+    meta = {"help": help, "aliases": tuple(aliases), "flag": flag}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -153,6 +151,23 @@ def _number(value: Any, key: str, whole: bool) -> int | float:
     return float(value)
 
 
+_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expand_variables(value: str, key: str) -> str:
+    """``$VAR`` and ``${VAR}`` in a path replaced by the environment's value. An unset variable is refused, where
+    os.path.expandvars would keep the text and a folder named ``${VAR}`` would appear."""
+    def value_of(m: re.Match) -> str:
+        name = m.group("plain") or m.group("braced")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or ""):
+            raise ConfigError(key, f"{m.group(0)!r} in {value!r} is not an environment variable reference")
+        if name not in os.environ:
+            raise ConfigError(key, f"environment variable {name} is not set (in {value!r})")
+        return os.environ[name]
+
+    return _VARIABLE.sub(value_of, value) if "$" in value else value
+
+
 def coerce(value: Any, tp: Any, key: str = "") -> Any:
     """``value`` checked against (and converted to) the declared type ``tp``; ConfigError names ``key``.
 
@@ -160,7 +175,8 @@ def coerce(value: Any, tp: Any, key: str = "") -> Any:
     - int / float: numbers, and strings that read as numbers ("2e-4", "1000", "1e4" for an int); a float
       for an int only when whole; never true/false; never inf/nan.
     - bool: true or false only. The string "no" (a quoted YAML value) is refused, not read as true.
-    - str: a string only (a number is refused: quote it); PathStr: a string or path, "~" expanded.
+    - str: a string only (a number is refused: quote it); PathStr: a string or path, "~" and $VAR / ${VAR}
+      expanded (an unset variable is refused).
     - Literal: exactly one of the choices (the error lists them, and suggests a near match).
     - list[T]: a list or tuple, each element checked; a single value is taken as a one-element list.
     - dict: a mapping (a flag may give it as a YAML/JSON string).
@@ -180,6 +196,7 @@ def coerce(value: Any, tp: Any, key: str = "") -> Any:
             value = os.fspath(value)
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a path, got {_describe(value)}")
+        value = _expand_variables(value, key)
         return os.path.expanduser(value) if value.startswith("~") else value
     if typing.get_origin(tp) is Annotated:
         tp = typing.get_args(tp)[0]
@@ -249,36 +266,54 @@ def coerce(value: Any, tp: Any, key: str = "") -> Any:
 # Building a config from a nested mapping (YAML + flags), with the source of each value for messages.
 
 
-def _legacy_names(cls: type, prefix: str = "") -> dict[str, str]:
-    """Flat legacy name -> dotted key, over a config and its sections."""
-    out: dict[str, str] = {}
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        dotted = f"{prefix}{f.name}"
-        tp, _ = _optional(hints[f.name])
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            out.update(_legacy_names(tp, dotted + "."))
-        elif f.metadata.get("legacy") and prefix:
-            out[f.metadata["legacy"]] = dotted
-    return out
+# The flat names that `cllama train`'s settings had before they were nested into sections (``lr:``, ``--lr``). They
+# are no longer read: an old YAML key or flag is refused like any unknown one, and this table only lets the
+# message name the setting's key today.
+RENAMED = {
+    "model": "model.path", "model_config": "model.config", "tokenizer": "model.tokenizer",
+    "extended_vocab": "model.extended_vocab", "embeddings": "model.embeddings", "new_row_init": "model.new_row_init",
+    "new_row_std": "model.new_row_std", "gradient_checkpointing": "model.gradient_checkpointing",
+    "attn_implementation": "model.attn_implementation",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_targets": "lora.targets",
+    "data": "data.path", "block_size": "data.block_size", "micro_batch_size": "data.micro_batch_size",
+    "grad_accum": "data.grad_accum", "global_batch_size": "data.global_batch_size",
+    **{name: f"optim.{name}" for name in ("max_steps", "lr", "embedding_lr", "weight_decay", "adam_betas", "adam_eps",
+                                          "warmup_steps", "warmup_ratio", "min_lr_ratio", "clip_grad",
+                                          "max_nonfinite_steps")},
+    **{name: f"engine.{name}" for name in ("deepspeed_config", "deepspeed_overrides", "single_process_zero2", "dtype")},
+    "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last", "resume": "checkpoint.resume",
+    "eval_every": "validation.every", "eval_sequences": "validation.sequences",
+    "log_every": "logging.log_every", "tensorboard": "logging.tensorboard", "peak_tflops": "logging.peak_tflops",
+}
+
+
+def renamed(cls: type, name: str) -> str | None:
+    """The dotted key that the flat name ``name`` became in ``cls``, if it is one of ``RENAMED`` there."""
+    dotted = RENAMED.get(name)
+    return dotted if dotted and any(d == dotted for d, *_ in _leaves(cls)) else None
+
+
+def _spelled(dotted: str) -> str:
+    section, _, leaf = dotted.rpartition(".")
+    return f"{dotted} (YAML: `{section}: {{{leaf}: ...}}`; flag: --{dotted.replace('_', '-')})"
 
 
 def nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Put flat legacy keys (``lr``) and dotted keys (``optim.lr``) of a mapping where they belong."""
-    legacy = _legacy_names(cls)
+    """Put the dotted keys (``optim.lr``) of a mapping where they belong."""
     hints = _hints(cls)
     top = {f.name for f in dataclasses.fields(cls)}
     sections = {n for n in top if dataclasses.is_dataclass(_optional(hints[n])[0])}
     out: dict[str, Any] = {}
     for key, value in values.items():
-        # A legacy flat key may share its name with a section (``model: /path`` was the model folder,
-        # ``model:`` is now the model section): a plain value there is the legacy setting.
         if key in sections and isinstance(value, list) and getattr(_optional(hints[key])[0], "list_field", None):
             # A section that names a list field takes a list for the whole section: ``data: [{name, path,
             # weight}, ...]`` is ``data: {sets: [...]}``.
             key = f"{key}.{_optional(hints[key])[0].list_field}"
-        elif key in legacy and (key not in top or (key in sections and not isinstance(value, dict))):
-            key = legacy[key]
+        elif key in sections and not isinstance(value, dict) and renamed(cls, key):
+            # ``model: /path`` was the model folder before ``model`` became a section.
+            raise ConfigError(key, f"is a section; for the setting a plain `{key}:` value gave, use "
+                                   f"{_spelled(renamed(cls, key))}")
         parts = key.split(".") if isinstance(key, str) and key not in top else [key]
         node = out
         for p in parts[:-1]:
@@ -301,13 +336,15 @@ def build(cls: type, values: dict[str, Any], prefix: str = "", source: str = "",
     ``source`` names where the values came from (a YAML file); ``origins`` maps dotted keys to the flag
     that set them, so an error names the flag instead. Messages read ``SOURCE: KEY: problem``.
     """
-    if not prefix:
-        values = nest(cls, values)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     try:
+        if not prefix:
+            values = nest(cls, values)
         for key in values:
+            if not prefix and key not in known and renamed(cls, key):
+                raise ConfigError(str(key), f"unknown setting; use {_spelled(renamed(cls, key))}")
             if key not in known:
                 near = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
                 guess = f" (did you mean {near[0]!r}?)" if near else ""
@@ -347,7 +384,14 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loader = yaml.SafeLoader(p.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _refuse_repeated_keys(node, p)
+            data = (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except UnicodeDecodeError as exc:
         raise UserError(f"config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -359,21 +403,48 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _refuse_repeated_keys(node: Any, path: Path, where: str = "") -> None:
+    """A key given twice in one mapping: PyYAML keeps the last silently, so half of the file is ignored."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, path, f"{where}[{i}]")
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
+            dotted = f"{where}.{name}" if where else name
+            if name and name != "<<":  # "<<" is a YAML merge key, which may repeat
+                line = key.start_mark.line + 1
+                if name in seen:
+                    raise UserError(f"config file {path}: {dotted} is given twice (lines {seen[name]} and {line}); "
+                                    "only the last would count: keep one")
+                seen[name] = line
+            _refuse_repeated_keys(value, path, dotted)
+
+
 def load(cls: type, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
          origins: dict[str, str] | None = None) -> Any:
     """A config from a YAML file (optional) with dotted-key overrides applied on top."""
-    values = nest(cls, load_yaml(path)) if path else {}
+    try:
+        values = nest(cls, load_yaml(path)) if path else {}
+    except ConfigError as exc:
+        raise UserError(f"{path}: {exc}") from None
     for key, value in (overrides or {}).items():
         node = values
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{path}: {p}: is a value there, but {(origins or {}).get(key, key)} sets a key "
+                                "inside it")
         node[parts[-1]] = value
     return build(cls, values, source=str(path) if path else "", origins=origins)
 
 
 # --------------------------------------------------------------------------------------------------
-# Flags: one per leaf field, dotted for sections (--optim.lr), plus the legacy flat names (--lr).
+# Flags: one per leaf field, dotted for sections (--optim.lr).
 
 
 def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, type]]:
@@ -389,17 +460,31 @@ def _leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Fiel
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    """" (default: VALUE)" for the help, or "" where it would say nothing: the help text names the default
+    already, or the default is empty (no path, no list)."""
+    if re.search(r"\(default\b|\bdefault:", f.metadata.get("help", ""), re.IGNORECASE):
+        return ""
     if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return repr(f.default_factory())  # type: ignore[misc]
-    return "required"
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return " (required)"
+    return "" if value in ("", None, [], {}) else f" (default: {value!r})"
+
+
+class _Renamed(argparse.Action):
+    """A flat flag of earlier versions (--lr): noted, and refused in ``flag_values`` with its new name."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace._renamed = getattr(namespace, "_renamed", None) or option_string
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per leaf setting. Defaults stay None, so that only flags actually given override YAML."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    canonical = {f"--{d.replace('_', '-')}" for d, *_ in _leaves(cls)}
+    taken = {f"--{d.replace('_', '-')}" for d, *_ in _leaves(cls)}
+    taken |= {a for _, f, *_ in _leaves(cls) for a in f.metadata.get("aliases", ())}
     for dotted, f, tp, owner in _leaves(cls):
         if dotted in skip or not f.metadata.get("flag", True):
             continue
@@ -411,9 +496,6 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
                 groups[section] = parser.add_argument_group(f"{section}", doc)
             target = groups[section]
         names = [f"--{dotted.replace('_', '-')}"]  # flags spelled with _ are read as - (normalise_flags)
-        legacy = f"--{f.metadata['legacy'].replace('_', '-')}" if f.metadata.get("legacy") else None
-        if legacy and legacy not in canonical:  # a field's own flag wins over another's legacy name
-            names.append(legacy)
         names += [a for a in f.metadata.get("aliases", ()) if a not in names]
         base, _ = _optional(tp)
         if typing.get_origin(base) is Annotated and not _is_path(base):
@@ -422,7 +504,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if typing.get_origin(base) is Literal:
             help_text += f" One of: {', '.join(str(c) for c in typing.get_args(base))}."
         kwargs: dict[str, Any] = {"dest": dotted, "default": None,
-                                  "help": f"{help_text} (default: {_default_text(f)})".replace("%", "%%")}
+                                  "help": f"{help_text}{_default_text(f)}".replace("%", "%%")}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) in (list, tuple) or base in (list, tuple):
@@ -431,6 +513,14 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             kwargs["metavar"] = "PATH" if _is_path(base) else ("{" + ",".join(map(str, typing.get_args(base))) + "}"
                                                                  if typing.get_origin(base) is Literal else "VALUE")
         target.add_argument(*names, **kwargs)
+    # The flat flags of earlier versions, hidden: without them argparse would read --data as an abbreviation
+    # of --data.path or call it ambiguous; with them the error names the flag to use.
+    types_of = {d: _optional(tp)[0] for d, _, tp, _ in _leaves(cls)}
+    for old, dotted in RENAMED.items():
+        flag = old.replace("_", "-")
+        names = [f"--{flag}"] + ([f"--no-{flag}"] if types_of.get(dotted) is bool else [])
+        if renamed(cls, old) and not taken.intersection(names):
+            parser.add_argument(*names, nargs="*", action=_Renamed, dest="_renamed", help=argparse.SUPPRESS)
 
 
 def normalise_flags(argv: list[str]) -> list[str]:
@@ -447,6 +537,11 @@ def normalise_flags(argv: list[str]) -> list[str]:
 
 def flag_values(args: argparse.Namespace, cls: type) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings the user gave as flags (dotted keys), and for each the flag, for error messages."""
+    flat = getattr(args, "_renamed", None)
+    if flat:
+        dotted = RENAMED[flat.removeprefix("--no-").removeprefix("--").replace("-", "_")]
+        raise UserError(f"{flat}: unknown flag; use --{'no-' if flat.startswith('--no-') else ''}"
+                        f"{dotted.replace('_', '-')}")
     values, origins = {}, {}
     for dotted, f, _, _ in _leaves(cls):
         v = getattr(args, dotted, None)

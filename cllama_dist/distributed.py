@@ -10,12 +10,17 @@ read those), so they are mapped here; the rendezvous address is the first node's
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
 import signal
 import socket
 import subprocess
-from typing import Any, Callable, TypeVar
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -77,6 +82,33 @@ def map_slurm_env(env: dict[str, str] | None = None) -> bool:
     return True
 
 
+def port_in_use(port: int | str) -> UserError:
+    return UserError(f"rendezvous port {port} is already in use on this machine (another job, or one still exiting): "
+                     "choose a free one with --master-port (the same on every node), or leave --master-port out on one "
+                     "node to pick a free one")
+
+
+def require_free_port(port: int) -> None:
+    """Refuse a rendezvous port that a listening socket holds, before starting anything (torchrun would fail with a
+    47-line traceback ending in EADDRINUSE). Bound as the rendezvous store binds it: every address, SO_REUSEADDR, so
+    a port only in TIME_WAIT counts as free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+            s.listen(1)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise port_in_use(port) from None
+            raise
+
+
+def is_port_in_use_error(exc: BaseException) -> bool:
+    """Whether torch's rendezvous store failed because its port was taken (DistNetworkError, RuntimeError)."""
+    text = str(exc)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
 def init(timeout_minutes: float = 10) -> str:
     """Join the process group (nccl on GPU, gloo on CPU); returns the device string for this rank.
 
@@ -96,12 +128,129 @@ def init(timeout_minutes: float = 10) -> str:
     for name in ("RANK", "WORLD_SIZE"):
         os.environ.setdefault(name, "0" if name == "RANK" else "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # one process without a launcher: a free port, not a guess another job holds
+        os.environ["MASTER_PORT"] = str(free_port() if os.environ["WORLD_SIZE"] == "1" else 29500 + os.getpid() % 1000)
     os.environ.setdefault("LOCAL_RANK", "0")
-    with muted_stdout():  # DeepSpeed prints "shm_comm_op built successfully" on every rank
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    if not use_cuda:
+        prepare_cpu_comm_op()
+    try:
+        with muted_stdout():  # DeepSpeed prints "shm_comm_op built successfully" on every rank
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(minutes=timeout_minutes))
+    except Exception as exc:
+        if is_port_in_use_error(exc):
+            raise port_in_use(os.environ["MASTER_PORT"]) from None
+        raise
     return f"cuda:{cuda_device()}" if use_cuda else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed's shared-memory op for CPU collectives, JIT-built by torch.utils.cpp_extension on the first CPU run.
+#
+# torch guards that build with a FileBaton: a file "lock" in the build folder, created with O_EXCL and removed
+# when the build ends. A process killed while it builds leaves the file behind, and every later run waits for
+# it to vanish, forever and without a word. So the build runs here first, under a lock of our own that the
+# kernel releases when its holder dies (flock): whoever holds it is the only one of us building, so a baton
+# found then is stale unless some other program (plain DeepSpeed) has the file open right now.
+
+BUILD_LOCK = "cllama-build.lock"
+
+
+def prepare_cpu_comm_op() -> None:
+    """Build (first run only, announced in one line) or load DeepSpeed's shm op, clearing a stale build lock."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed does not use it here either
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get(builder.NAME, False):
+        return  # built into the installed package: nothing to build
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    with _build_lock(folder / BUILD_LOCK, builder.NAME):
+        baton = folder / "lock"
+        if baton.exists():
+            _clear_stale_baton(baton)
+        library = folder / f"{builder.NAME}.so"
+        sources = [Path(builder.deepspeed_src_path(s)) for s in builder.sources()]
+        if not library.exists() or any(s.stat().st_mtime > library.stat().st_mtime for s in sources if s.exists()):
+            print(f"note: building DeepSpeed's shared-memory op {builder.NAME} for CPU runs in {folder} (first run "
+                  "only, about a minute)", file=sys.stderr, flush=True)
+        from .quiet import muted_stdout
+
+        with muted_stdout():
+            builder.load(verbose=False)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, what: str) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        said, start = False, time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                # The other ranks of this job wait for their sibling's build in silence; anyone else is named.
+                if not said and time.monotonic() - start > 5 and not _sibling(holder):
+                    print(f"note: waiting for process {holder or '?'} that builds {what} in {path.parent}",
+                          file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(0.2)
+            except OSError:  # no flock on this file system: go on without it
+                break
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _clear_stale_baton(baton: Path) -> None:
+    holders = _processes_holding(baton)
+    if holders:  # another program builds there now: wait for it, saying so
+        print(f"note: waiting for process {holders[0]} that holds the build lock {baton}", file=sys.stderr, flush=True)
+        while baton.exists() and _processes_holding(baton):
+            time.sleep(1)
+    if baton.exists():
+        with contextlib.suppress(FileNotFoundError):
+            baton.unlink()
+        print(f"note: removed {baton}, a stale lock left by a build that was stopped (no process holds it)",
+              file=sys.stderr, flush=True)
+
+
+def _processes_holding(path: Path) -> list[int]:
+    """The processes of this machine (that this user may look at) with ``path`` open: the baton's builder keeps
+    its file descriptor open for the whole build."""
+    target, found = os.path.realpath(path), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    found.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _sibling(pid: str) -> bool:
+    """Whether process ``pid`` was started by our parent (another rank of this job under torchrun/deepspeed)."""
+    try:
+        return pid.isdigit() and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getppid()
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def rank() -> int:

@@ -44,7 +44,10 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit or "it", unit_scale=True, file=self.stream,
+            # Counts (steps, blocks, questions) as whole numbers: tqdm's unit_scale writes every count as a float
+            # ("3.00/60.0 step"); bytes keep it (1.2 MB).
+            whole = total if total is None or total != int(total) else int(total)
+            self._bar = tqdm(total=whole, desc=desc, unit=unit or "it", unit_scale=unit == "B", file=self.stream,
                              dynamic_ncols=True, disable=False)  # our own bar: shown even when TQDM_DISABLE mutes libraries
 
     def update(self, n: float = 1, extra: str = "") -> None:

@@ -6,9 +6,9 @@
     python -m cllama_dist.train --config configs/llama-7b.yaml --dry-run
 
 The flags are `cllama train`'s (the same parser): `--config`, then any setting as a dotted flag
-(`--optim.lr 1e-4`) or its earlier flat name (`--lr 1e-4`). Exit status: 0 finished; 2 refused input
-(message on stderr); 3 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume with
---resume auto); 4 stopped after too many non-finite losses in a row, after saving the last good state.
+(`--optim.lr 1e-4`). Exit status: 0 finished; 2 refused input (message on stderr); 3 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume with --checkpoint.resume auto); 4 stopped after
+too many non-finite losses in a row, after saving the last good state.
 """
 
 from __future__ import annotations

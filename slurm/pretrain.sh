@@ -2,7 +2,7 @@
 # Train across every node of the allocation: one torchrun per node, rendezvous at the first node.
 #
 #   sbatch slurm/pretrain.sh configs/llama-7b.yaml                     # 2 nodes x 8 GPUs (the defaults below)
-#   sbatch -N 4 -p a100 -t 2-00:00:00 slurm/pretrain.sh configs/llama-7b.yaml --lr 1e-4
+#   sbatch -N 4 -p a100 -t 2-00:00:00 slurm/pretrain.sh configs/llama-7b.yaml --optim.lr 1e-4
 #   CLLAMA_DEVICE=cpu SBATCH_GPUS_PER_NODE=0 sbatch slurm/pretrain.sh run.yaml   # CPU nodes (gloo), as CI runs it
 #
 # Every setting below is a default: sbatch options (-N, -p, -t, --gpus-per-node, ...) and SBATCH_*
@@ -12,7 +12,7 @@
 # Preemption and time limits: Slurm sends USR1 to this script 5 minutes before the limit (--signal); the
 # trap touches RUN_DIR/STOP, every rank sees it at the next step boundary and saves a checkpoint together,
 # the trainer exits, and this script requeues the job (--requeue keeps its id, so RUN_DIR is the same) which
-# then resumes with --resume auto. A preemption (SIGTERM to everything) takes the same path.
+# then resumes with --checkpoint.resume auto. A preemption (SIGTERM to everything) takes the same path.
 #
 #SBATCH --job-name=cllama-pretrain
 #SBATCH --nodes=2                   # nodes; override with sbatch -N
@@ -102,7 +102,7 @@ echo "[pretrain.sh] job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: $NNODES
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \
-    -m cllama_dist.train --config "$CONFIG" --output-dir "$RUN_DIR" --resume auto "$@" &
+    -m cllama_dist.train --config "$CONFIG" --output-dir "$RUN_DIR" --checkpoint.resume auto "$@" &
 SRUN=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
 set +e

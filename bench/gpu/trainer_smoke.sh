@@ -9,8 +9,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 for mode in new-rows full; do
     timeout 200 python3 -m torch.distributed.run --nproc_per_node 1 --master_port 29511 cllama_dist/train.py \
-        --config configs/tinyllama-1b.yaml --tokenizer .gpu/merged --data .gpu/shards2048 \
-        --output-dir /tmp/run-$mode --embeddings $mode --max-steps 16 --resume "" 2>&1 \
+        --config configs/tinyllama-1b.yaml --model.tokenizer .gpu/merged --data.path .gpu/shards2048 \
+        --output-dir /tmp/run-$mode --model.embeddings $mode --optim.max-steps 16 --checkpoint.resume "" 2>&1 \
         | grep -v "Warning\|warn(" | tee "$OUT/train-$mode.log" | grep -v "^\[20" | tail -25
     cp /tmp/run-$mode/metrics.jsonl "$OUT/metrics-$mode.jsonl" 2>/dev/null
 done

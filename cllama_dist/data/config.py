@@ -204,20 +204,17 @@ class DataConfig(Section):
 
     list_field = "sets"  # config.nest: `data: [{name, path, weight}, ...]` fills data.sets
 
-    path: PathStr = option("", "The preprocessor's output folder (Arrow shards + manifest.json).", legacy="data")
+    path: PathStr = option("", "The preprocessor's output folder (Arrow shards + manifest.json).")
     sets: list[DataSetConfig] = option(
         [], "Several shard sets mixed by weight, each {name, path, weight} (instead of path): every sample position "
             "draws its set from the seed, so a resume on any number of processes continues the same mixture; a set "
             "that runs out starts a fresh permutation of itself. As flags: --data.sets zh=DIR:0.9 en=DIR:0.1.")
-    block_size: int = option(0, "Sequence length; must equal the shards' block size (0: take it from the manifest).",
-                             legacy="block_size")
-    micro_batch_size: int = option(1, "Sequences per process per forward pass.", legacy="micro_batch_size")
-    grad_accum: int = option(1, "Gradient accumulation steps (ignored when global_batch_size is set).",
-                             legacy="grad_accum")
+    block_size: int = option(0, "Sequence length; must equal the shards' block size (0: take it from the manifest).")
+    micro_batch_size: int = option(1, "Sequences per process per forward pass.")
+    grad_accum: int = option(1, "Gradient accumulation steps (ignored when global_batch_size is set).")
     global_batch_size: int = option(
         0, "Sequences per optimizer step over all processes; fixes grad_accum = global / (micro x processes), so "
-           "the same run resumes on another number of processes with the same batches (0: use grad_accum).",
-        legacy="global_batch_size")
+           "the same run resumes on another number of processes with the same batches (0: use grad_accum).")
     document_mask: bool = option(
         False, "Keep the documents packed into a block apart: attention does not cross a document boundary, "
                "position ids restart at each document, and a document's first token is not predicted from the one "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import PROJECT_ROOT
-from ..distributed import free_port
+from ..distributed import free_port, is_port_in_use_error, port_in_use, require_free_port
 
 TRAIN_SCRIPT = PROJECT_ROOT / "cllama_dist" / "train.py"
 Launcher = Literal["torchrun", "deepspeed"]
@@ -82,6 +82,8 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
     import torch
 
     port = master_port or (free_port() if nnodes == 1 else 29500)
+    if node_rank == 0:  # the node that holds the rendezvous store: its port must be free here
+        require_free_port(port)
     cpu = not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
     os.environ.update(environment(cpu, nproc, base={}))
     if launcher == "deepspeed":
@@ -102,6 +104,7 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
             return subprocess.run(cmd, check=False, env=os.environ).returncode
         finally:
             signal.signal(signal.SIGINT, previous)
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -110,6 +113,10 @@ def launch_train(args: Sequence[str], nproc: int, launcher: Launcher = "torchrun
                         "--master_addr", master_addr, "--master_port", str(port), "-m", "cllama_dist.train", *args])
     try:
         run(targs)
+    except DistNetworkError as exc:  # the port was taken between the check above and torchrun's bind
+        if is_port_in_use_error(exc):
+            raise port_in_use(port) from None
+        raise
     except SignalException as exc:
         print(f"cllama train: {signal.Signals(exc.sigval).name} received: torchrun passed it to the {nproc} "
               "processes here, which save at the next step boundary (see 'saved checkpoint' above) unless killed after "

@@ -17,25 +17,24 @@ class ModelConfig(Section):
 
     path: PathStr = option(
         "", "Base model: a Hugging Face folder (config.json + weights). Leave empty and set model.config to build a "
-            "LLaMA-architecture model with random weights (tests, demo, benchmarks, dry runs).", legacy="model")
+            "LLaMA-architecture model with random weights (tests, demo, benchmarks, dry runs).")
     config: dict = option(
         {}, "LlamaConfig fields (hidden_size, num_hidden_layers, ..., vocab_size = the base vocabulary) for a "
-            "model built from scratch. Ignored when model.path is set.", legacy="model_config")
-    tokenizer: PathStr = option("", "The merged tokenizer folder (from `cllama tokenizer merge`).", legacy="tokenizer")
+            "model built from scratch. Ignored when model.path is set.")
+    tokenizer: PathStr = option("", "The merged tokenizer folder (from `cllama tokenizer merge`).")
     extended_vocab: int = option(
         0, "Expected size of the extended vocabulary, len(tokenizer) (the paper: 49,953). With a tokenizer it is a "
-           "check; without one (dry runs) it is the size used. 0: take len(tokenizer).", legacy="extended_vocab")
+           "check; without one (dry runs) it is the size used. 0: take len(tokenizer).")
     embeddings: Literal["new-rows", "full"] = option(
         "new-rows", "What of embed_tokens and lm_head trains. new-rows: only the appended rows, held as their own "
                     "parameters (old rows bit-identical, optimizer state for new rows only). full: both whole "
-                    "matrices, the paper's choice, for comparison.", legacy="embeddings")
+                    "matrices, the paper's choice, for comparison.")
     new_row_init: Literal["mean", "subword", "normal"] = option(
         "mean", "Initial value of appended rows: mean of the old rows; subword = mean of the base rows of the pieces "
                 "the base tokenizer splits the new piece into (needs the base tokenizer named in the merge report); "
-                "normal = N(0, new_row_std), the paper's.", legacy="new_row_init")
-    new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.", legacy="new_row_std")
-    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).",
-                                          legacy="gradient_checkpointing")
+                "normal = N(0, new_row_std), the paper's.")
+    new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).")
     checkpoint_scope: Literal["all", "every-other"] = option(
         "all", "Which decoder layers gradient checkpointing recomputes (when model.gradient_checkpointing is on): "
                "all, or every-other (layers 0, 2, 4, ...: "
@@ -44,7 +43,7 @@ class ModelConfig(Section):
     attn_implementation: str = option(
         "auto", "transformers attention kernel: sdpa, eager, flash_attention_2, or auto = flash_attention_2 on a GPU "
                 "in bf16/fp16 when the flash-attn package is installed, else sdpa (PyTorch's fused kernels, flash "
-                "attention among them on GPUs); on the CPU always sdpa.", legacy="attn_implementation")
+                "attention among them on GPUs); on the CPU always sdpa.")
     loss: Literal["chunked", "hf"] = option(
         "chunked", "How training, validation and cllama eval compute the loss over the split lm_head. chunked: a "
                    "few hundred tokens at a time over both vocabulary parts, never building the (tokens x vocabulary) "
@@ -74,10 +73,10 @@ class ModelConfig(Section):
 class LoraConfig(Section):
     """LoRA adapters on the frozen base's projections."""
 
-    rank: int = option(8, "LoRA rank (the paper: 8; its v2: 64).", legacy="lora_rank")
-    alpha: float = option(32.0, "LoRA alpha (the paper: 32; its v2: 128).", legacy="lora_alpha")
-    dropout: float = option(0.05, "LoRA dropout (the paper: 0.05).", legacy="lora_dropout")
-    targets: list[str] = option(LLAMA_PROJECTIONS, "Modules that get LoRA adapters.", legacy="lora_targets")
+    rank: int = option(8, "LoRA rank (the paper: 8; its v2: 64).")
+    alpha: float = option(32.0, "LoRA alpha (the paper: 32; its v2: 128).")
+    dropout: float = option(0.05, "LoRA dropout (the paper: 0.05).")
+    targets: list[str] = option(LLAMA_PROJECTIONS, "Modules that get LoRA adapters.")
 
     def validate(self) -> None:
         check(self.rank >= 1, "rank", f"must be at least 1, got {self.rank}")

@@ -55,6 +55,12 @@ def load_proto(path: str | os.PathLike, role: str = "tokenizer"):
         raise UserError(f"{role} {p} is not a SentencePiece model (cannot parse it as a ModelProto)") from None
     if len(proto.pieces) == 0:
         raise UserError(f"{role} {p} is not a SentencePiece model (it parses, but holds no pieces)")
+    # Every trained or merged model holds both specs, written after the pieces: a file without them is cut short
+    # (or hand-made), and SentencePiece would read it as a smaller vocabulary with default settings.
+    missing = [name for name in ("trainer_spec", "normalizer_spec") if not proto.HasField(name)]
+    if missing:
+        raise UserError(f"{role} {p} is incomplete: it holds {len(proto.pieces):,} pieces but no "
+                        f"{' and no '.join(missing)} (a truncated or damaged file?); copy the tokenizer again")
     import sentencepiece as spm
 
     try:
@@ -169,6 +175,8 @@ def fingerprint(path: str | os.PathLike) -> dict:
     except Exception:
         load_proto(p)  # raises the precise UserError
         raise
+    if not (proto.HasField("trainer_spec") and proto.HasField("normalizer_spec")):
+        load_proto(p)  # refuses a model cut short
     return {
         "sha256": canonical_sha256(proto),
         "file_sha256": hashlib.sha256(data).hexdigest(),

@@ -2,9 +2,9 @@
 engine, checkpoint, validation, logging (here, beside the trainer's components).
 
     cllama train --config run.yaml --optim.lr 1e-4 --data.path shards/     # dotted flags
-    cllama train --config run.yaml --lr 1e-4 --data shards/                # the flat flags of earlier versions
 
-A YAML file may nest (``optim: {lr: 1e-4}``) or use the flat keys of earlier versions (``lr: 1e-4``).
+A YAML file nests (``optim: {lr: 1e-4}``) or uses dotted keys (``optim.lr: 1e-4``); the flat keys and flags of
+earlier versions (``lr:``, ``--lr``) are refused, naming the key that replaced them (config.RENAMED).
 """
 
 from __future__ import annotations
@@ -22,21 +22,18 @@ from .stages import StageConfig, check_stages
 class OptimConfig(Section):
     """AdamW over two groups (LoRA, embedding rows), warm-up + cosine schedule, clipping, non-finite steps."""
 
-    max_steps: int = option(0, "Optimizer steps to train (0: one pass over the train split).", legacy="max_steps")
-    lr: float = option(2e-4, "Peak learning rate of LoRA weights (the paper: 2e-4).", legacy="lr")
-    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows (0: same as lr).", legacy="embedding_lr")
-    weight_decay: float = option(0.0, "AdamW weight decay on LoRA weights; never applied to embedding rows.",
-                                 legacy="weight_decay")
-    adam_betas: list[float] = option([0.9, 0.95], "AdamW betas.", legacy="adam_betas")
-    adam_eps: float = option(1e-8, "AdamW epsilon.", legacy="adam_eps")
-    warmup_steps: int = option(0, "Linear warm-up steps.", legacy="warmup_steps")
-    warmup_ratio: float = option(0.05, "Warm-up as a share of max_steps (used when warmup_steps is 0).",
-                                 legacy="warmup_ratio")
-    min_lr_ratio: float = option(0.1, "Cosine decay ends at this share of the peak learning rate.", legacy="min_lr_ratio")
-    clip_grad: float = option(1.0, "Gradient norm clipping (0: off).", legacy="clip_grad")
+    max_steps: int = option(0, "Optimizer steps to train (0: one pass over the train split).")
+    lr: float = option(2e-4, "Peak learning rate of LoRA weights (the paper: 2e-4).")
+    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows (0: same as lr).")
+    weight_decay: float = option(0.0, "AdamW weight decay on LoRA weights; never applied to embedding rows.")
+    adam_betas: list[float] = option([0.9, 0.95], "AdamW betas.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    warmup_ratio: float = option(0.05, "Warm-up as a share of max_steps (used when warmup_steps is 0).")
+    min_lr_ratio: float = option(0.1, "Cosine decay ends at this share of the peak learning rate.")
+    clip_grad: float = option(1.0, "Gradient norm clipping (0: off).")
     max_nonfinite_steps: int = option(
-        3, "Stop after this many steps in a row with a non-finite loss (each is skipped), saving the last good state.",
-        legacy="max_nonfinite_steps")
+        3, "Stop after this many steps in a row with a non-finite loss (each is skipped), saving the last good state.")
 
     def validate(self) -> None:
         for name in ("max_steps", "warmup_steps", "max_nonfinite_steps"):
@@ -61,11 +58,10 @@ class EngineConfig(Section):
         "zero3_multinode.json); its \"auto\" values are filled from this config. auto: zero3.json, or on GPUs "
         "across several nodes zero3_multinode.json (ZeRO++ hierarchical partitioning: a second copy of the weights "
         "within each node, so the per-micro-step all-gather stays on the node; numerics unchanged).",
-        legacy="deepspeed_config", aliases=["--ds-config"])
+        aliases=["--ds-config"])
     deepspeed_overrides: dict = option(
         {}, "Settings merged into the DeepSpeed JSON (nested mappings merge key by key). The tiny CPU configs set "
-            "zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are partitioned too.",
-        legacy="deepspeed_overrides")
+            "zero_optimization.stage3_param_persistence_threshold: 0 so that tiny weights are partitioned too.")
     frozen_base: Literal["auto", "resident", "partitioned"] = option(
         "auto", "Where the frozen bf16 base lives under a ZeRO-3 config. partitioned: ZeRO-3 as configured, each "
                 "process holds 1/world of every weight and all-gathers each layer in the forward, the recomputation "
@@ -82,11 +78,9 @@ class EngineConfig(Section):
                 "that differs is refused naming both.")
     single_process_zero2: bool = option(
         False, "Earlier name of frozen_base: resident for a single process (kept for existing configs; true with "
-               "one process means resident, with several it changes nothing, as before). Prefer engine.frozen_base.",
-        legacy="single_process_zero2")
+               "one process means resident, with several it changes nothing, as before). Prefer engine.frozen_base.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
-        "auto", "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.",
-        legacy="dtype")
+        "auto", "Compute dtype: auto = bf16 on GPU, fp32 on CPU. LoRA weights and new rows keep fp32 masters.")
     timeout_minutes: float = option(
         10.0, "How long a collective waits for a peer before the job fails (torch's default is 30). Errors one rank "
               "sees during set-up and checkpointing reach the others at once; this bounds the rest (a hung peer).")
@@ -102,13 +96,12 @@ class EngineConfig(Section):
 class CheckpointConfig(Section):
     """When to save, how many to keep, where to resume from."""
 
-    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end and on a signal).",
-                             legacy="save_every")
-    keep_last: int = option(2, "Complete checkpoints to keep (older ones are deleted).", legacy="keep_last")
+    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end and on a signal).")
+    keep_last: int = option(2, "Complete checkpoints to keep (older ones are deleted).")
     resume: str = option(
         "auto", "'auto' (the newest valid checkpoint in the run folder, if any: checkpoints with missing or damaged "
                 "files are skipped, saying why), a checkpoint folder, or '' to start fresh (refused if the run folder "
-                "already has checkpoints).", legacy="resume")
+                "already has checkpoints).")
     allow_schedule_change: bool = option(
         False, "Allow a resume whose schedule differs from the checkpoint's (optim.max_steps, learning rates, warm-up, "
                "decay floor): the change is recorded in metrics.jsonl and the run folder. Off: refused, naming the "
@@ -123,10 +116,10 @@ class CheckpointConfig(Section):
 class ValidationConfig(Section):
     """Loss and perplexity on the validation split."""
 
-    every: int = option(0, "Evaluate on the validation split every N steps (0: only at the end).", legacy="eval_every")
+    every: int = option(0, "Evaluate on the validation split every N steps (0: only at the end).")
     sequences: int = option(
         0, "Evaluate on the first N validation sequences (0: the whole split); the same N sequences whatever the "
-           "number of processes.", legacy="eval_sequences")
+           "number of processes.")
     at_start: bool = option(False, "Also evaluate before the first step (logged as step 0): the starting point, "
                                    "e.g. the response-only loss of a model before instruction tuning.")
 
@@ -139,10 +132,10 @@ class ValidationConfig(Section):
 class LoggingConfig(Section):
     """Console lines, metrics.jsonl, TensorBoard, MFU."""
 
-    log_every: int = option(10, "Log metrics every N steps.", legacy="log_every")
-    tensorboard: bool = option(True, "Write TensorBoard events to OUTPUT_DIR/tb.", legacy="tensorboard")
+    log_every: int = option(10, "Log metrics every N steps.")
+    tensorboard: bool = option(True, "Write TensorBoard events to OUTPUT_DIR/tb.")
     peak_tflops: float = option(
-        0.0, "Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).", legacy="peak_tflops")
+        0.0, "Peak dense TFLOP/s of one device for MFU (0: known GPUs by name, else no MFU).")
     trackers: list[Literal["wandb", "mlflow"]] = option(
         [], "Experiment trackers beside metrics.jsonl and TensorBoard (optional packages: pip install wandb / "
             "mlflow-skinny). Each gets the resolved config at start and every metrics record.")

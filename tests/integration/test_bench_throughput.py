@@ -22,7 +22,7 @@ def test_tiny_cpu_run_measures_every_variant_side_by_side(tmp_path):
     docs.write_text("# Benchmarks\n")
     proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1",
                            "--out", str(out), "--append-docs", str(docs),
-                           "--variant", "zero2:single_process_zero2=true"],
+                           "--variant", "zero2:engine.single_process_zero2=true"],
                           capture_output=True, text=True, env=launch.env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())

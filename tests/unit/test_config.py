@@ -20,8 +20,8 @@ from cllama_dist.errors import UserError
 class Inner(Section):
     """A nested section."""
 
-    rate: float = option(1e-3, "A float.", legacy="rate")
-    steps: int = option(10, "An int.", legacy="steps")
+    rate: float = option(1e-3, "A float.")
+    steps: int = option(10, "An int.")
 
     def validate(self) -> None:
         check(self.rate > 0, "rate", f"must be positive, got {self.rate}")
@@ -134,13 +134,13 @@ def test_python_construction_is_checked_too():
         Inner(rate=0)
 
 
-def test_dotted_and_legacy_keys_in_yaml(tmp_path):
+def test_dotted_keys_in_yaml(tmp_path):
     f = tmp_path / "d.yaml"
-    f.write_text("inner.steps: 5\nrate: 0.1\n")  # a dotted key; and rate is Cfg's own field, not inner's legacy
+    f.write_text("inner.steps: 5\nrate: 0.1\n")  # a dotted key; and rate is Cfg's own field, not inner's
     c = load(Cfg, f)
     assert (c.inner.steps, c.rate, c.inner.rate) == (5, 0.1, 1e-3)
-    c = build(Cfg, {"steps": "7"})  # "steps" is no field of Cfg: the legacy flat name of inner.steps
-    assert c.inner.steps == 7
+    with pytest.raises(UserError, match=r"^steps: unknown setting"):  # a flat name is no key of Cfg's
+        build(Cfg, {"steps": "7"})
 
 
 def _parse(argv, tmp_path, yaml_text=""):
@@ -153,8 +153,8 @@ def _parse(argv, tmp_path, yaml_text=""):
 
 
 def test_flags_override_yaml_with_the_same_checks(tmp_path):
-    c = _parse(["--inner.rate", "1e-5", "--steps", "3", "--files", "a", "b", "--flag", "--mode", "full"], tmp_path,
-               "inner: {rate: 0.1}\nfiles: [x]\n")
+    c = _parse(["--inner.rate", "1e-5", "--inner.steps", "3", "--files", "a", "b", "--flag", "--mode", "full"],
+               tmp_path, "inner: {rate: 0.1}\nfiles: [x]\n")
     assert (c.inner.rate, c.inner.steps, c.flag, c.mode) == (1e-5, 3, True, "full")
     assert c.files == ["a", "b"]  # a flag replaces the YAML list
     with pytest.raises(UserError, match=r"^--inner\.rate: expected a number, got the string 'abc'$"):

@@ -32,7 +32,7 @@ def test_submit_parses_the_job_config_and_the_flags_after_a_lone_dash_dash(monke
     run = tmp_path / "c.yaml"
     run.write_text("model:\n  config: {vocab_size: 10}\noptim:\n  lr: 3e-4\n  max_steps: 5\n")
     assert cli.main(["submit", "train", "--config", str(run), "--nodes", "2", "--device", "cpu", "--",
-                     "--lr", "1e-4", "--lora.rank", "4"]) == 0
+                     "--optim.lr", "1e-4", "--lora.rank", "4"]) == 0
     # The job carries a checked config object (YAML, then the flags after --), not argv to re-parse.
     cfg, job = seen["cfg"], seen["job"]
     assert (cfg.optim.lr, cfg.optim.max_steps, cfg.lora.rank, cfg.model.config) == (1e-4, 5, 4, {"vocab_size": 10})
@@ -41,3 +41,49 @@ def test_submit_parses_the_job_config_and_the_flags_after_a_lone_dash_dash(monke
     seen.clear()
     assert cli.main(["submit", "train", "--config", str(run), "--", "--lora.rank", "zero"]) == 2
     assert not seen
+
+
+def _train_config(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  config: {vocab_size: 10, hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 1, "
+                 "intermediate_size: 8}\n")
+    return f
+
+
+def test_a_rendezvous_port_in_use_is_refused_in_one_line_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    from cllama_dist import cli
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert cli.main(["train", "--config", str(_train_config(tmp_path)), "--output-dir", str(tmp_path / "run"),
+                         "--nproc-per-node", "2", "--master-port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cllama train: error: rendezvous port {port} is already in use") and "--master-port" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_port_taken_after_the_check_is_still_one_line(tmp_path):
+    """The race the check cannot close: torchrun's own bind fails (its 47-line traceback), translated."""
+    import socket
+    import subprocess
+    import sys
+
+    from cllama_dist.launch.local import environment
+
+    script = ("import sys\nfrom cllama_dist import cli\nfrom cllama_dist.launch import local\n"
+              "local.require_free_port = lambda port: None\nsys.exit(cli.main(sys.argv[1:]))\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-c", script, "train", "--config", str(_train_config(tmp_path)),
+                               "--nproc-per-node", "2", "--master-port", str(port)],
+                              capture_output=True, text=True, timeout=300, env=environment(cpu=True, nproc=2))
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith(f"cllama train: error: rendezvous port {port} is already in use") and "--master-port" in err
+    assert len(err.splitlines()) == 1, err

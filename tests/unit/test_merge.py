@@ -97,3 +97,33 @@ def test_base_that_is_not_sentencepiece(tmp_path, tiny_zh_model):
     with pytest.raises(UserError, match="not found"):
         merge(MergeConfig(base=str(tmp_path / "missing.model"), add=str(tiny_zh_model), out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_cut_short_to_its_pieces_is_refused_not_read_as_a_smaller_vocabulary(tmp_path, tiny_base,
+                                                                                      tiny_zh_model, capsys):
+    """The specs are written after the pieces: a file cut at a piece boundary still parses, without them."""
+    from cllama_dist import cli
+    from cllama_dist.tokenizer import spm as spmio
+
+    whole = proto(tiny_zh_model)
+    cut = pb.ModelProto()
+    cut.pieces.extend(whole.pieces[:1000])
+    short = tmp_path / "short.model"
+    short.write_bytes(cut.SerializeToString())
+    assert spm.SentencePieceProcessor(model_proto=short.read_bytes()).get_piece_size() == 1000  # what was accepted
+    for read in (spmio.load_proto, spmio.fingerprint, spmio.processor):  # merge, preprocess, trainer, eval
+        with pytest.raises(UserError) as err:
+            read(short)
+        assert str(err.value) == (f"tokenizer {short} is incomplete: it holds 1,000 pieces but no trainer_spec and "
+                                  "no normalizer_spec (a truncated or damaged file?); copy the tokenizer again")
+    assert cli.main(["tokenizer", "merge", "--base", str(tiny_base), "--add", str(short), "--out",
+                     str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"cllama tokenizer merge: error: tokenizer to add {short} is incomplete: it holds 1,000 "
+                           "pieces but no trainer_spec and no normalizer_spec (a truncated or damaged file?); copy the "
+                           "tokenizer again")
+    assert not (tmp_path / "m").exists()
+    whole.ClearField("normalizer_spec")  # cut after the trainer spec
+    (tmp_path / "half.model").write_bytes(whole.SerializeToString())
+    with pytest.raises(UserError, match=r"holds 3,000 pieces but no normalizer_spec \("):
+        spmio.load_proto(tmp_path / "half.model")

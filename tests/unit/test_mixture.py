@@ -110,8 +110,11 @@ def test_data_takes_a_list_of_sets(tmp_path):
     path.write_text("model: {path: m}\ndata:\n  - {name: zh, path: s/zh, weight: 0.9}\n  - {name: en, path: s/en, weight: '1e-1'}\n")
     cfg = load(TrainConfig, path)
     assert [(s.name, s.path, s.weight) for s in cfg.data.sets] == [("zh", "s/zh", 0.9), ("en", "s/en", 0.1)]
-    path.write_text("model: {path: m}\ndata: s/zh\n")  # one folder, as before
+    path.write_text("model: {path: m}\ndata: {path: s/zh}\n")  # one folder
     assert load(TrainConfig, path).data.mixture() == [DataSetConfig(name="data", path="s/zh", weight=1.0)]
+    path.write_text("model: {path: m}\ndata: s/zh\n")  # the flat key of earlier versions: its new name is said
+    with pytest.raises(UserError, match=r"run.yaml: data: is a section; .* use data\.path"):
+        load(TrainConfig, path)
     flags = load(TrainConfig, None, {"model.path": "m", "data.sets": ["zh=s/zh:0.9", "en=s/en"]})
     assert [(s.name, s.weight) for s in flags.data.sets] == [("zh", 0.9), ("en", 1.0)]
     for bad, says in [("[{name: zh, path: a, weight: 0}]", "data.sets[0].weight: set 'zh': must be positive"),

@@ -45,3 +45,23 @@ def test_slow_rates_read_as_seconds_per_unit():
     assert rate_text(0.25, "step") == "4.0 s/step"
     assert rate_text(3.0, "step") == "3 step/s"
     assert rate_text(0.5, "B") == "0.5 B/s"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_terminal_bar_counts_steps_in_whole_numbers():
+    out = Terminal()
+    bar = Progress("train", total=60, unit="step", stream=out)
+    for _ in range(3):
+        bar.update(1, "loss 3.2")
+    bar.close()
+    last = out.getvalue().split("\r")[-1]
+    assert "3/60 " in last and "." not in last.split("|")[2].split("[")[0], last
+    out = Terminal()
+    bar = Progress("read", total=123_456_789, unit="B", stream=out)  # bytes keep their scaled units
+    bar.update(1_000_000)
+    bar.close()
+    assert "1.00M/123M" in out.getvalue().split("\r")[-1]

@@ -9,6 +9,7 @@ import pytest
 
 from cllama_dist import PROJECT_ROOT
 from cllama_dist.config import build, load
+from cllama_dist.errors import UserError
 from cllama_dist.trainer.config import TrainConfig
 from cllama_dist.trainer.engine import resolve, zero_stage
 from cllama_dist.trainer.plan import Plan
@@ -103,15 +104,14 @@ def test_the_demo_run_config_builds():
     assert cfg.engine.deepspeed_overrides["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
-def test_a_checkpoint_config_of_the_flat_layout_still_builds():
-    """trainer_state.json of runs made before the config was nested records the flat keys; export reads them."""
-    flat = {"model": "/base", "model_config": {}, "tokenizer": "/tok", "data": "/shards", "output_dir": "/run",
-            "lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ["q_proj"], "micro_batch_size": 2, "lr": 1e-4,
-            "embeddings": "full", "deepspeed_overrides": {"a": 1}, "eval_every": 5, "tensorboard": False}
-    cfg = build(TrainConfig, flat)
-    assert (cfg.model.path, cfg.model.tokenizer, cfg.data.path, cfg.lora.rank, cfg.lora.targets) == \
-        ("/base", "/tok", "/shards", 16, ["q_proj"])
-    assert (cfg.model.embeddings, cfg.optim.lr, cfg.validation.every, cfg.logging.tensorboard) == ("full", 1e-4, 5, False)
+def test_the_flat_keys_of_earlier_versions_are_refused_naming_their_nested_key():
+    """The flat layout (``lr:``, ``model: /base``) is no longer read; the message says what replaced it."""
+    with pytest.raises(UserError, match=r"^lr: unknown setting; use optim\.lr \(YAML: `optim: \{lr: \.\.\.\}`; "
+                                        r"flag: --optim\.lr\)$"):
+        build(TrainConfig, {"model": {"path": "/base"}, "lr": 1e-4})
+    with pytest.raises(UserError, match=r"^model: is a section; for the setting a plain `model:` value gave, use "
+                                        r"model\.path \(YAML: `model: \{path: \.\.\.\}`; flag: --model\.path\)$"):
+        build(TrainConfig, {"model": "/base"})
 
 
 @pytest.mark.parametrize("name", ["llama-7b-two-stage.yaml", "tiny-cpu-two-stage.yaml"])

@@ -167,7 +167,7 @@ def test_deepspeed_config_is_filled_from_the_run_config(tmp_path):
 def test_single_process_zero2_applies_to_one_process_only():
     one = Plan(world=1, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
     two = Plan(world=2, micro=2, accum=1, block=64, max_steps=10, train_sequences=100)
-    on = cfg(single_process_zero2=True)  # the flat key of earlier versions still reaches engine.single_process_zero2
+    on = cfg(**{"engine.single_process_zero2": True})
     z = deepspeed_config(on, one, "bf16", False)["zero_optimization"]
     assert z["stage"] == 2 and not [k for k in z if k.startswith("stage3_")] and z["overlap_comm"]
     assert deepspeed_config(on, two, "bf16", False)["zero_optimization"]["stage"] == 3
@@ -178,7 +178,7 @@ def test_config_checks_at_start_up():
     with pytest.raises(UserError, match="model.config"):
         TrainConfig()
     with pytest.raises(UserError, match="data.micro_batch_size: must be at least 1"):
-        cfg(micro_batch_size=0)
+        cfg(**{"data.micro_batch_size": 0})
     with pytest.raises(UserError, match="optim.adam_betas: needs two values"):
         cfg(**{"optim.adam_betas": [0.9]})
 
