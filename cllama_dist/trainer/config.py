@@ -1,5 +1,6 @@
 """The training run's settings, as sections: model, lora, data (elsewhere, beside their code) and optim,
-engine, checkpoint, validation, logging (here, beside the trainer's components).
+engine, checkpoint, validation, logging and the stages of a staged schedule (here, beside the trainer's
+components; stages.py resolves the stages against optim).
 
     cllama train --config run.yaml --optim.lr 1e-4 --data.path shards/     # dotted flags
     cllama train --config run.yaml --lr 1e-4 --data shards/                # the flat flags of earlier versions

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ class Trainer:
         self.engine.step()
         return loss_sum / (len(positions) * self.plan.world)
 
-    def save(self, step: int, reason: str):
+    def save(self, step: int, reason: str) -> Path:
         self._write_pending()  # every record up to a checkpoint is on disk before it (resume truncates past it)
         spec = self.spec
         inputs = spec.inputs
