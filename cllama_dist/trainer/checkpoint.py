@@ -8,8 +8,13 @@ leaves a .tmp folder that is never taken for a checkpoint. The rename is the com
 
 "Valid" means: files.json is there and every file it lists is there with its size and sha256. A resume
 with ``auto`` takes the newest valid checkpoint and says which newer ones it skipped and why (a rank's
-file lost, a file truncated by a full disk); export applies the same check. Checkpoints written before
+file lost, a file truncated by a full disk), and moves those to RUN/damaged/ (kept, never deleted): their
+steps are trained and saved again. Export applies the same check (``pick``). Checkpoints written before
 files.json existed are taken as they are, saying they cannot be verified.
+
+The Checkpointer also decides when to save (``due``: every save_every steps; ``needs_final``: at the end,
+unless this run already holds its last step) and names the folders (``path``); the loop saves on a stop
+request.
 
 A ZeRO checkpoint is tied to the data-parallel world size. Resuming on another size converts it once to
 DeepSpeed's universal format (step-00000100.universal/, beside it) and loads that with
