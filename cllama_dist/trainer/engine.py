@@ -26,11 +26,6 @@ def choose_deepspeed_json(engine: EngineConfig, nodes: int, cuda: bool) -> tuple
     return "deepspeed_configs/zero3.json", "auto"
 
 
-def read_deepspeed_zero(cfg: TrainConfig, name: str) -> dict[str, Any]:
-    """The zero_optimization block of the JSON ``name`` with the run's overrides merged: what frozen_base reads."""
-    return load_deepspeed_json(cfg, name)[1].get("zero_optimization", {})
-
-
 def load_deepspeed_json(cfg: TrainConfig, name: str) -> tuple[Path, dict[str, Any]]:
     """The JSON ``name`` with the run's engine.deepspeed_overrides merged into it."""
     path, ds = read_deepspeed_json(name)
