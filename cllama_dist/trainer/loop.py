@@ -46,7 +46,7 @@ class Trainer:
             self.lock, notes = claim(cfg, self.run_dir)
             self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint)
             self.spec: RunSpec = resolve(cfg, self.device, self.checkpointer, notes)
-            spec = self.spec
+            spec = self.spec  # frozen: everything below is built from it
             # What the step reads, by the names train_step uses.
             self.cfg, self.plan, self.schedule = spec.cfg, spec.plan, spec.schedule
             self.train_blocks, self.order, self.validator = spec.data.train, spec.data.order, spec.data.validation
