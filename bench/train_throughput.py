@@ -144,8 +144,8 @@ def run_ours(spec: dict, overrides: dict) -> dict:
     out = {"setup_s": setup_s, "step_times_s": times, "losses": losses, "device": device,
            "trainable": trainer.counts.trainable, "lora_params": trainer.counts.lora,
            "flops_per_token": trainer.flops, "optimizer_state_bytes": optimizer_state_bytes(trainer.engine),
-           "embeddings": cfg.model.embeddings, "deepspeed_config": trainer.ds_config,
-           "frozen_base": trainer.frozen.choice, "attn": trainer.attn, **peak_memory(device)}
+           "embeddings": cfg.model.embeddings, "deepspeed_config": trainer.spec.engine.ds_config,
+           "frozen_base": trainer.spec.engine.frozen.choice, "attn": trainer.attn, **peak_memory(device)}
     dist.barrier()
     return out
 

@@ -88,9 +88,9 @@ def train_worker(spec_path: str, result: str) -> int:
     after = _old_rows(trainer.engine)
     trainer.logger.close()
     torch.save({"before": before, "after": after}, Path(result).with_suffix(".pt"))
-    Path(result).write_text(json.dumps({"losses": losses, "device": trainer.device, "dtype": trainer.dtype,
-                                        "frozen_base": trainer.frozen.choice, "attn": trainer.attn,
-                                        "zero_stage": engines.zero_stage(trainer.ds_config)}) + "\n")
+    Path(result).write_text(json.dumps({"losses": losses, "device": trainer.device, "dtype": trainer.spec.engine.dtype,
+                                        "frozen_base": trainer.spec.engine.frozen.choice, "attn": trainer.attn,
+                                        "zero_stage": trainer.spec.engine.zero_stage}) + "\n")
     return 0
 
 

@@ -47,29 +47,12 @@ TOKENIZER_FILES = (*hf.FOLDER_FILES, "merge_report.json", "chat_template.jinja")
 
 
 def pick_checkpoint(run_dir: str | Path, step: int | None) -> Path:
-    """The newest valid checkpoint of a run (or the one of ``step``), checked file by file as a resume is."""
-    found = checkpoint.complete(run_dir)
-    if not found:
-        raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N with trainer_state.json); "
-                        "train first, or point --run at the run folder")
-    if step:
-        chosen = [p for p in found if p.name == checkpoint.step_name(step)]
-        if not chosen:
-            raise UserError(f"{run_dir} has no complete checkpoint at step {step}; it has "
-                            f"{', '.join(p.name for p in found)}")
-        why = checkpoint.problem(chosen[0])
-        if why:
-            raise UserError(f"cannot export {chosen[0]}: {why}")
-        return chosen[0]
-    skipped = []
-    for path in reversed(found):
-        why = checkpoint.problem(path)
-        if why is None:
-            for note in skipped:
-                print(note, flush=True)
-            return path
-        skipped.append(f"note: skipping checkpoint {path}: {why}")
-    raise UserError(f"{run_dir} has no valid checkpoint: {'; '.join(skipped)}")
+    """The newest valid checkpoint of a run (or the one of ``step``), checked file by file as a resume is; never
+    a damaged one (trainer/checkpoint.py ``pick``)."""
+    path, notes = checkpoint.pick(run_dir, step)
+    for note in notes:
+        print(note, flush=True)
+    return path
 
 
 class _Export:

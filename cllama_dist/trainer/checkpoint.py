@@ -8,8 +8,13 @@ leaves a .tmp folder that is never taken for a checkpoint. The rename is the com
 
 "Valid" means: files.json is there and every file it lists is there with its size and sha256. A resume
 with ``auto`` takes the newest valid checkpoint and says which newer ones it skipped and why (a rank's
-file lost, a file truncated by a full disk); export applies the same check. Checkpoints written before
+file lost, a file truncated by a full disk), and moves those to RUN/damaged/ (kept, never deleted): their
+steps are trained and saved again. Export applies the same check (``pick``). Checkpoints written before
 files.json existed are taken as they are, saying they cannot be verified.
+
+The Checkpointer also decides when to save (``due``: every save_every steps; ``needs_final``: at the end,
+unless this run already holds its last step) and names the folders (``path``); the loop saves on a stop
+request.
 
 A ZeRO checkpoint is tied to the data-parallel world size. Resuming on another size converts it once to
 DeepSpeed's universal format (step-00000100.universal/, beside it) and loads that with
@@ -27,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,45 +40,12 @@ import torch
 from .. import distributed as dist
 from ..errors import UserError
 from .config import CheckpointConfig
+from .state import RunIdentity, TrainerState
 
 STATE = "trainer_state.json"
 FILES = "files.json"
+DAMAGED = "damaged"  # RUN/damaged/: checkpoints a resume found damaged, set aside (never deleted)
 _NAME = re.compile(r"^step-(\d{8})$")
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint carries besides DeepSpeed's tensors: where the run stands and what it was trained
-    with (checked on resume, and read by export)."""
-
-    step: int
-    world_size: int
-    global_batch: int
-    samples_consumed: int
-    tokenizer_sha256: str
-    orig_vocab: int
-    new_vocab: int
-    embeddings: str
-    block_size: int
-    zero_stage: int
-    reason: str
-    base_model: dict = field(default_factory=dict)  # model/identity.py's fingerprint of the frozen base
-    schedule: dict = field(default_factory=dict)    # what shapes the learning-rate curve (checked on resume)
-    mixture: list = field(default_factory=list)     # data.sets' names, weights, sizes ([]: one folder; checked)
-    config: dict = field(default_factory=dict)
-    time: float = 0.0
-    # Instruction tuning: the chat template of the shards ({name, sha256, source}; export installs it), and the
-    # vocabulary of the model the run started from (the extended one when it started from a merged model).
-    template: dict | None = None
-    base_vocab: int = 0
-    # data.document_mask: a resume with it switched would change what every later step attends to and predicts.
-    document_mask: bool = False
-    stage: str = ""  # a staged schedule: the stage of the last step taken ("": none; trainer/stages.py)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainerState":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def root(run_dir: str | Path) -> Path:
@@ -155,6 +126,56 @@ def verified(path: Path) -> bool:
     return (path / FILES).is_file()
 
 
+def newest_valid(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest valid complete checkpoint of a run (None: none), and the newer ones skipped, with why."""
+    skipped = []
+    for path in reversed(complete(run_dir)):
+        why = problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint (and its universal conversion) to RUN/damaged/, never deleting it: out of the
+    listing, so its step is saved again and export never takes it. Returns where it went."""
+    aside = path.parent.parent / DAMAGED
+    aside.mkdir(parents=True, exist_ok=True)
+    target, n = aside / path.name, 1
+    while target.exists() or universal_path(target).exists():  # the same step damaged before: both kept
+        target, n = aside / f"{path.name}.{n}", n + 1
+    path.rename(target)
+    if universal_path(path).exists():
+        universal_path(path).rename(universal_path(target))
+    return target
+
+
+def pick(run_dir: str | Path, step: int | None) -> tuple[Path, list[str]]:
+    """The checkpoint to export: the newest valid one (with notes on the newer ones skipped), or the one of
+    ``step``, checked file by file as a resume is; a damaged one is never taken."""
+    found = complete(run_dir)
+    aside = sorted(p.name for p in (Path(run_dir) / DAMAGED).glob("step-*")) if (Path(run_dir) / DAMAGED).is_dir() else []
+    where = f" ({', '.join(aside)} set aside in {Path(run_dir) / DAMAGED} as damaged)" if aside else ""
+    if not found:
+        raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/step-N with trainer_state.json){where}; "
+                        "train first, or point --run at the run folder")
+    if step:
+        chosen = [p for p in found if p.name == step_name(step)]
+        if not chosen:
+            raise UserError(f"{run_dir} has no complete checkpoint at step {step}; it has "
+                            f"{', '.join(p.name for p in found)}{where}")
+        why = problem(chosen[0])
+        if why:
+            raise UserError(f"cannot export {chosen[0]}: {why}")
+        return chosen[0], []
+    path, skipped = newest_valid(run_dir)
+    notes = [f"note: skipping checkpoint {p}: {why}" for p, why in skipped]
+    if path is None:
+        raise UserError(f"{run_dir} has no valid checkpoint: {'; '.join(notes)}")
+    return path, notes
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
@@ -182,26 +203,31 @@ class Checkpointer:
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.root = root(run_dir)
         self.notes: list[str] = []  # what find_resume skipped, for the start-up lines
+        self.skipped: list[Path] = []  # damaged checkpoints newer than the one find_resume chose
+        self.last_saved: int | None = None  # the step of this run folder's checkpoint loaded or last written
 
     def complete(self) -> list[Path]:
         return complete(self.run_dir)
 
+    def path(self, step: int) -> Path:
+        return self.root / step_name(step)
+
     def find_resume(self) -> Path | None:
-        """The checkpoint to resume from: ``auto`` = the newest valid one (None if there is none)."""
+        """The checkpoint to resume from: ``auto`` = the newest valid one (None if there is none), saying which
+        newer ones it skipped and why (``set_aside`` then moves those out of the way)."""
         resume = self.cfg.resume
         if resume == "auto":
-            found = self.complete()
-            for path in reversed(found):
-                why = problem(path)
-                if why is None:
-                    if not verified(path):
-                        self.notes.append(f"note: {path} has no {FILES} (written by an older version): not verified")
-                    return path
-                self.notes.append(f"note: skipping checkpoint {path}: {why}")
-            if found:
-                raise UserError(f"{self.run_dir} has checkpoints but none is valid ({'; '.join(self.notes)}); "
-                                "use --resume '' in another output_dir to start afresh")
-            return None
+            path, skipped = newest_valid(self.run_dir)
+            self.notes += [f"note: skipping checkpoint {p}: {why}" for p, why in skipped]
+            if path is None:
+                if skipped:
+                    raise UserError(f"{self.run_dir} has checkpoints but none is valid ({'; '.join(self.notes)}); "
+                                    "use --resume '' in another output_dir to start afresh")
+                return None
+            if not verified(path):
+                self.notes.append(f"note: {path} has no {FILES} (written by an older version): not verified")
+            self.skipped = [p for p, _ in skipped]
+            return path
         if resume:
             path = Path(resume)
             if not path.is_dir():
@@ -215,39 +241,30 @@ class Checkpointer:
                             "to continue it, or another output_dir to start afresh")
         return None
 
+    def set_aside(self) -> list[str]:
+        """Move the damaged checkpoints ``find_resume`` skipped (newer than the one resumed) into RUN/damaged/,
+        never deleting them: their steps are trained and saved again (a damaged folder left in place would
+        count as the end's save), and export, which lists the run's checkpoints, can never take one."""
+        moved = [f"{p.name} -> {set_aside(p)}" for p in self.skipped]
+        self.skipped = []
+        return [f"note: damaged checkpoints set aside (their steps are trained and saved again): {', '.join(moved)}"] \
+            if moved else []
+
+    # When to save (torchtitan's CheckpointManager decides the same way): every save_every steps, on a stop
+    # request (the loop asks, then saves with reason "signal"), and at the end unless the last step is saved.
+
+    def due(self, step: int, last: int) -> bool:
+        """A periodic save at ``step`` (the last step's save is the end's)."""
+        return bool(self.cfg.save_every) and step % self.cfg.save_every == 0 and step < last
+
+    def needs_final(self, step: int) -> bool:
+        """The end of the run: its last step is not yet saved by this run (nor resumed from a checkpoint of it)."""
+        return self.last_saved != step
+
     @staticmethod
-    def check_resumable(path: Path, state: dict[str, Any], expected: dict[str, Any]) -> None:
+    def check_resumable(path: Path, state: dict[str, Any], identity: RunIdentity) -> None:
         """Refuse a checkpoint whose recorded settings differ from this run's, naming the setting."""
-        for key, value in expected.items():
-            if key in ("zero_stage", "schedule") or key not in state:  # older checkpoints lack newer keys
-                continue
-            if key == "tokenizer_sha256":
-                from ..tokenizer.spm import same_tokenizer
-
-                if not same_tokenizer(state[key], value):
-                    raise UserError(f"cannot resume {path}: it was trained with the tokenizer {state[key][:16]}..., "
-                                    f"this run's is {value['sha256'][:16]}...")
-                continue
-            if key == "base_model":
-                if state[key].get("sha256") != value.get("sha256"):
-                    raise UserError(f"cannot resume {path}: it was trained on the base {state[key].get('source')} "
-                                    f"(fingerprint {state[key].get('sha256', '')[:12]}), this run's base is "
-                                    f"{value.get('source')} (fingerprint {value.get('sha256', '')[:12]})")
-                continue
-            if state.get(key) != value:
-                raise UserError(f"cannot resume {path}: its {key} is {state.get(key)!r}, this run's is {value!r}")
-        stage, saved = expected.get("zero_stage"), state.get("zero_stage")
-        if stage is not None and saved is not None and (saved == 3) != (stage == 3):
-            # DeepSpeed lays out ZeRO-3 checkpoints differently from ZeRO-1/2 (one optimizer class, the same
-            # files, read across the two: tests/integration/test_frozen_base.py); its loaders read only their own.
-            # engine.frozen_base picks the stage of a ZeRO-3 config (resident = ZeRO-1, or ZeRO-2 in runs saved
-            # before): both choices are named.
-            def named(s: int) -> str:
-                return f"ZeRO-{s} (engine.frozen_base: {'partitioned' if s == 3 else 'resident'})"
-
-            raise UserError(f"cannot resume {path}: it was saved under {named(saved)}, this run is "
-                            f"{named(stage)}; DeepSpeed's loaders read only their own stage's layout: keep the "
-                            "run's DeepSpeed config and frozen_base")
+        identity.check(path, state)
 
     def save(self, engine, state: TrainerState, expected_bytes: int = 0) -> Path:
         """Collective: every rank must call it at the same step. A failure on any rank (a full disk) fails the
@@ -259,7 +276,7 @@ class Checkpointer:
         checkpoint that would not fit is refused before anything is written.
         """
         step = state.step
-        final = self.root / step_name(step)
+        final = self.path(step)
         tmp = self.root / (step_name(step) + ".tmp")
 
         def clear() -> None:
@@ -304,6 +321,7 @@ class Checkpointer:
             if dist.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.last_saved = step
         return final
 
     def convert_to_universal(self, path: Path) -> Path:
@@ -341,6 +359,8 @@ class Checkpointer:
                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise UserError(f"DeepSpeed could not load {load_dir}")
+        if path.parent.resolve() == self.root.resolve():  # this run's own step: its end need not save it again
+            self.last_saved = state["step"]
         if universal:
             _unshare_adam_steps(engine.optimizer)
             for group, own in zip(engine.optimizer.param_groups, settings):

@@ -1,5 +1,6 @@
 """The training run's settings, as sections: model, lora, data (elsewhere, beside their code) and optim,
-engine, checkpoint, validation, logging (here, beside the trainer's components).
+engine, checkpoint, validation, logging and the stages of a staged schedule (here, beside the trainer's
+components; stages.py resolves the stages against optim).
 
     cllama train --config run.yaml --optim.lr 1e-4 --data.path shards/     # dotted flags
 
@@ -15,7 +16,6 @@ from typing import Literal
 from ..config import PathStr, Section, check, option
 from ..data.config import DataConfig
 from ..model.config import LoraConfig, ModelConfig
-from .stages import StageConfig, check_stages
 
 
 @dataclass
@@ -148,6 +148,83 @@ class LoggingConfig(Section):
     def validate(self) -> None:
         check(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
         check(self.peak_tflops >= 0, "peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+
+
+# What each kind of stage trains, as the optimizer's parameter groups (trainer/engine.py: "lora", "embeddings").
+TRAINABLE = {"embeddings": ("embeddings",), "lora+embeddings": ("lora", "embeddings"), "lora": ("lora",)}
+
+
+@dataclass
+class StageConfig(Section):
+    """One stage of a staged schedule (``stages:`` in a run config)."""
+
+    name: str = option("", "Name of the stage (in logs, metrics and the checkpoint's record).")
+    trainable: Literal["embeddings", "lora+embeddings", "lora"] = option(
+        "lora+embeddings", "What trains: embeddings (the embedding rows alone, the transformer frozen and LoRA "
+                           "zero-effect), lora+embeddings, or lora (the embedding rows frozen).")
+    steps: int = option(0, "Optimizer steps of this stage.")
+    lr: float = option(0.0, "Peak learning rate of LoRA in this stage (0: optim.lr).")
+    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows in this stage (0: optim.embedding_lr, "
+                                      "or this stage's LoRA rate when that is 0 too).")
+    warmup_steps: int = option(-1, "Linear warm-up steps at the start of this stage (-1: optim.warmup_steps, or "
+                                   "optim.warmup_ratio of this stage's steps).")
+    min_lr_ratio: float = option(-1.0, "Cosine decay over this stage ends at this share of its peak (-1: "
+                                       "optim.min_lr_ratio).")
+
+    @classmethod
+    def from_text(cls, text: str) -> StageConfig:
+        """A flag's value: ``NAME=TRAINABLE:STEPS`` (``--stages emb=embeddings:1000 lora=lora+embeddings:3000``,
+        the rates from optim), or a YAML mapping (``'{name: emb, trainable: embeddings, steps: 1000}'``)."""
+        from ..config import ConfigError, build
+        from ..errors import UserError
+
+        def built(values) -> StageConfig:
+            try:
+                return build(cls, values)
+            except UserError as exc:  # "KEY: problem", to which the caller prefixes stages[i]
+                raise ConfigError("", str(exc)) from None
+
+        if text.lstrip().startswith("{"):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError("", f"expected a YAML mapping, got {text!r} ({exc})") from None
+            return built(value)
+        name, eq, rest = text.partition("=")
+        kind, colon, steps = rest.rpartition(":")
+        if not eq or not colon:
+            raise ConfigError("", f"expected NAME=TRAINABLE:STEPS (e.g. emb=embeddings:1000) or a YAML mapping, "
+                                  f"got {text!r}")
+        return built({"name": name.strip(), "trainable": kind, "steps": steps})
+
+    def validate(self) -> None:
+        import re
+
+        check(bool(self.name), "name", "is required (it names the stage in logs and checkpoints)")
+        check(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None, "name",
+              f"{self.name!r} may hold only letters, digits, '_', '.', '+' and '-'")
+        check(self.steps >= 1, "steps", f"stage {self.name!r}: must be at least 1, got {self.steps}")
+        check(self.lr >= 0, "lr", f"stage {self.name!r}: must be >= 0, got {self.lr}")
+        check(self.embedding_lr >= 0, "embedding_lr", f"stage {self.name!r}: must be >= 0, got {self.embedding_lr}")
+        check(self.warmup_steps >= -1, "warmup_steps", f"stage {self.name!r}: must be >= 0 (or -1), got "
+                                                       f"{self.warmup_steps}")
+        check(self.min_lr_ratio == -1 or 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
+              f"stage {self.name!r}: must be in [0, 1] (or -1), got {self.min_lr_ratio}")
+
+
+def check_stages(stages: list[StageConfig], max_steps: int) -> None:
+    """The checks across stages (TrainConfig.validate): unique names, steps adding up to optim.max_steps."""
+    if not stages:
+        return
+    names = [s.name for s in stages]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, "stages", f"stage names must be unique; repeated: {', '.join(dup)}")
+    total = sum(s.steps for s in stages)
+    check(not max_steps or total == max_steps, "stages",
+          f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), but optim.max_steps is "
+          f"{max_steps}; make them equal, or set optim.max_steps: 0 to take the sum")
 
 
 @dataclass

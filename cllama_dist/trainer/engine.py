@@ -26,11 +26,11 @@ def choose_deepspeed_json(engine: EngineConfig, nodes: int, cuda: bool) -> tuple
     return "deepspeed_configs/zero3.json", "auto"
 
 
-def read_deepspeed_zero(cfg: TrainConfig, name: str) -> dict[str, Any]:
-    """The zero_optimization block of the JSON ``name`` with the run's overrides merged: what frozen_base reads."""
-    _, ds = read_deepspeed_json(name)
+def load_deepspeed_json(cfg: TrainConfig, name: str) -> tuple[Path, dict[str, Any]]:
+    """The JSON ``name`` with the run's engine.deepspeed_overrides merged into it."""
+    path, ds = read_deepspeed_json(name)
     merge_into(ds, cfg.engine.deepspeed_overrides)
-    return ds.get("zero_optimization", {})
+    return path, ds
 
 
 def read_deepspeed_json(name: str) -> tuple[Path, dict[str, Any]]:
@@ -168,14 +168,51 @@ def make_resident(zero: dict[str, Any], stage: int = RESIDENT_STAGE) -> None:
         del zero[key]  # ZeRO-3-only settings
 
 
+@dataclass(frozen=True)
+class EngineChoice:
+    """How the run uses DeepSpeed, decided once at start (``choose``) and printed: the JSON and why, where the
+    frozen base lives, the compute dtype, and the JSON as resolved (written to RUN/ds_config.json)."""
+
+    name: str
+    reason: str
+    frozen: FrozenBase
+    dtype: str
+    ds_config: dict[str, Any]
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+
+def choose(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: int, cuda: bool,
+           sizes: Callable[[], tuple[int, int, int]] | None = None, free_bytes: Callable[[], int] | None = None,
+           resume_stage: int | None = None) -> EngineChoice:
+    """The run's DeepSpeed JSON (chosen and read once), its frozen-base choice (``choose_frozen_base``; on a GPU
+    ``free_bytes`` is a collective, so every rank calls this) and the JSON resolved from both."""
+    name, reason = choose_deepspeed_json(cfg.engine, nodes, cuda)
+    path, ds = load_deepspeed_json(cfg, name)
+    frozen = choose_frozen_base(cfg.engine, ds.get("zero_optimization", {}), plan.world, cuda, sizes, free_bytes,
+                                resume_stage)
+    return EngineChoice(name, reason, frozen, dtype, fill(path, ds, cfg, plan, dtype, universal, frozen))
+
+
 def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: int = 1,
             cuda: bool = False, frozen_base: FrozenBase | str = "") -> dict[str, Any]:
-    """The DeepSpeed JSON with its "auto" values filled from the run config, in one place. ``frozen_base``: the
-    resolved choice (``choose_frozen_base``; a bare "resident" means RESIDENT_STAGE); empty: decided here without
-    device memory (the CPU's rule)."""
+    """The DeepSpeed JSON of the run config, resolved (``fill``). ``frozen_base``: the resolved choice
+    (``choose_frozen_base``; a bare "resident" means RESIDENT_STAGE); empty: decided here without device memory
+    (the CPU's rule). The trainer goes through ``choose``, which reads the JSON once for both decisions."""
     name, _ = choose_deepspeed_json(cfg.engine, nodes, cuda)
-    path, ds = read_deepspeed_json(name)
-    merge_into(ds, cfg.engine.deepspeed_overrides)
+    path, ds = load_deepspeed_json(cfg, name)
+    if isinstance(frozen_base, str):
+        frozen_base = FrozenBase(frozen_base, "") if frozen_base else \
+            choose_frozen_base(cfg.engine, ds.get("zero_optimization", {}), plan.world, cuda=False)
+    return fill(path, ds, cfg, plan, dtype, universal, frozen_base)
+
+
+def fill(path: Path, ds: dict[str, Any], cfg: TrainConfig, plan: Plan, dtype: str, universal: bool,
+         frozen_base: FrozenBase) -> dict[str, Any]:
+    """The DeepSpeed JSON ``ds`` (read from ``path``) with its "auto" values filled from the run config, in one
+    place, and rewritten for a resident frozen base."""
     filled = {
         "train_micro_batch_size_per_gpu": plan.micro,
         "gradient_accumulation_steps": plan.accum,
@@ -187,9 +224,6 @@ def resolve(cfg: TrainConfig, plan: Plan, dtype: str, universal: bool, nodes: in
             raise UserError(f"{path}: {key} is {ds[key]}, but the run config gives {value}; set it to \"auto\"")
         ds[key] = value
     zero = ds.get("zero_optimization", {})
-    if isinstance(frozen_base, str):
-        frozen_base = FrozenBase(frozen_base, "") if frozen_base else \
-            choose_frozen_base(cfg.engine, zero, plan.world, cuda=False)
     if zero.get("stage") == 3 and frozen_base.choice == "resident":
         make_resident(zero, frozen_base.stage)
     if zero.get("zero_hpz_partition_size") == "auto":

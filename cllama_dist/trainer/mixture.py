@@ -8,6 +8,7 @@ runs per set (validate.py).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +148,14 @@ def identity(sets: list[ShardSet], order, single: bool) -> list[dict]:
     if single:
         return []
     return [{"name": s.name, "weight": s.cfg.weight, "sequences": n} for s, n in zip(sets, order.sizes)]
+
+
+def content_identity(sets: list[ShardSet]) -> list[dict]:
+    """Per shard folder, the digest of its train shards (file names and sha256, as the manifest lists them): the
+    same tokenizer's other shards, of the same size even, are other data at the same sample offset."""
+    out = []
+    for s in sets:
+        listed = s.manifest["splits"]["train"]["shards"]
+        digest = hashlib.sha256("\n".join(f"{x['file']} {x['sha256']}" for x in listed).encode()).hexdigest()
+        out.append({"path": str(s.path), "sha256": digest})
+    return out

@@ -33,94 +33,17 @@ restart the epoch, and a resume anywhere reads the same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 from typing import TYPE_CHECKING
 
-from ..config import Section, check, option
+from .config import TRAINABLE, OptimConfig, StageConfig
+from .plan import schedule_factor
 
-if TYPE_CHECKING:  # the config half of this module is read by `cllama --help` and the offline stages: no torch
+if TYPE_CHECKING:  # torch is imported where the gates are built: the schedule itself is plain arithmetic
     import torch
-
-# What each kind trains, as the optimizer's parameter groups (trainer/engine.py: "lora", "embeddings").
-TRAINABLE = {"embeddings": ("embeddings",), "lora+embeddings": ("lora", "embeddings"), "lora": ("lora",)}
-
-
-@dataclass
-class StageConfig(Section):
-    """One stage of a staged schedule (``stages:`` in a run config)."""
-
-    name: str = option("", "Name of the stage (in logs, metrics and the checkpoint's record).")
-    trainable: Literal["embeddings", "lora+embeddings", "lora"] = option(
-        "lora+embeddings", "What trains: embeddings (the embedding rows alone, the transformer frozen and LoRA "
-                           "zero-effect), lora+embeddings, or lora (the embedding rows frozen).")
-    steps: int = option(0, "Optimizer steps of this stage.")
-    lr: float = option(0.0, "Peak learning rate of LoRA in this stage (0: optim.lr).")
-    embedding_lr: float = option(0.0, "Peak learning rate of the embedding rows in this stage (0: optim.embedding_lr, "
-                                      "or this stage's LoRA rate when that is 0 too).")
-    warmup_steps: int = option(-1, "Linear warm-up steps at the start of this stage (-1: optim.warmup_steps, or "
-                                   "optim.warmup_ratio of this stage's steps).")
-    min_lr_ratio: float = option(-1.0, "Cosine decay over this stage ends at this share of its peak (-1: "
-                                       "optim.min_lr_ratio).")
-
-    @classmethod
-    def from_text(cls, text: str) -> StageConfig:
-        """A flag's value: ``NAME=TRAINABLE:STEPS`` (``--stages emb=embeddings:1000 lora=lora+embeddings:3000``,
-        the rates from optim), or a YAML mapping (``'{name: emb, trainable: embeddings, steps: 1000}'``)."""
-        from ..config import ConfigError, build
-        from ..errors import UserError
-
-        def built(values) -> StageConfig:
-            try:
-                return build(cls, values)
-            except UserError as exc:  # "KEY: problem", to which the caller prefixes stages[i]
-                raise ConfigError("", str(exc)) from None
-
-        if text.lstrip().startswith("{"):
-            import yaml
-
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ConfigError("", f"expected a YAML mapping, got {text!r} ({exc})") from None
-            return built(value)
-        name, eq, rest = text.partition("=")
-        kind, colon, steps = rest.rpartition(":")
-        if not eq or not colon:
-            raise ConfigError("", f"expected NAME=TRAINABLE:STEPS (e.g. emb=embeddings:1000) or a YAML mapping, "
-                                  f"got {text!r}")
-        return built({"name": name.strip(), "trainable": kind, "steps": steps})
-
-    def validate(self) -> None:
-        import re
-
-        check(bool(self.name), "name", "is required (it names the stage in logs and checkpoints)")
-        check(re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name) is not None, "name",
-              f"{self.name!r} may hold only letters, digits, '_', '.', '+' and '-'")
-        check(self.steps >= 1, "steps", f"stage {self.name!r}: must be at least 1, got {self.steps}")
-        check(self.lr >= 0, "lr", f"stage {self.name!r}: must be >= 0, got {self.lr}")
-        check(self.embedding_lr >= 0, "embedding_lr", f"stage {self.name!r}: must be >= 0, got {self.embedding_lr}")
-        check(self.warmup_steps >= -1, "warmup_steps", f"stage {self.name!r}: must be >= 0 (or -1), got "
-                                                       f"{self.warmup_steps}")
-        check(self.min_lr_ratio == -1 or 0 <= self.min_lr_ratio <= 1, "min_lr_ratio",
-              f"stage {self.name!r}: must be in [0, 1] (or -1), got {self.min_lr_ratio}")
-
-
-def check_stages(stages: list[StageConfig], max_steps: int) -> None:
-    """The checks across stages (TrainConfig.validate): unique names, steps adding up to optim.max_steps."""
-    if not stages:
-        return
-    names = [s.name for s in stages]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    check(not dup, "stages", f"stage names must be unique; repeated: {', '.join(dup)}")
-    total = sum(s.steps for s in stages)
-    check(not max_steps or total == max_steps, "stages",
-          f"the stages' steps add up to {total} ({' + '.join(str(s.steps) for s in stages)}), but optim.max_steps is "
-          f"{max_steps}; make them equal, or set optim.max_steps: 0 to take the sum")
 
 
 @dataclass(frozen=True)
-class Stage:
+class TrainingStage:
     """A stage resolved against the run's optim section: steps start..start+steps-1 (0-based)."""
 
     index: int
@@ -138,8 +61,6 @@ class Stage:
 
     def factor(self, step: int) -> float:
         """Linear warm-up from this stage's first step, then cosine decay reaching min_lr_ratio at its end."""
-        from .plan import schedule_factor
-
         return schedule_factor(step - self.start, self.warmup, self.steps, self.min_lr_ratio)
 
     def as_dict(self) -> dict:
@@ -148,10 +69,19 @@ class Stage:
 
 
 class Schedule:
-    """The stages of a run, the learning rate of each group at each step, and the gates of frozen groups."""
+    """The stages of a run, the learning rate of each group at each step, and the gates of frozen groups.
 
-    def __init__(self, stages: list[StageConfig], optim):
-        self.stages: list[Stage] = []
+    A run without ``stages:`` is one stage over its ``max_steps`` under optim's schedule (plan.lr_factor's
+    curve, the same numbers), named "" and training LoRA + the embeddings: the loop steps every run the same
+    way. What a plain run writes stays as it was: no stage lines at start, ``stages: []`` in the checkpoint's
+    schedule record (so a staged checkpoint resumed without stages, or the reverse, is a schedule change), and
+    train records holding ``lr`` alone."""
+
+    def __init__(self, stages: list[StageConfig], optim: OptimConfig, max_steps: int = 0):
+        self.staged = bool(stages)
+        if not stages:  # the plain run: max_steps is the plan's (optim.max_steps, or one pass over the data)
+            stages = [StageConfig(name="plain", trainable="lora+embeddings", steps=max(max_steps, 1))]
+        self.stages: list[TrainingStage] = []
         start = 0
         for i, s in enumerate(stages):
             lr = s.lr or optim.lr
@@ -159,25 +89,37 @@ class Schedule:
             kinds = TRAINABLE[s.trainable]
             warmup = s.warmup_steps if s.warmup_steps >= 0 else (optim.warmup_steps or
                                                                  int(optim.warmup_ratio * s.steps))
-            self.stages.append(Stage(i, s.name, kinds, start, s.steps,
-                                     tuple((g, peaks[g] if g in kinds else 0.0) for g in ("lora", "embeddings")),
-                                     warmup, s.min_lr_ratio if s.min_lr_ratio >= 0 else optim.min_lr_ratio))
+            self.stages.append(TrainingStage(i, s.name if self.staged else "", kinds, start, s.steps,
+                                             tuple((g, peaks[g] if g in kinds else 0.0) for g in ("lora", "embeddings")),
+                                             warmup, s.min_lr_ratio if s.min_lr_ratio >= 0 else optim.min_lr_ratio))
             start += s.steps
         self.max_steps = start
+        self.optim = optim
         self.gates: Gates | None = None
 
-    def at(self, step: int) -> Stage:
+    @property
+    def freezes(self) -> bool:
+        """Some stage freezes a group: its gradients must be gated (``Gates``) before DeepSpeed sees them."""
+        return any(g not in s.trainable for s in self.stages for g, _ in s.peak)
+
+    def at(self, step: int) -> TrainingStage:
         """The stage that step ``step`` (0-based) belongs to; the last one for the step after the end."""
         return next((s for s in self.stages if step < s.end), self.stages[-1])
 
     def describe(self) -> list[str]:
+        if not self.staged:
+            return []
         return [f"stage {s.index + 1}/{len(self.stages)} {s.name!r}: steps {s.start + 1}..{s.end}, trains "
                 f"{' + '.join(s.trainable)}, peak lr " + ", ".join(f"{g} {v:g}" for g, v in s.peak if v)
                 + f", warm-up {s.warmup}, decay to {s.min_lr_ratio:g}" for s in self.stages]
 
-    def record(self) -> list[dict]:
-        """What the checkpoint's schedule records (a resume under other stages is a schedule change)."""
-        return [s.as_dict() for s in self.stages]
+    def record(self) -> dict:
+        """What shapes the learning-rate curve, as the checkpoint records it (checked on resume: a change is
+        refused unless checkpoint.allow_schedule_change). ``stages`` is [] for a plain run."""
+        o = self.optim
+        return {"max_steps": self.max_steps, "lr": o.lr, "embedding_lr": o.embedding_lr or o.lr,
+                "warmup_steps": o.warmup_steps or int(o.warmup_ratio * self.max_steps),
+                "min_lr_ratio": o.min_lr_ratio, "stages": [s.as_dict() for s in self.stages] if self.staged else []}
 
     def enter(self, engine, step: int) -> dict:
         """Before step ``step``: close the gates of the groups this stage freezes, give each group its learning
@@ -190,6 +132,8 @@ class Schedule:
         factor, peak = stage.factor(step), dict(stage.peak)
         for g in engine.optimizer.param_groups:
             g["lr"] = peak[g["name"]] * factor
+        if not self.staged:
+            return {"lr": peak["lora"] * factor}
         return {"lr": peak["lora"] * factor, "embedding_lr": peak["embeddings"] * factor, "stage": stage.name}
 
 

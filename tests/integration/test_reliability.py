@@ -85,6 +85,48 @@ def test_damaged_checkpoints_are_skipped_and_the_run_continues_exactly(setup, re
     assert pick_checkpoint(out, None).name == "step-00000010"
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(setup, reference):
+    """The newest checkpoint damaged (a rank's file cut by a full disk): the resume sets it aside in RUN/damaged/
+    (kept, not deleted), trains its steps again and saves them at the end, and export takes that new checkpoint."""
+    from cllama_dist.export.run import pick_checkpoint
+    from cllama_dist.trainer import checkpoint
+
+    cfg, out = configure(setup, "damaged_newest")
+    shutil.copytree(reference[0] / "checkpoints", out / "checkpoints")
+    shutil.copy(reference[0] / "metrics.jsonl", out / "metrics.jsonl")
+    newest = out / "checkpoints" / f"step-{STEPS:08d}"
+    victim = sorted(newest.rglob("*optim_states.pt"))[0]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    proc = launch.run(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = out / "damaged" / newest.name
+    assert f"skipping checkpoint {newest}: " in proc.stdout and f"{newest.name} -> {aside}" in proc.stdout
+    assert f"step-{STEPS - 2:08d} at step {STEPS - 2}" in proc.stdout
+    assert (aside / victim.relative_to(newest)).stat().st_size < (reference[0] / victim.relative_to(out)).stat().st_size
+    assert launch.losses(out) == reference[1]
+    picked = pick_checkpoint(out, None)
+    assert picked == newest and checkpoint.problem(picked) is None
+    assert checkpoint.read_state(picked)["reason"] == "end"
+
+
+def test_resuming_onto_other_shards_of_the_same_tokenizer_is_refused_naming_them(setup, reference, tmp_path):
+    """The same tokenizer's other shards would be read from the checkpoint's sample offset: other data."""
+    from cllama_dist.assets import corpus_path
+    from cllama_dist.data.config import PreprocessConfig
+    from cllama_dist.data.preprocess import preprocess
+
+    _, tokenizer, shards, _ = setup
+    other = tmp_path / "other_shards"
+    preprocess(PreprocessConfig(inputs=[str(corpus_path())], tokenizer=str(tokenizer), output=str(other),
+                                block_size=64, validation_fraction=0.2, workers=1))
+    cfg, out = configure(setup, "other_shards", **{"data.path": str(other)})
+    shutil.copytree(reference[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+    proc = launch.single(cfg)
+    assert proc.returncode == 2
+    _one_line_error(proc.stderr, "it was trained on the shards of", str(shards), f"this run's shards in {other}")
+
+
 def test_one_rank_failing_alone_stops_every_rank_at_once_under_plain_srun(setup, tmp_path):
     """Rank 1 cannot read the tokenizer (a path relative to its own working directory): both ranks exit 2 with
     the same message within seconds, with no launcher to kill them (a plain srun-style start)."""

@@ -127,17 +127,14 @@ def test_resolve_applies_the_choice():
 
 def test_model_sizes_for_auto_are_those_of_the_model_built():
     """What auto weighs on a GPU (counted on the meta device before building) is what is then built."""
-    from types import SimpleNamespace
-
     import torch
 
     from cllama_dist.model.adapters import build_model, count_parameters
     from cllama_dist.model.presets import TINY
-    from cllama_dist.trainer.loop import Trainer
+    from cllama_dist.trainer.setup import model_sizes
 
     cfg = build(TrainConfig, {"model.config": {**TINY, "vocab_size": 100}, "lora.rank": 4})
-    fake = SimpleNamespace(cfg=cfg, vocab=SimpleNamespace(new_vocab=120), dtype="bf16")
-    params, trainable, per_weight = Trainer._model_sizes(fake)
+    params, trainable, per_weight = model_sizes(cfg, 120, "bf16")
     model, _ = build_model(cfg.model, cfg.lora, 0, 100, 120, torch.bfloat16)
     c = count_parameters(model)
     assert (params, trainable, per_weight) == (c.total, c.trainable, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from cllama_dist.errors import UserError
 from cllama_dist.trainer.checkpoint import Checkpointer, TrainerState
 from cllama_dist.trainer.metrics import Logger, Throughput, read_metrics, train_line
+from cllama_dist.trainer.state import RunIdentity
 
 
 def test_logger_keeps_history_up_to_the_resumed_step_and_reader_tolerates_a_torn_line(tmp_path):
@@ -92,8 +94,9 @@ def test_trainer_state_round_trip_and_resume_checks(tmp_path):
                          reason="periodic", config={"seed": 0})
     data = json.loads(json.dumps(state.__dict__ | {"unknown_later_field": 1}))
     assert TrainerState.from_dict(data) == state
-    mine = {"global_batch": 8, "tokenizer_sha256": {"sha256": "ab", "file_sha256": "cd"}, "embeddings": "new-rows",
-            "block_size": 64, "zero_stage": 3, "base_model": {}}
+    mine = RunIdentity(global_batch=8, tokenizer={"sha256": "ab", "file_sha256": "cd"}, embeddings="new-rows",
+                       block_size=64, zero_stage=3, base_model={}, mixture=[], document_mask=False, shards=[],
+                       schedule={})
     Checkpointer.check_resumable(tmp_path, data, mine)
     # A checkpoint of an earlier version recorded the tokenizer file's sha256: still recognised.
     Checkpointer.check_resumable(tmp_path, {**data, "tokenizer_sha256": "cd"}, mine)
@@ -101,17 +104,17 @@ def test_trainer_state_round_trip_and_resume_checks(tmp_path):
         Checkpointer.check_resumable(tmp_path, {**data, "tokenizer_sha256": "ef"}, mine)
     with pytest.raises(UserError, match="trained on the base /a .* this run's base is /b"):
         Checkpointer.check_resumable(tmp_path, {**data, "base_model": {"source": "/a", "sha256": "1"}},
-                                     {**mine, "base_model": {"source": "/b", "sha256": "2"}})
+                                     replace(mine, base_model={"source": "/b", "sha256": "2"}))
     with pytest.raises(UserError, match="its global_batch is 8, this run's is 16"):
-        Checkpointer.check_resumable(tmp_path, data, {**mine, "global_batch": 16})
+        Checkpointer.check_resumable(tmp_path, data, replace(mine, global_batch=16))
     with pytest.raises(UserError, match=r"saved under ZeRO-3 \(engine.frozen_base: partitioned\), this run is ZeRO-2 "
                                          r"\(engine.frozen_base: resident\)"):
-        Checkpointer.check_resumable(tmp_path, data, {**mine, "zero_stage": 2})
+        Checkpointer.check_resumable(tmp_path, data, replace(mine, zero_stage=2))
     with pytest.raises(UserError, match=r"saved under ZeRO-1 \(engine.frozen_base: resident\), this run is ZeRO-3"):
         Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 1}, mine)
     # ZeRO-1 and ZeRO-2 share DeepSpeed's layout: either resumes under the other.
-    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 1}, {**mine, "zero_stage": 2})
-    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 2}, {**mine, "zero_stage": 1})
+    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 1}, replace(mine, zero_stage=2))
+    Checkpointer.check_resumable(tmp_path, {**data, "zero_stage": 2}, replace(mine, zero_stage=1))
 
 
 def test_param_groups_split_lora_from_embedding_rows_by_the_vocab_naming_contract():

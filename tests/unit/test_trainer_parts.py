@@ -217,8 +217,14 @@ def test_a_resume_with_document_mask_switched_is_refused_naming_it(tmp_path):
     from cllama_dist.errors import UserError
     from cllama_dist.trainer.checkpoint import Checkpointer
 
+    from cllama_dist.trainer.state import RunIdentity
+
+    def mine(document_mask: bool) -> RunIdentity:
+        return RunIdentity(global_batch=8, tokenizer={"sha256": "ab"}, embeddings="new-rows", block_size=64,
+                           zero_stage=3, base_model={}, mixture=[], document_mask=document_mask, shards=[], schedule={})
+
     state = {"document_mask": False, "step": 4}
-    Checkpointer.check_resumable(tmp_path, state, {"document_mask": False})
-    Checkpointer.check_resumable(tmp_path, {"step": 4}, {"document_mask": True})  # older checkpoints lack the key
+    Checkpointer.check_resumable(tmp_path, state, mine(False))
+    Checkpointer.check_resumable(tmp_path, {"step": 4}, mine(True))  # older checkpoints lack the key
     with pytest.raises(UserError, match="its document_mask is False, this run's is True"):
-        Checkpointer.check_resumable(tmp_path, state, {"document_mask": True})
+        Checkpointer.check_resumable(tmp_path, state, mine(True))
