@@ -76,12 +76,14 @@ def _prune(merges: list[tuple[str, str]], drop: set[str]) -> list[tuple[str, str
             continue
         kept.append((a, b))
     # Partial-character intermediates: keep only those some kept text token is built from.
-    results = {a + b: (a, b) for a, b in kept}
-    needed = {r for r in results if _is_text(r) is not None}
+    parts: dict[str, list[str]] = {}  # a rescue merge makes a second pair for one token
+    for a, b in kept:
+        parts.setdefault(a + b, []).extend((a, b))
+    needed = {r for r in parts if _is_text(r) is not None}
     stack = list(needed)
     while stack:
-        for part in results[stack.pop()]:
-            if part in results and part not in needed:
+        for part in parts[stack.pop()]:
+            if part in parts and part not in needed:
                 needed.add(part)
                 stack.append(part)
     return [(a, b) for a, b in kept if a + b in needed]
@@ -98,10 +100,10 @@ def build(base_tok, merges: list[tuple[str, str]], first_id: int, pair_style: bo
     for a in doc.get("added_tokens", []):
         if a["content"] not in vocab:
             vocab[a["content"]] = a["id"]
-    new_ids = {}
-    for k, (a, b) in enumerate(merges):
-        new_ids[a + b] = first_id + k
-        vocab[a + b] = first_id + k
+    new_ids: dict[str, int] = {}
+    for a, b in merges:
+        if a + b not in vocab:  # a rescue merge builds a token that already has its id
+            new_ids[a + b] = vocab[a + b] = first_id + len(new_ids)
     base_merges = bpe.merge_pairs(model["merges"])
     all_merges = base_merges + merges
     model["merges"] = [[a, b] for a, b in all_merges] if pair_style else [f"{a} {b}" for a, b in all_merges]
@@ -160,14 +162,31 @@ def merge(cfg: MergeConfig) -> dict:
     merges = _prune(chosen, set())
     dropped: list[str] = []
     rounds = 0
+    rescued = 0
     while True:
         tok, text, new_ids = build(base_tok, merges, first_id, pair_style)
         bad = unreachable(tok, new_ids)
-        if not bad or cfg.keep_unreachable or rounds >= 8:
+        if not bad or cfg.keep_unreachable or rounds >= 16:
             break
-        dropped += bad
         rounds += 1
-        merges = _prune(merges, set(bad))
+        # A token whose own text ends as two tokens that make it (base merges took its bytes another way) is
+        # rescued by one more merge of those two: it holds the script, so base-language text stays as it was.
+        have = set(merges)
+        rescue, drop = [], set()
+        for t, e in zip(bad, tok.encode_batch([_is_text(t) for t in bad], add_special_tokens=False)):
+            pair = tuple(e.tokens)
+            if len(pair) == 2 and pair[0] + pair[1] == t and pair not in have:
+                rescue.append(pair)
+                have.add(pair)
+            else:
+                drop.add(t)
+        # Rescues first: a token built on a rescued one may become reachable with it.
+        if rescue:
+            rescued += len(rescue)
+            merges = merges + rescue
+        else:
+            dropped += sorted(drop, key=lambda t: new_ids[t])
+            merges = _prune(merges, drop)
     texts = base_language_texts()
     changed = changed_ids(base_tok, tok, texts, rule)
     if any(changed.values()):
@@ -190,6 +209,7 @@ def merge(cfg: MergeConfig) -> dict:
         "unreachable_dropped": len(dropped),
         "unreachable_dropped_examples": [_is_text(t) for t in dropped[:20]],
         "unreachable_kept": len(unreachable(tok, new_ids)),
+        "rescue_merges": rescued,
         "overlap": stats["already_in_base"],
         "base_language_changed": changed,
         "base_language_texts": {k: len(v) for k, v in texts.items()},
@@ -201,7 +221,7 @@ def merge(cfg: MergeConfig) -> dict:
     }
     if report["unreachable_kept"]:
         report["notes"].append(f"{report['unreachable_kept']} new tokens are never produced by their own text "
-                               f"({'kept: --keep-unreachable' if cfg.keep_unreachable else 'left after 8 rounds'})")
+                               f"({'kept: --keep-unreachable' if cfg.keep_unreachable else 'left after 16 rounds'})")
 
     def write(tmp: Path) -> None:
         (tmp / bpe.TOKENIZER_JSON).write_text(text, encoding="utf-8")
