@@ -137,7 +137,8 @@ def test_naive_placement_renumbers_specials_and_the_merge_does_not(tmp_path):
     doc = json.loads((base / "tokenizer.json").read_text())
     doc["model"]["vocab"]["中文"] = 702
     naive = Tokenizer.from_str(json.dumps(doc))
-    assert naive.token_to_id("中文") != 702 or naive.token_to_id("<|begin|>") != 700
+    # tokenizers 0.23: <|begin|> moves to 701 and <|end|> shares 702 with the new token.
+    assert (naive.token_to_id("<|begin|>"), naive.token_to_id("<|end|>")) != (700, 701)
 
 
 def test_first_new_id(merged, tmp_path):
