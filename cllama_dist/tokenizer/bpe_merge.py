@@ -141,8 +141,11 @@ def merge(cfg: MergeConfig) -> dict:
     from . import backend
 
     if backend.detect(cfg.add) != "bpe":
-        raise UserError(f"the base {cfg.base} is a byte-level BPE tokenizer but --add {cfg.add} is a SentencePiece model: "
-                        "train the new vocabulary with `cllama tokenizer train --base BASE` (it writes PREFIX.json) and add that")
+        f = bpe.tokenizer_file(cfg.base)
+        what = "a JSON file (a byte-level BPE tokenizer.json)" if f.suffix == ".json" else "a byte-level BPE tokenizer"
+        raise UserError(f"the base {f} is {what}, not a SentencePiece model, while --add {cfg.add} is one: give a "
+                        "SentencePiece base (LLaMA's tokenizer.model), or train the new vocabulary with `cllama tokenizer "
+                        "train --base BASE` (it writes PREFIX.json) and add that")
     t0 = time.time()
     base_tok, info = bpe.load(cfg.base, "base tokenizer", cfg.split_pattern)
     add_tok, _ = bpe.load(cfg.add, "tokenizer to add")
