@@ -211,3 +211,42 @@ def test_backends_must_match(merged, tiny_base, tiny_zh_model, tmp_path):
         merge(MergeConfig(base=str(tiny_base), add=str(out.parent / "zh.json"), out=str(tmp_path / "b")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert backend.detect(tiny_base) == "sentencepiece" and backend.detect(out) == "bpe"
+
+
+# ---------------------------------------------------------------------------- preprocessing with the BPE backend
+
+
+def test_preprocess_with_a_bpe_tokenizer_matches_its_batch_encode(merged, zh_docs, tmp_path):
+    from cllama_dist.data import pipeline
+    from cllama_dist.data.config import PreprocessConfig
+    from cllama_dist.data.encoder import TokenizersEncoder, open_encoder
+    from cllama_dist.data.preprocess import Pretraining
+    from cllama_dist.data.shards import check_manifest, load_manifest, shard_tokens, verify_shards
+
+    from ..conftest import write_jsonl
+
+    _, out, _, _ = merged
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in zh_docs[:60]])
+    assert isinstance(open_encoder(str(out)), TokenizersEncoder)
+    cfg = PreprocessConfig(inputs=[str(corpus)], tokenizer=str(out), output=str(tmp_path / "s"), block_size=64,
+                           chunk_mb=0.02, shard_size_mb=0.02, validation_fraction=0.0, add_eos=True, workers=1)
+    m = pipeline.preprocess(Pretraining(), cfg)
+    verify_shards(tmp_path / "s", load_manifest(tmp_path / "s"))
+    tok = _load(out)
+    fp = m["tokenizer"]
+    assert fp["backend"] == "bpe" and fp["bos_id"] == 700 and fp["eos_id"] == 701
+    assert fp["sha256"] == backend.fingerprint(out)["sha256"]
+    stream = []
+    for e in tok.encode_batch(zh_docs[:60], add_special_tokens=False):
+        stream += [700] + e.ids + [701]
+    got: list[int] = []
+    for g in range(m["plan"]["groups"]):
+        r = json.loads((tmp_path / "s" / pipeline.GROUPS / f"group-{g:06d}.json").read_text())
+        if r["shards"]["train"]:
+            got += shard_tokens(tmp_path / "s" / r["shards"]["train"]["file"]).reshape(-1).tolist()
+        got += r["remainder"]["train"]["tokens"]
+    assert got == stream
+    # A trainer whose tokenizer is another backend refuses the shards, naming both.
+    sp_like = {k: v for k, v in fp.items() if k != "backend"}
+    with pytest.raises(UserError, match="tokenizer backend: shards bpe, tokenizer sentencepiece"):
+        check_manifest(load_manifest(tmp_path / "s"), sp_like, 64)
