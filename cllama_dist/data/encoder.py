@@ -150,8 +150,7 @@ def open_encoder(tokenizer: str) -> SentencePieceEncoder | TokenizersEncoder:
     from ..tokenizer import backend, bpe
 
     if backend.detect(tokenizer) == "bpe":
-        f = bpe.tokenizer_file(tokenizer)
-        bpe.load(f)  # refuses, in one line, what does not load
-        return TokenizersEncoder(f)
+        bpe.load(tokenizer)  # refuses, in one line, what does not load
+        return TokenizersEncoder(bpe.tokenizer_file(tokenizer))
     spmio.load_proto(tokenizer)
     return SentencePieceEncoder(spmio.model_path(tokenizer))

@@ -26,8 +26,8 @@ def _file_backend(p: Path) -> Backend:
             head = f.read(64).lstrip()
     except OSError as exc:
         raise UserError(f"cannot read tokenizer {p}: {exc.strerror}") from None
-    if head[:1] in (b"{", b"["):
-        return "bpe"
+    if head[:1] in (b"{", b"[") and p.suffix == ".json":
+        return "bpe"  # (other JSON, a corpus given by mistake, gets SentencePiece's "not a SentencePiece model")
     if bpe.is_tiktoken(p):
         return "bpe"
     return "sentencepiece"

@@ -147,8 +147,12 @@ def load(path: str | os.PathLike, role: str = "tokenizer", split_pattern: str = 
         try:
             tok = Tokenizer.from_file(str(f))
         except Exception as exc:
-            raise UserError(f"{role} {f} is neither a tokenizers JSON file nor a tiktoken ranks file: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+            why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if Path(path).is_dir():
+                raise UserError(f"{role} {path} is a folder without tokenizer.model whose {f.name} does not load as a "
+                                f"tokenizers file: {why}") from None
+            raise UserError(f"{role} {f} is a JSON file that does not load as a tokenizers file (nor is it a tiktoken "
+                            f"ranks file): {why}") from None
         extra = {"layout": "tokenizer.json"}
         cfg = f.parent / "tokenizer_config.json"
         if cfg.is_file():
