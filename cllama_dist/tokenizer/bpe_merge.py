@@ -150,7 +150,13 @@ def merge(cfg: MergeConfig) -> dict:
     base_tok, info = bpe.load(cfg.base, "base tokenizer", cfg.split_pattern)
     add_tok, _ = bpe.load(cfg.add, "tokenizer to add")
     base_doc = json.loads(base_tok.to_str())
-    add_model = json.loads(add_tok.to_str())["model"]
+    add_doc = json.loads(add_tok.to_str())
+    add_model = add_doc["model"]
+    for key in ("normalizer", "pre_tokenizer"):
+        if add_doc.get(key) != base_doc.get(key):
+            raise UserError(f"--add {bpe.tokenizer_file(cfg.add)} was trained with another {key.replace('_', '-')} than "
+                            f"the base {info['file']}, so its tokens may never match: retrain it with `cllama tokenizer "
+                            f"train --base {cfg.base}`")
     rule = ScriptRule(cfg.script)
     base_vocab = base_doc["model"]["vocab"]
     used = set(base_vocab.values()) | set(base_tok.get_added_tokens_decoder())

@@ -250,3 +250,16 @@ def test_preprocess_with_a_bpe_tokenizer_matches_its_batch_encode(merged, zh_doc
     sp_like = {k: v for k, v in fp.items() if k != "backend"}
     with pytest.raises(UserError, match="tokenizer backend: shards bpe, tokenizer sentencepiece"):
         check_manifest(load_manifest(tmp_path / "s"), sp_like, 64)
+
+
+def test_added_vocabulary_of_another_pre_tokenizer_is_refused(merged, tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    base_dir, out, _, _ = merged
+    # The trained vocabulary, given GPT-2's byte-level regex instead of the base's split pattern.
+    zh = Tokenizer.from_file(str(out.parent / "zh.json"))
+    zh.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    zh.save(str(tmp_path / "zh_other.json"))
+    with pytest.raises(UserError, match="another pre-tokenizer than the base.*retrain it"):
+        merge(MergeConfig(base=str(base_dir), add=str(tmp_path / "zh_other.json"), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
