@@ -198,7 +198,7 @@ def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
 
 
 COMMANDS = [
-    Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model on a corpus (streamed, sampled)",
+    Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model (or, with --base, a byte-level BPE) on a corpus (streamed, sampled)",
             _simple(stages.tokenizer_train, _print_tokenizer_train)),
     Command(("tokenizer", "merge"), MergeConfig, "append a model's new pieces to a base tokenizer, keeping base ids",
             _simple(stages.merge, _print_merge)),

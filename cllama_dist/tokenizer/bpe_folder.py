@@ -44,8 +44,8 @@ def write_hf_files(folder: Path, tok, info: dict) -> dict:
             "chat_template": "chat_template" in cfg}
 
 
-def publish(cfg, out: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` into a temporary sibling of ``out`` and swap it in: a crash never leaves half a folder."""
+def check_output(cfg, out: Path) -> None:
+    """Refuse an output folder that is an input, someone else's folder, or an existing one without --overwrite."""
     check_not_input(out, {"base tokenizer": cfg.base, "tokenizer to add": cfg.add}, "tokenizer")
     if out.exists():
         if not out.is_dir():
@@ -58,6 +58,11 @@ def publish(cfg, out: Path, write: Callable[[Path], None]) -> None:
                                 "another folder")
             if not cfg.overwrite:
                 raise UserError(f"the tokenizer output {out} exists; pass --overwrite to replace it")
+
+
+def publish(cfg, out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write`` into a temporary sibling of ``out`` and swap it in: a crash never leaves half a folder."""
+    check_output(cfg, out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -28,7 +28,7 @@ from ..config import to_dict
 from ..errors import UserError
 from . import bpe
 from .bpe_checks import base_language_texts, changed_ids, round_trip_failures
-from .bpe_folder import publish, write_hf_files
+from .bpe_folder import check_output, publish, write_hf_files
 from .config import MergeConfig
 from .script import ScriptRule, token_bytes
 
@@ -146,6 +146,7 @@ def merge(cfg: MergeConfig) -> dict:
         raise UserError(f"the base {f} is {what}, not a SentencePiece model, while --add {cfg.add} is one: give a "
                         "SentencePiece base (LLaMA's tokenizer.model), or train the new vocabulary with `cllama tokenizer "
                         "train --base BASE` (it writes PREFIX.json) and add that")
+    check_output(cfg, Path(cfg.out))  # before a minute of work
     t0 = time.time()
     base_tok, info = bpe.load(cfg.base, "base tokenizer", cfg.split_pattern)
     add_tok, _ = bpe.load(cfg.add, "tokenizer to add")

@@ -263,3 +263,11 @@ def test_added_vocabulary_of_another_pre_tokenizer_is_refused(merged, tmp_path):
     with pytest.raises(UserError, match="another pre-tokenizer than the base.*retrain it"):
         merge(MergeConfig(base=str(base_dir), add=str(tmp_path / "zh_other.json"), out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_overwrite(merged):
+    base_dir, out, _, _ = merged
+    before = (out / "tokenizer.json").read_bytes()
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        merge(MergeConfig(base=str(base_dir), add=str(out.parent / "zh.json"), out=str(out)))
+    assert (out / "tokenizer.json").read_bytes() == before
