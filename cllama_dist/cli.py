@@ -49,7 +49,7 @@ from .trainer.config import TrainConfig
 def _print_tokenizer_train(cfg: TokenizerTrainConfig, r: dict) -> None:
     print(f"wrote {r['model']} ({r['config']['vocab_size']:,} pieces) from {r['sentences_sampled']:,} sampled "
           f"of {r['sentences_seen']:,} sentences in {r['documents_seen']:,} documents; report: "
-          f"{r['config']['output']}.report.json")
+          f"{r['model'].rsplit('.', 1)[0]}.report.json")
 
 
 def _print_merge(cfg: MergeConfig, r: dict) -> None:
