@@ -34,8 +34,11 @@ def wheel(package: str) -> Path:
     if found:
         return found[-1]
     cache.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", package,
-                        "-d", str(cache)], capture_output=True, text=True, timeout=600)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
+                            "--timeout", "20", package, "-d", str(cache)], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot download the wheel {package} into {cache}: {exc}") from None
     found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(stem + "-"))
     if r.returncode != 0 or not found:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]

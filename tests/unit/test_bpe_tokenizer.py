@@ -271,3 +271,19 @@ def test_existing_output_needs_overwrite(merged):
     with pytest.raises(UserError, match="exists; pass --overwrite"):
         merge(MergeConfig(base=str(base_dir), add=str(out.parent / "zh.json"), out=str(out)))
     assert (out / "tokenizer.json").read_bytes() == before
+
+
+def test_fetch_says_what_failed_when_the_registry_is_unreachable(tmp_path, monkeypatch):
+    from cllama_dist.tokenizer import fetch
+
+    monkeypatch.setenv("CLLAMA_PYPI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    with pytest.raises(UserError, match="cannot download the wheel llama-models into .*registry reachable"):
+        fetch.member("llama3")
+    # A cached wheel is used as it is, without the registry.
+    import zipfile
+
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    with zipfile.ZipFile(tmp_path / "cache" / "llama_models-0.0.1-py3-none-any.whl", "w") as z:
+        z.writestr("llama_models/llama3/tokenizer.model", "aGk= 0\n")
+    assert fetch.member("llama3").read_text() == "aGk= 0\n"
