@@ -124,7 +124,10 @@ class TokenizersEncoder:
         return -1 if i is None else i
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20): the same ids without computing character offsets.
+        tok = self.tokenizer
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def _required(self, kind: str) -> int:
         i = self.fingerprint()[f"{kind}_id"]
