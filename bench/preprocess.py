@@ -1,5 +1,6 @@
-"""Preprocessing throughput, side by side in one run: the paper's pipeline, SentencePiece's bare batch
-encode (the ceiling), and `cllama preprocess`, on the same text and the same cores.
+"""Preprocessing throughput, side by side in one run: the paper's pipeline, the backend's bare batch encode
+(the ceiling: SentencePiece's, or `tokenizers`' encode_batch for a byte-level BPE folder), and `cllama preprocess`,
+on the same text and the same cores.
 
     CLLAMA_FIXTURES=../shared/fixtures python3 bench/preprocess.py --tokenizer TOKDIR --sizes-mb 50 400
 
@@ -62,12 +63,28 @@ def run_reference(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
 
 
 def run_ceiling(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
-    """SentencePiece's own batch encode on all cores; reading the text is not timed."""
-    import sentencepiece as spm
-
+    """The backend's own batch encode on all cores (SentencePiece's, or `tokenizers`' encode_batch for a byte-level
+    BPE folder); reading the text is not timed."""
+    from cllama_dist.data.encoder import open_encoder
     from cllama_dist.data.pipeline import split_of
+    from cllama_dist.data.shards import dtype_for_vocab
 
-    sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer) / "tokenizer.model"))
+    encoder = open_encoder(tokenizer)
+    fp = encoder.fingerprint()
+    bos, dtype = fp["bos_id"], dtype_for_vocab(fp["vocab_size"])
+    if fp.get("backend") == "bpe":
+        os.environ["RAYON_NUM_THREADS"] = str(cores)
+        tok = encoder.tokenizer
+
+        def encode(batch):  # the call TokenizersEncoder makes
+            return [e.ids for e in getattr(tok, "encode_batch_fast", tok.encode_batch)(batch, add_special_tokens=False)]
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizer) / "tokenizer.model"))
+
+        def encode(batch):
+            return sp.encode(batch, num_threads=cores)
     lines = [l for l in Path(corpus).read_text(encoding="utf-8").split("\n") if l.strip()]
     # Batches of 20,000 lines: one call on 400 MB would hold 130M ids as Python ints and slow itself
     # down. Only the encode calls are timed; the equality-check hashing (BOS + ids of the train split,
@@ -76,12 +93,12 @@ def run_ceiling(corpus: str, tokenizer: str, work: str, cores: int) -> dict:
     for i in range(0, len(lines), 20_000):
         batch = lines[i:i + 20_000]
         t0 = time.time()
-        ids = sp.encode(batch, num_threads=cores)
+        ids = encode(batch)
         seconds += time.time() - t0
         tokens += sum(map(len, ids))
         for text, x in zip(batch, ids):
             if split_of(text, 0.01, 0) == 0:
-                h.update(np.asarray([1] + x, dtype=np.uint16).tobytes())
+                h.update(np.asarray([bos] + x, dtype=dtype).tobytes())
     return {"timed_seconds": seconds, "tokens": tokens, "train_stream_sha256": h.hexdigest()}
 
 
@@ -104,12 +121,13 @@ def ours_stream_sha256(work: Path) -> str:
     from cllama_dist.data.shards import shard_tokens
 
     out = work / "ours_out"
+    dtype = json.loads((out / "manifest.json").read_text())["dtype"]
     h = hashlib.sha256()
     for rec in sorted((out / GROUPS).glob("group-*.json")):
         r = json.loads(rec.read_text())
         if r["shards"]["train"]:
             h.update(shard_tokens(out / r["shards"]["train"]["file"]).tobytes())
-        h.update(np.asarray(r["remainder"]["train"]["tokens"], dtype=np.uint16).tobytes())
+        h.update(np.asarray(r["remainder"]["train"]["tokens"], dtype=dtype).tobytes())
     return h.hexdigest()
 
 

@@ -49,12 +49,15 @@ from .trainer.config import TrainConfig
 def _print_tokenizer_train(cfg: TokenizerTrainConfig, r: dict) -> None:
     print(f"wrote {r['model']} ({r['config']['vocab_size']:,} pieces) from {r['sentences_sampled']:,} sampled "
           f"of {r['sentences_seen']:,} sentences in {r['documents_seen']:,} documents; report: "
-          f"{r['model'][:-len('.model')]}.report.json")
+          f"{r['model'].rsplit('.', 1)[0]}.report.json")
 
 
 def _print_merge(cfg: MergeConfig, r: dict) -> None:
     print(f"merged {r['orig_vocab_size']:,} + {r['added']:,} new pieces = {r['new_vocab_size']:,} "
           f"({r['overlap']:,} already present) -> {cfg.out}")
+    if r.get("backend") == "bpe":
+        print(f"backend bpe: new ids {r['first_new_id']:,}..{r['first_new_id'] + r['added'] - 1:,}; dropped "
+              f"{r['unreachable_dropped']:,} unreachable; base-language texts changed: {r['base_language_changed']}")
     for note in r["notes"]:
         print(f"note: {note}")
 
@@ -195,7 +198,7 @@ def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
 
 
 COMMANDS = [
-    Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model on a corpus (streamed, sampled)",
+    Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model (or, with --base, a byte-level BPE) on a corpus (streamed, sampled)",
             _simple(stages.tokenizer_train, _print_tokenizer_train)),
     Command(("tokenizer", "merge"), MergeConfig, "append a model's new pieces to a base tokenizer, keeping base ids",
             _simple(stages.merge, _print_merge)),

@@ -74,8 +74,86 @@ class SentencePieceEncoder:
         return self.processor.eos_id()
 
 
-def open_encoder(tokenizer: str) -> SentencePieceEncoder:
-    """The encoder of the tokenizer at ``tokenizer`` (a merged tokenizer folder or its model file). A tokenizer.json or
-    any other file is refused now, in one line, not by SentencePiece later."""
+class TokenizersEncoder:
+    """A byte-level BPE tokenizer.json (a `cllama tokenizer merge` folder of a BPE base), through `tokenizers`'
+    own encode_batch; BOS / EOS are the tokenizer_config.json's bos_token / eos_token beside it."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._tok = None
+        self._fp: dict | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self._tok, self._fp = state["path"], None, None
+
+    def load(self) -> None:
+        from ..tokenizer import bpe
+
+        self._tok = bpe.load(self.path)[0]
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self.load()
+        return self._tok
+
+    def fingerprint(self) -> dict:
+        if self._fp is None:
+            from ..tokenizer import bpe
+
+            fp = bpe.fingerprint(self.tokenizer)
+            fp.update({f"{k}_id": self._special_id(k) for k in ("bos", "eos", "unk", "pad")})
+            self._fp = fp
+        return self._fp
+
+    def _special_id(self, kind: str) -> int:
+        """The id of tokenizer_config.json's ``{kind}_token`` (-1 when it names none, as SentencePiece's)."""
+        import json
+
+        cfg = Path(self.path).parent / "tokenizer_config.json"
+        try:
+            value = json.loads(cfg.read_text(encoding="utf-8")).get(f"{kind}_token") if cfg.is_file() else None
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, dict):
+            value = value.get("content")
+        i = self.tokenizer.token_to_id(value) if isinstance(value, str) else None
+        return -1 if i is None else i
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast (tokenizers >= 0.20): the same ids without computing character offsets.
+        tok = self.tokenizer
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def _required(self, kind: str) -> int:
+        i = self.fingerprint()[f"{kind}_id"]
+        if i < 0:
+            from ..errors import UserError
+
+            raise UserError(f"{self.path}: no {kind}_token in the tokenizer_config.json beside it: add one, or "
+                            f"preprocess with --no-add-{kind}")
+        return i
+
+    @property
+    def bos_id(self) -> int:
+        return self._required("bos")
+
+    @property
+    def eos_id(self) -> int:
+        return self._required("eos")
+
+
+def open_encoder(tokenizer: str) -> SentencePieceEncoder | TokenizersEncoder:
+    """The encoder of the tokenizer at ``tokenizer`` (a merged tokenizer folder or its model file), the backend chosen
+    from its files (tokenizer/backend.py). Anything else is refused now, in one line, not by the backend later."""
+    from ..tokenizer import backend, bpe
+
+    if backend.detect(tokenizer) == "bpe":
+        bpe.load(tokenizer)  # refuses, in one line, what does not load
+        return TokenizersEncoder(bpe.tokenizer_file(tokenizer))
     spmio.load_proto(tokenizer)
     return SentencePieceEncoder(spmio.model_path(tokenizer))

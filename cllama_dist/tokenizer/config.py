@@ -37,6 +37,11 @@ class TokenizerTrainConfig(CorpusConfig):
                                            "this many characters.")
     threads: int = option(0, "SentencePiece training threads (0: all cores).")
     seed: int = option(42, "Seed of the sentence sample and of SentencePiece's random generator.")
+    base: PathStr = option(
+        "", "A byte-level BPE base (folder or tokenizer.json / tiktoken / GGUF file): train a byte-level BPE with the "
+            "base's normalizer and pre-tokenizer instead of a SentencePiece model, written to PREFIX.json. Empty: "
+            "SentencePiece.")
+    split_pattern: str = option("", "Split pattern of a tiktoken base of no known layout (its pat_str).")
 
     def validate(self) -> None:
         super().validate()
@@ -68,9 +73,18 @@ class MergeConfig(Section):
         False, "Do not add pieces containing two or more consecutive digits, keeping LLaMA's one-digit "
                "convention. Off by default: the published tokenizer keeps them.")
     overwrite: bool = option(False, "Replace an existing output folder.")
+    script: str = option(
+        "Han", "Byte-level BPE bases: append only merges whose result holds a character of this Unicode script "
+               "(or regex character class, e.g. '[\\p{Han}\\p{Bopomofo}]'), so text without it encodes as under the base.")
+    first_new_id: int = option(0, "Byte-level BPE bases: id of the first new token (0: after every id in use, added "
+                                  "and special tokens included).")
+    keep_unreachable: bool = option(False, "Byte-level BPE bases: keep new tokens their own text does not produce "
+                                           "(counted in the report) instead of dropping them.")
+    split_pattern: str = option("", "Split pattern of a tiktoken base of no known layout (its pat_str).")
 
     def validate(self) -> None:
         require(self, "base", "add", "out")
+        check(self.first_new_id >= 0, "first_new_id", f"must be >= 0, got {self.first_new_id}")
 
 
 @dataclass

@@ -123,7 +123,15 @@ def merge_protos(base, add, cfg: MergeConfig):
 def merge(cfg: MergeConfig) -> dict:
     """Write the merged tokenizer folder; returns the merge report."""
     import sentencepiece as spm
+    from . import backend
 
+    if backend.detect(cfg.base) == "bpe":
+        from .bpe_merge import merge as merge_bpe
+
+        return merge_bpe(cfg)
+    if backend.detect(cfg.add) == "bpe":
+        raise UserError(f"--add {cfg.add} is a byte-level BPE tokenizer but the base {cfg.base} is SentencePiece: "
+                        "train the new vocabulary without --base (a SentencePiece .model) and add that")
     base = spmio.load_proto(cfg.base, "base tokenizer")
     add = spmio.load_proto(cfg.add, "tokenizer to add")
     out = Path(cfg.out)

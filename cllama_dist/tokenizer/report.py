@@ -73,6 +73,12 @@ def report(cfg: ReportConfig) -> dict:
     if cfg.json_out:
         check_file_output(cfg.json_out, "report JSON")
         check_not_input(cfg.json_out, {"corpus": cfg.inputs, "tokenizer": cfg.tokenizers}, "report JSON")
+    from . import backend
+
+    if any(backend.detect(t) == "bpe" for t in cfg.tokenizers):
+        from .bpe_report import report as report_bpe
+
+        return report_bpe(cfg)
     tallies = []
     for t in cfg.tokenizers:
         proto = spmio.load_proto(t)
@@ -200,6 +206,11 @@ def format_table(result: dict) -> str:
             out.append(f"  multi-digit pieces (LLaMA splits digits): {ext['multi_digit_pieces']:,}, "
                        f"emitted {ext['multi_digit_tokens_on_corpus']:,} times here"
                        + (f"  e.g. {ext['multi_digit_examples'][:5]}" if ext["multi_digit_examples"] else ""))
+    if any("round_trip_failures" in r for r in rows):
+        from .bpe_report import format_lines
+
+        for r in rows:
+            out += ["", f"{_short(r['tokenizer'])} ({r.get('backend', 'bpe')}):", *format_lines(r)]
     for r in rows:
         lines = []
         for same in r.get("same_pieces_as", []):

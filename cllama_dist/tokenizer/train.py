@@ -86,6 +86,10 @@ def train(cfg: TokenizerTrainConfig) -> dict:
     """Train and write PREFIX.model / PREFIX.vocab / PREFIX.report.json; returns the report."""
     import sentencepiece as spm
 
+    if cfg.base:
+        from .bpe_train import train as train_bpe
+
+        return train_bpe(cfg)
     # The outputs are checked before an hour of sampling: not folders, and not inside a corpus folder (a
     # PREFIX.report.json there would be read as corpus next time), nor over a corpus file.
     for suffix in (".model", ".vocab", ".report.json"):

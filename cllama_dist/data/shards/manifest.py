@@ -38,6 +38,10 @@ def check_manifest(manifest: dict, fingerprint: dict, block_size: int, where: st
     """Refuse shards made with another tokenizer or block size, naming both values."""
     theirs = manifest["tokenizer"]
     problems = []
+    # Fingerprints without "backend" are SentencePiece's (the only backend before byte-level BPE).
+    if theirs.get("backend", "sentencepiece") != fingerprint.get("backend", "sentencepiece"):
+        problems.append(f"tokenizer backend: shards {theirs.get('backend', 'sentencepiece')}, "
+                        f"tokenizer {fingerprint.get('backend', 'sentencepiece')}")
     if theirs["vocab_size"] != fingerprint["vocab_size"]:
         problems.append(f"vocab size: shards {theirs['vocab_size']:,}, tokenizer {fingerprint['vocab_size']:,}")
     from ...tokenizer.spm import same_tokenizer
