@@ -222,7 +222,7 @@ class Checkpointer:
             if path is None:
                 if skipped:
                     raise UserError(f"{self.run_dir} has checkpoints but none is valid ({'; '.join(self.notes)}); "
-                                    "use --resume '' in another output_dir to start afresh")
+                                    "use --checkpoint.resume '' in another output_dir to start afresh")
                 return None
             if not verified(path):
                 self.notes.append(f"note: {path} has no {FILES} (written by an older version): not verified")
@@ -237,7 +237,7 @@ class Checkpointer:
                 raise UserError(f"cannot resume {path}: {why}")
             return path
         if self.complete():
-            raise UserError(f"{self.run_dir} already has checkpoints ({self.complete()[-1].name}); use --resume auto "
+            raise UserError(f"{self.run_dir} already has checkpoints ({self.complete()[-1].name}); use --checkpoint.resume auto "
                             "to continue it, or another output_dir to start afresh")
         return None
 
