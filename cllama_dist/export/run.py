@@ -24,6 +24,7 @@ sha256 go into cllama_export.json; ``export merged`` carries the adapter folder'
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import stat
 from pathlib import Path
@@ -116,13 +117,19 @@ def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     from ..quiet import muted_stdout, name_accelerator
 
     # Importing DeepSpeed warns that it guessed the accelerator; reading the checkpoint prints four lines of its
-    # progress. Neither tells a user anything; its errors are raised, and its warnings go through its logger.
+    # progress. Neither tells a user anything. What goes wrong is raised (and said here in one line), and
+    # DeepSpeed's own warnings go through its logger, whose stream the muting leaves alone.
     name_accelerator(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with muted_stdout():
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
-                                                      exclude_frozen_parameters=True)
+    try:
+        with muted_stdout():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                          exclude_frozen_parameters=True)
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+        # A checkpoint without files.json (older) is not checked file by file before this: a missing or cut
+        # partition is found here.
+        raise UserError(f"cannot read the ZeRO checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
     empty = [k for k, v in sd.items() if v.numel() == 0]
     if empty or not sd:
         raise UserError(f"{ckpt} holds empty tensors ({empty[:3]}...): a ZeRO-3 save made without gathering")
