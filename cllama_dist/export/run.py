@@ -19,6 +19,10 @@ run's data manifest) is written as ``chat_template`` into the exported tokenizer
 stock ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` formats inference prompts
 as training formatted them, and ``cllama chat`` / ``cllama eval --generate`` find it. Its name and
 sha256 go into cllama_export.json; ``export merged`` carries the adapter folder's template over.
+
+The base: the checkpoint's fingerprint of the model the run trained on (model/identity.py) goes into
+cllama_export.json, and ``export merged`` refuses a base with other weights before writing anything, as a
+load of the adapter does (``read_adapter`` in inference/load.py).
 """
 
 from __future__ import annotations

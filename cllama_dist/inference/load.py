@@ -182,7 +182,9 @@ def check_base(base: Path, recorded: dict | None, adapter: Path) -> None:
     """
     from ..model.identity import BUILT, folder_fingerprint
 
-    if not isinstance(recorded, dict) or not recorded.get("sha256") or str(recorded.get("source", "")).startswith(BUILT):
+    if not isinstance(recorded, dict) or not recorded.get("sha256"):
+        return
+    if str(recorded.get("source", "")).startswith(BUILT):
         return
     fp = folder_fingerprint(base)
     if fp["sha256"] == recorded["sha256"]:
