@@ -108,13 +108,15 @@ def load_model(cfg):
         from peft import PeftModel
 
         meta, _ = read_adapter(cfg.adapter, cfg.model, config.vocab_size,
-                               tokenizer=tokenizer.path if cfg.tokenizer else None)
+                               tokenizer=tokenizer.path if cfg.tokenizer else None, check_weights=False)
         model.resize_token_embeddings(meta["new_vocab"], mean_resizing=False)  # PEFT restores the new rows from the adapter
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"the adapter {cfg.adapter} does not fit the base {cfg.model} (another architecture?): "
                             f"{str(exc).splitlines()[0]}") from None
+        # After PEFT: a base of another architecture is named as such; one of the same shape only by its weights.
+        check_base(Path(cfg.model), meta.get("base_fingerprint"), Path(cfg.adapter))
         what += f" + adapter {cfg.adapter}"
     rows = model.get_input_embeddings().weight.shape[0]
     if tokenizer.size > rows:
@@ -133,12 +135,14 @@ def load_model(cfg):
 # An exported adapter.
 
 
-def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokenizer: str | Path | None = None):
+def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokenizer: str | Path | None = None,
+                 check_weights: bool = True):
     """The adapter's metadata and PEFT config, after checking it fits this base and this tokenizer.
 
     Refused, naming both sides: a folder that is not our export, a base whose vocabulary is not the one the
     adapter extends, a tokenizer (the adapter's own copy, or the one given) that is not the one it trained
-    with, a base whose weights are not the ones it trained on.
+    with, and (``check_weights``; else the caller calls ``check_base``) a base whose weights are not the ones
+    it trained on.
     """
     from ..tokenizer import spm
 
@@ -168,7 +172,8 @@ def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokeniz
         what = "extends one of" if expected == meta["orig_vocab"] else "was trained on a merged model of"
         raise UserError(f"base {base} has a vocabulary of {base_vocab:,} rows; the adapter {adapter} {what} "
                         f"{expected:,} (another base model?)")
-    check_base(Path(base), meta.get("base_fingerprint"), adapter)
+    if check_weights:
+        check_base(Path(base), meta.get("base_fingerprint"), adapter)
     return meta, acfg
 
 
