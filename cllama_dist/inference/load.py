@@ -182,8 +182,10 @@ def check_base(base: Path, recorded: dict | None, adapter: Path) -> None:
 
     ``recorded``: the run's fingerprint of its base (model/identity.py), which ``cllama export adapter``
     copies from the checkpoint. Another base of the same shape loads and merges without an error and gives
-    a model that is silently wrong. Not checked: adapters exported before the fingerprint was copied, and
-    runs whose base was built from model.config (no folder to compare with).
+    a model that is silently wrong. The fingerprint hashes the config, each weight file's header and samples
+    of its bytes: models trained or initialised apart differ in it; an edit of a few tensors may not show.
+    Not checked: adapters exported before the fingerprint was copied, and runs whose base was built from
+    model.config (no folder to compare with).
     """
     from ..model.identity import BUILT, folder_fingerprint
 

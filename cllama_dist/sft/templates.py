@@ -48,6 +48,10 @@ answer starts with a whitespace-only token cannot be reproduced by tokenizing a 
 System prompt. A system message replaces the template's default system text (v1: the "Below is an
 instruction ..." header; v2: DEFAULT_SYSTEM_PROMPT); an empty one removes the system part (v2 then
 gives ``[INST] {instruction} [/INST]``, the paper's TEMPLATE_WITHOUT_SYSTEM_PROMPT).
+
+Which template formats a model's prompts at inference (``pick_template``, used by chat, eval and export):
+the model's own, found in its tokenizer, adapter or model folder (``chat_template`` in
+tokenizer_config.json, which ``cllama export`` writes), unless a built-in or a file is named.
 """
 
 from __future__ import annotations
