@@ -15,223 +15,28 @@ The template is the model's own (``chat_template`` in the tokenizer_config.json 
 writes from the run's data manifest) unless ``--template`` names another; a model without one is
 refused, since guessing a format would silently give the model prompts it never saw.
 
-Answers are decoded with SentencePiece (byte-fallback pieces become the characters they spell) and
-streamed as they are generated: a piece is printed as soon as the text it ends with is complete
-characters. A character that falls back to bytes arrives as several tokens (one per UTF-8 byte); the
-bytes are held back until the character is whole, so a partial character (U+FFFD) or a piece name
-such as ``<0xE4>`` is never printed. What is streamed is, concatenated, exactly ``sp.decode`` of the
-answer's ids (tested), and that text is what goes into the history of the next turn.
-
-Nothing here imports torch at module level: the template helpers are used by light callers too.
+Answers are streamed as they are generated, never a partial character (inference/generate.py); the
+streamed text is what goes into the history of the next turn. The model, tokenizer and adapter load
+as eval loads them (inference/load.py).
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from .chat_config import ChatConfig
 from .errors import UserError
-from .sft import templates
-from .sft.encode import encode_prompt
-from .sft.templates import Template
+from .inference.generate import Sampling, StreamDecoder, generate_ids
+from .sft.encode import encode_prompt, user_turn
+from .sft.templates import Template, own_template, pick_template, template_folders
 
 RESET = "/reset"
 EXIT = "/exit"
-
-# --------------------------------------------------------------------------------------------------
-# Which template a model folder carries.
-
-
-def template_folders(model: str | Path, adapter: str | Path = "", tokenizer: str | Path = "") -> list[Path]:
-    """Folders that may carry the model's chat template, in the order they are looked at: the tokenizer's
-    (the folder of a .model file), the adapter's, the model's."""
-    out: list[Path] = []
-    for p in (tokenizer, adapter, model):
-        if not p:
-            continue
-        d = Path(p)
-        d = d.parent if d.is_file() else d
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def has_template(folder: Path) -> bool:
-    """Whether a folder holds a chat template (chat_template.jinja, or tokenizer_config.json's chat_template)."""
-    if (folder / "chat_template.jinja").is_file():
-        return True
-    cfg = folder / "tokenizer_config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # from_tokenizer names the problem when this folder is the one asked for
-    return isinstance(data, dict) and bool(data.get("chat_template"))
-
-
-def own_template(folders: list[Path]) -> Template | None:
-    """The first chat template found in ``folders``, or None."""
-    for d in folders:
-        if has_template(d):
-            t = templates.from_tokenizer(d)
-            for name, source in templates.BUILTIN.items():  # name a built-in by its text, for messages and records
-                if source == t.source:
-                    return Template(name, source, t.origin)
-            return t
-    return None
-
-
-def no_template(folders: list[Path]) -> UserError:
-    where = ", ".join(str(d) for d in folders)
-    verb = "holds" if len(folders) == 1 else "hold"
-    return UserError(f"no chat template: {where} {verb} no chat_template in tokenizer_config.json (a model exported from "
-                     "a pre-training run, or an instruction-tuned model from elsewhere?); give the template the model "
-                     "was instruction-tuned with: --template alpaca (or llama2, or a .jinja file)")
-
-
-def pick_template(spec: str, model: str | Path, adapter: str | Path = "", tokenizer: str | Path = "", *,
-                  required: bool = True) -> Template | None:
-    """The template to format prompts with.
-
-    ``spec``: "" or "auto": the model's own (None when it has none and not ``required``; refused when
-    ``required``); "none": None; else a built-in name (alpaca, llama2), "tokenizer" or a Jinja file.
-    """
-    folders = template_folders(model, adapter, tokenizer)
-    if spec in ("", "auto"):
-        t = own_template(folders)
-        if t is None and required:
-            raise no_template(folders)
-        return t
-    if spec == "none":
-        if required:
-            raise UserError("--template none: this needs a chat template (alpaca, llama2 or a .jinja file)")
-        return None
-    return templates.resolve(spec, folders[0] if folders else None)
-
-
-def user_turn(text: str, history: list[tuple[str, str]] = (), system: str | None = None) -> list[dict]:
-    """The messages of a conversation so far ending with the user's ``text``: the shape encode_prompt takes."""
-    out = [] if system is None else [{"role": "system", "content": system}]
-    for user, assistant in history:
-        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    out.append({"role": "user", "content": text})
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Streaming decode.
-
-
-def _byte_value(sp, token: int) -> int:
-    return int(sp.id_to_piece(token)[1:-1], 16)  # "<0xE4>" -> 0xE4
-
-
-class StreamDecoder:
-    """The text of generated ids, handed out piece by piece, never a partial character.
-
-    ``push`` returns the text that became final with a token: the decoding of all ids so far, less the
-    trailing byte-fallback pieces that are the start of a character not yet complete (those wait for the
-    rest of their bytes). ``finish`` returns what is left (a character cut by the end of generation comes
-    out as SentencePiece decodes it, U+FFFD). The pieces concatenated equal ``sp.decode(ids)``.
-    """
-
-    def __init__(self, sp):
-        self.sp = sp
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def _pending(self) -> int:
-        """How many trailing ids are the leading bytes of an incomplete UTF-8 character."""
-        run: list[int] = []
-        for t in reversed(self.ids):
-            if not self.sp.is_byte(t):
-                break
-            run.append(t)
-        if not run:
-            return 0
-        dec = codecs.getincrementaldecoder("utf-8")("replace")
-        dec.decode(bytes(_byte_value(self.sp, t) for t in reversed(run)), final=False)
-        return len(dec.getstate()[0])  # bytes the decoder holds: a character's start, waiting for the rest
-
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.shown):
-            return ""  # not seen with SentencePiece's decoding; what is shown can never be taken back
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        pending = self._pending()
-        return self._emit(self.sp.decode(self.ids[:len(self.ids) - pending]))
-
-    def finish(self) -> str:
-        return self._emit(self.sp.decode(self.ids))
-
-    @property
-    def text(self) -> str:
-        return self.sp.decode(self.ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Generation.
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-
-
-def generate_ids(model, prompt_ids: list[int], eos_id: int, sampling: Sampling, device,
-                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], str]:
-    """The ids generated after ``prompt_ids`` (without the final EOS) and why generation stopped: "eos" or
-    "max_new_tokens". ``on_token`` is called with each new id but EOS as soon as it is chosen."""
-    import torch
-    from transformers import GenerationConfig
-    from transformers.generation.streamers import BaseStreamer
-
-    class Streamer(BaseStreamer):
-        # generate() hands the streamer the prompt first, then each new token.
-        def __init__(self):
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            for t in value.reshape(-1).tolist():
-                if t != eos_id and on_token is not None:
-                    on_token(int(t))
-
-        def end(self):
-            pass
-
-    if sampling.temperature > 0:
-        gc = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    else:
-        gc = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False)
-    gc.eos_token_id = eos_id
-    gc.pad_token_id = eos_id
-    gc.use_cache = True
-    x = torch.tensor([prompt_ids], device=device)
-    with torch.no_grad():
-        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gc,
-                           streamer=Streamer() if on_token is not None else None)
-    new = y[0, len(prompt_ids):].tolist()
-    if new and new[-1] == eos_id:
-        return new[:-1], "eos"
-    return new, "max_new_tokens"
-
 
 # --------------------------------------------------------------------------------------------------
 # A conversation.
@@ -395,9 +200,9 @@ def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = N
             print(f"note: --template {cfg.template} is not the model's own chat template ({own.origin}); the model "
                   "was most likely tuned with its own", file=err)
 
-    from .eval.run import load
+    from .inference.load import load_model
 
-    model, tokenizer, what, device = load(cfg)
+    model, tokenizer, what, device = load_model(cfg)
     if tokenizer.sp is None:
         raise UserError(f"cllama chat needs a SentencePiece tokenizer (tokenizer.model) in {tokenizer.path}: prompts "
                         "are encoded as training encoded them; pass --tokenizer")

@@ -197,6 +197,12 @@ def _submit(job: SubmitConfig, args: argparse.Namespace) -> None:
             print(f"{j.job_id}: {j.results()}")
 
 
+def _demo(cfg: DemoConfig) -> dict:
+    from .recipes.demo import run
+
+    return run(cfg)
+
+
 COMMANDS = [
     Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model (or, with --base, a byte-level BPE) on a corpus (streamed, sampled)",
             _simple(stages.tokenizer_train, _print_tokenizer_train)),
@@ -221,7 +227,7 @@ COMMANDS = [
             _simple(stages.chat, lambda cfg, r: None)),
     Command(("submit",), SubmitConfig, "submit training or preprocessing through submitit (Slurm or local)", _submit),
     Command(("demo",), DemoConfig, "run the whole pipeline on the shipped corpus (CPU, tiny model)",
-            _simple(stages.demo, lambda cfg, r: None)),
+            _simple(_demo, lambda cfg, r: None)),
 ]
 
 
@@ -253,7 +259,7 @@ def _extra_arguments(words: tuple[str, ...], p: argparse.ArgumentParser) -> None
                     "prompt: ends); a line ending with \\ continues on the next. A --message that starts with '-' "
                     "is given as --message=TEXT.")
     elif words == ("demo",):
-        from .recipes.demo.recipe import STAGE_NAMES
+        from .recipes.demo.config import STAGE_NAMES
 
         p.epilog = f"Stages: {', '.join(STAGE_NAMES)}."
 

@@ -5,9 +5,10 @@
     stages.merge(MergeConfig(base="llama/tokenizer.model", add="zh.model", out="merged/"))
 
 The CLI (cli.py) only parses flags and YAML into these config objects and calls these functions; the
-submitit launcher pickles the config objects and calls them in the job; the demo recipe calls them in
-order. Each function imports its implementation when called, so importing this module (and starting the
-CLI) imports nothing heavy: the offline stages never import torch.
+submitit launcher pickles the config objects and calls them in the job; the demo recipe (recipes/demo/,
+a layer above this one: ``cllama demo`` calls it directly) calls them in order. Each function imports its
+implementation when called, so importing this module (and starting the CLI) imports nothing heavy: the
+offline stages never import torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from .chat_config import ChatConfig
 from .data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
-from .recipes.demo.config import DemoConfig
 from .tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
 from .trainer.config import TrainConfig
 
@@ -176,14 +176,3 @@ def chat(cfg: ChatConfig) -> dict:
     from .chat import chat as run
 
     return run(cfg)
-
-
-# ------------------------------------------------------------------------------ recipes
-
-
-def demo(cfg: DemoConfig) -> dict:
-    """The whole pipeline on the shipped corpus; returns every stage's result by name."""
-    from .recipes.demo import run
-
-    return run(cfg)
-

@@ -106,7 +106,7 @@ def budget(expected: str) -> int:
 
 def greedy_answerer(model, sp, template: Template, device) -> Callable[[Item], str]:
     """An answer function: the greedy answer of ``model`` through ``template``, decoded with SentencePiece."""
-    from ..chat import Sampling, generate_ids
+    from ..inference.generate import Sampling, generate_ids
     from ..sft.encode import encode_prompt
 
     config = getattr(model, "config", None)
@@ -133,7 +133,7 @@ def evaluate_instructions(cfg, model=None, tokenizer=None, device=None,
     ``answer`` replaces the model (a function from an Item to its answer text: tests, other generators);
     ``template`` replaces ``cfg.template``'s choice.
     """
-    from ..chat import pick_template
+    from ..sft.templates import pick_template
 
     if not cfg.instructions:
         raise UserError("no held-out instructions: set instructions (--instructions FILE.jsonl)")
@@ -144,9 +144,9 @@ def evaluate_instructions(cfg, model=None, tokenizer=None, device=None,
         items = items[:cfg.max_documents]
     if answer is None:
         if model is None:
-            from .run import load
+            from ..inference.load import load_model
 
-            model, tokenizer, _, device = load(cfg)
+            model, tokenizer, _, device = load_model(cfg)
         if tokenizer.sp is None:
             raise UserError(f"--instructions needs a SentencePiece tokenizer (tokenizer.model) in {tokenizer.path}")
         answer = greedy_answerer(model, tokenizer.sp, template, device)

@@ -4,7 +4,7 @@
         --text zh=heldout_zh.jsonl en=heldout_en.jsonl [--shard-sets zh-shards=shards/zh] [--json-out r.json]
 
 Each model (the base alone with its own tokenizer, base + adapter, each --compare) scores each input
-(run.eval_text / run.eval_shards, the figures ``cllama eval`` prints for one input), and the table puts
+(perplexity.eval_text / perplexity.eval_shards, the figures ``cllama eval`` prints for one input), and the table puts
 bits per character side by side, with the uniform baseline (log2 V x tokens per character) of each
 model's tokenizer and the change against the first column: "Chinese improved by X, English lost Y".
 Bits per character compare across tokenizers; loss per token does not.
@@ -39,7 +39,8 @@ def models_of(cfg: EvalConfig) -> list[tuple[str, dict]]:
 
 
 def evaluate_table(cfg: EvalConfig) -> dict:
-    from .run import eval_shards, eval_text, load
+    from ..inference.load import load_model
+    from .perplexity import eval_shards, eval_text
 
     inputs = [(n, "text", p) for n, p in _named(cfg.text)] + [(n, "shards", p) for n, p in _named(cfg.shard_sets)]
     cells: dict[str, dict[str, dict]] = {}
@@ -47,7 +48,7 @@ def evaluate_table(cfg: EvalConfig) -> dict:
     described = {}
     for column, spec in models:
         mcfg = dataclasses.replace(cfg, text=[], shard_sets=[], compare=[], compare_base=False, inputs=["-"], **spec)
-        model, tokenizer, what, device = load(mcfg)
+        model, tokenizer, what, device = load_model(mcfg)
         described[column] = {"model": what, "tokenizer": str(tokenizer.path), "vocab_size": tokenizer.size}
         max_pos = getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size
         block = min(cfg.block_size, max_pos)

@@ -19,11 +19,16 @@ run's data manifest) is written as ``chat_template`` into the exported tokenizer
 stock ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` formats inference prompts
 as training formatted them, and ``cllama chat`` / ``cllama eval --generate`` find it. Its name and
 sha256 go into cllama_export.json; ``export merged`` carries the adapter folder's template over.
+
+The base: the checkpoint's fingerprint of the model the run trained on (model/identity.py) goes into
+cllama_export.json, and ``export merged`` refuses a base with other weights before writing anything, as a
+load of the adapter does (``read_adapter`` in inference/load.py).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import stat
 from pathlib import Path
@@ -34,6 +39,7 @@ from .. import __version__
 from ..config import build
 from ..errors import UserError
 from ..files import LOCK, Lock, check_not_input, claim_folder, os_error, write_atomic
+from ..inference.load import read_adapter
 from ..model.vocab import BASE_ROWS, NEW_ROWS
 from ..sft import templates
 from ..sft.templates import Template
@@ -95,9 +101,22 @@ class _Export:
 
 
 def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from ..quiet import muted_stdout, name_accelerator
+
+    # Importing DeepSpeed warns that it guessed the accelerator; reading the checkpoint prints four lines of its
+    # progress. Neither tells a user anything. What goes wrong is raised (and said here in one line), and
+    # DeepSpeed's own warnings go through its logger, whose stream the muting leaves alone.
+    name_accelerator(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
+    try:
+        with muted_stdout():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name,
+                                                          exclude_frozen_parameters=True)
+    except (ValueError, OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+        # A checkpoint without files.json (older) is not checked file by file before this: a missing or cut
+        # partition is found here.
+        raise UserError(f"cannot read the ZeRO checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
     empty = [k for k, v in sd.items() if v.numel() == 0]
     if empty or not sd:
         raise UserError(f"{ckpt} holds empty tensors ({empty[:3]}...): a ZeRO-3 save made without gathering")
@@ -173,9 +192,7 @@ def install_template(ex: "_Export", template: Template | None) -> dict | None:
         cfg_path.chmod(cfg_path.stat().st_mode | stat.S_IWUSR)  # copied with a read-only source's mode bits
         templates.install_chat_template(ex.out, template)
         return {"name": template.name, "sha256": template.sha256, "origin": template.origin}
-    from ..chat import has_template
-
-    if has_template(ex.out):  # the tokenizer's own, copied with it
+    if templates.has_template(ex.out):  # the tokenizer's own, copied with it
         t = templates.from_tokenizer(ex.out)
         return {"name": "tokenizer", "sha256": t.sha256, "origin": "copied with the tokenizer"}
     return None
@@ -235,6 +252,8 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
             # The rows of the base this adapter applies to: orig_vocab, or new_vocab for a run that started
             # from a merged (already extended) model, as instruction tuning does.
             "base_vocab": state.get("base_vocab") or orig,
+            # The run's fingerprint of its base (model/identity.py): a merge or load onto another base is refused.
+            "base_fingerprint": state.get("base_model") or None,
             "tokenizer_sha256": state["tokenizer_sha256"], "chat_template": installed,
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
     chat_note = ""
@@ -250,47 +269,11 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
         "tok = AutoTokenizer.from_pretrained(ADAPTER_DIR)\nbase = AutoModelForCausalLM.from_pretrained(BASE)\n"
         "base.resize_token_embeddings(len(tok))  # rows are restored from the adapter\n"
         "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n" + chat_note +
-        "cllama_export.json records the tokenizer fingerprint, the chat template and the training config.\n")
+        "cllama_export.json records the tokenizer and base model fingerprints, the chat template and the training "
+        "config.\n")
     # Last: an adapter folder without it is an interrupted export, refused by read_adapter.
     write_atomic(ex.path("cllama_export.json"), json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
-
-
-def read_adapter(adapter: str | Path, base: str | Path, base_vocab: int, tokenizer: str | Path | None = None):
-    """The adapter's metadata and PEFT config, after checking it fits this base and this tokenizer.
-
-    Refused, naming both sides: a folder that is not our export, a base whose vocabulary is not the one the
-    adapter extends, a tokenizer (the adapter's own copy, or the one given) that is not the one it trained with.
-    """
-    from ..tokenizer import spm
-
-    adapter = Path(adapter)
-    meta_path = adapter / "cllama_export.json"
-    if not adapter.is_dir():
-        raise UserError(f"the adapter {adapter} is not a folder")
-    if not meta_path.is_file() or not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} is not an adapter exported by `cllama export adapter` (no cllama_export.json / "
-                        "adapter_config.json; an interrupted export leaves no cllama_export.json)")
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"the adapter {adapter} has no weights file adapter_model.safetensors (copied without it?)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        acfg = json.loads((adapter / "adapter_config.json").read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise UserError(f"the adapter {adapter} has an unreadable cllama_export.json / adapter_config.json: {exc}") from None
-    tok = Path(tokenizer) if tokenizer else adapter / "tokenizer.model"
-    fp = spm.fingerprint(tok)
-    if not spm.same_tokenizer(meta["tokenizer_sha256"], fp):
-        raise UserError(f"the tokenizer {tok} (sha256 {fp['sha256'][:16]}..., {fp['vocab_size']:,} pieces) is not "
-                        f"the one the adapter {adapter} was trained with (sha256 {meta['tokenizer_sha256'][:16]}..., "
-                        f"{meta['new_vocab']:,} pieces)")
-    expected = meta.get("base_vocab") or meta["orig_vocab"]
-    if base_vocab != expected:
-        what = "extends one of" if expected == meta["orig_vocab"] else "was trained on a merged model of"
-        raise UserError(f"base {base} has a vocabulary of {base_vocab:,} rows; the adapter {adapter} {what} "
-                        f"{expected:,} (another base model?)")
-    return meta, acfg
 
 
 def _base_shards(base: Path) -> list[str]:
@@ -363,9 +346,7 @@ def adapter_template(adapter: Path, meta: dict) -> dict | None:
     The text is the one in the adapter's tokenizer_config.json (copied with the tokenizer); its name is
     the one cllama_export.json records when the hashes agree, else "tokenizer".
     """
-    from ..chat import has_template
-
-    if not has_template(adapter):
+    if not templates.has_template(adapter):
         return None
     t = templates.from_tokenizer(adapter)
     recorded = meta.get("chat_template") or {}

@@ -36,13 +36,22 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+BUILT = "built from model.config"  # the source of a base with no folder (model.path empty)
+
+
 def base_fingerprint(cfg: ModelConfig, seed: int) -> dict:
     """{"source", "sha256"}: the identity of the base a run trains on."""
     if not cfg.path:
         text = json.dumps(cfg.config, sort_keys=True)
-        return {"source": f"built from model.config (seed {seed})",
+        return {"source": f"{BUILT} (seed {seed})",
                 "sha256": hashlib.sha256(f"{text}|seed={seed}".encode()).hexdigest()}
-    folder = Path(cfg.path)
+    return folder_fingerprint(Path(cfg.path))
+
+
+def folder_fingerprint(folder: Path) -> dict:
+    """{"source", "sha256"} of a Hugging Face model folder: its config (less the keys the saving tool sets) and
+    its weight files."""
+    folder = Path(folder)
     h = hashlib.sha256()
     try:
         config = json.loads((folder / "config.json").read_text())

@@ -22,8 +22,8 @@ class Reached(Exception):
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One step of a recipe: ``run(folder, results)`` does the work and returns a JSON-able result;
+class RecipeStep:
+    """One step of a recipe (a demo stage): ``run(folder, results)`` does the work and returns a JSON-able result;
     ``key(results)`` says what that result depends on (``results``: the earlier stages' results by name)."""
 
     name: str
@@ -41,7 +41,7 @@ class StageRunner:
         self.out, self.force, self.total, self.n, self.until = Path(out), force, total, 0, until
         self.summary: dict[str, dict] = {}
 
-    def run_all(self, stages: list[Stage]) -> dict[str, dict]:
+    def run_all(self, stages: list[RecipeStep]) -> dict[str, dict]:
         for stage in stages:
             self.run(stage.name, stage.key(self.summary), lambda folder, s=stage: s.run(folder, self.summary),
                      resumable=stage.resumable)

@@ -175,6 +175,15 @@ def encode_conversation(conv, template: Template, sp, max_len: int, *,
     return Encoded(ids, mask, truncated)
 
 
+def user_turn(text: str, history: list[tuple[str, str]] = (), system: str | None = None) -> list[dict]:
+    """The messages of a conversation so far ending with the user's ``text``: the shape encode_prompt takes."""
+    out = [] if system is None else [{"role": "system", "content": system}]
+    for user, assistant in history:
+        out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    out.append({"role": "user", "content": text})
+    return out
+
+
 def encode_prompt(messages, template: Template, sp) -> list[int]:
     """Ids an inference prompt must have: the conversation so far, ending with the user's message.
 

@@ -48,6 +48,10 @@ answer starts with a whitespace-only token cannot be reproduced by tokenizing a 
 System prompt. A system message replaces the template's default system text (v1: the "Below is an
 instruction ..." header; v2: DEFAULT_SYSTEM_PROMPT); an empty one removes the system part (v2 then
 gives ``[INST] {instruction} [/INST]``, the paper's TEMPLATE_WITHOUT_SYSTEM_PROMPT).
+
+Which template formats a model's prompts at inference (``pick_template``, used by chat, eval and export):
+the model's own, found in its tokenizer, adapter or model folder (``chat_template`` in
+tokenizer_config.json, which ``cllama export`` writes), unless a built-in or a file is named.
 """
 
 from __future__ import annotations
@@ -360,3 +364,75 @@ def install_chat_template(folder: str | os.PathLike, template: Template) -> Path
     cfg["chat_template"] = template.chat_template
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return cfg_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Which template a model folder carries (chat, eval and export choose through these).
+
+
+def template_folders(model: str | Path, adapter: str | Path = "", tokenizer: str | Path = "") -> list[Path]:
+    """Folders that may carry the model's chat template, in the order they are looked at: the tokenizer's
+    (the folder of a .model file), the adapter's, the model's."""
+    out: list[Path] = []
+    for p in (tokenizer, adapter, model):
+        if not p:
+            continue
+        d = Path(p)
+        d = d.parent if d.is_file() else d
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def has_template(folder: Path) -> bool:
+    """Whether a folder holds a chat template (chat_template.jinja, or tokenizer_config.json's chat_template)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # from_tokenizer names the problem when this folder is the one asked for
+    return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
+def own_template(folders: list[Path]) -> Template | None:
+    """The first chat template found in ``folders``, or None."""
+    for d in folders:
+        if has_template(d):
+            t = from_tokenizer(d)
+            for name, source in BUILTIN.items():  # name a built-in by its text, for messages and records
+                if source == t.source:
+                    return Template(name, source, t.origin)
+            return t
+    return None
+
+
+def no_template(folders: list[Path]) -> UserError:
+    where = ", ".join(str(d) for d in folders)
+    verb = "holds" if len(folders) == 1 else "hold"
+    return UserError(f"no chat template: {where} {verb} no chat_template in tokenizer_config.json (a model exported from "
+                     "a pre-training run, or an instruction-tuned model from elsewhere?); give the template the model "
+                     "was instruction-tuned with: --template alpaca (or llama2, or a .jinja file)")
+
+
+def pick_template(spec: str, model: str | Path, adapter: str | Path = "", tokenizer: str | Path = "", *,
+                  required: bool = True) -> Template | None:
+    """The template to format prompts with.
+
+    ``spec``: "" or "auto": the model's own (None when it has none and not ``required``; refused when
+    ``required``); "none": None; else a built-in name (alpaca, llama2), "tokenizer" or a Jinja file.
+    """
+    folders = template_folders(model, adapter, tokenizer)
+    if spec in ("", "auto"):
+        t = own_template(folders)
+        if t is None and required:
+            raise no_template(folders)
+        return t
+    if spec == "none":
+        if required:
+            raise UserError("--template none: this needs a chat template (alpaca, llama2 or a .jinja file)")
+        return None
+    return resolve(spec, folders[0] if folders else None)

@@ -14,6 +14,7 @@ import os
 import sysconfig
 from pathlib import Path
 
+from . import hf
 from . import spm as spmio
 
 # LLaMA's trainer settings (from the trainer_spec in LLaMA's tokenizer.model).
@@ -83,7 +84,7 @@ def build_base_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 4000, see
         **LLAMA_TRAINER,
     )
     data = Path(f"{prefix}.model").read_bytes()
-    spmio.write_hf_folder(out, data, spmio.load_proto(f"{prefix}.model"))
+    hf.write_folder(out, data, spmio.load_proto(f"{prefix}.model"))
     for suffix in (".model", ".vocab"):
         Path(f"{prefix}{suffix}").unlink()
     return out / spmio.MODEL_FILE

@@ -272,9 +272,10 @@ def _shipped_texts() -> list[str]:
     return [json.loads(line)["text"] for line in corpus_path().read_text(encoding="utf-8").splitlines() if line]
 
 
-def write_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
-    """Write tokenizer.model, tokenizer_config.json, special_tokens_map.json, TOKENIZER.md and, for the
-    fast layout, tokenizer.json (for the SentencePiece layout, tokenization_cllama.py).
+def write_folder(out: str | Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
+    """Write a Hugging Face tokenizer folder around a SentencePiece model: tokenizer.model,
+    tokenizer_config.json, special_tokens_map.json, TOKENIZER.md and, for the fast layout, tokenizer.json
+    (for the SentencePiece layout, tokenization_cllama.py).
     Returns {"layout", "fast_problems", "files"}.
 
     ``fast``: False: SentencePiece layout; True: fast layout, a UserError naming the reasons when the
@@ -284,6 +285,7 @@ def write_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False)
     """
     from ..errors import UserError
 
+    out = Path(out)
     problems = fast_problems(proto)
     if fast is True and problems:
         raise UserError("no exact fast tokenizer (tokenizer.json) is possible for this model: " + "; ".join(problems))

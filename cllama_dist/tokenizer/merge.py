@@ -27,6 +27,7 @@ from ..config import to_dict
 from ..files import LOCK, MARKER, Lock, check_not_input, folder_kind, os_error, write_atomic
 from .config import MergeConfig
 from ..errors import UserError
+from . import hf
 from . import spm as spmio
 
 # Two or more consecutive digits, ASCII or full-width: LLaMA never emits such a piece (split_digits).
@@ -186,7 +187,7 @@ def _write(cfg: MergeConfig, out: Path, base, add, merged, stats: dict, data: by
         # the base allows it.
         fast = {"paper": False, "exact": True}.get(mode, "auto")
         try:
-            hf_folder = spmio.write_hf_folder(tmp, data, merged, fast=fast)
+            hf_folder = hf.write_folder(tmp, data, merged, fast=fast)
         except UserError as exc:
             raise UserError(f"new_piece_score 'exact' with base {spmio.model_path(cfg.base)}: {exc}") from None
         fp = spmio.fingerprint(tmp)

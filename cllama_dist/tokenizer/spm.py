@@ -196,14 +196,3 @@ def same_tokenizer(recorded_sha256: str, fp: dict) -> bool:
     hash. Either match is the same tokenizer: identical bytes, or an identical encoding.
     """
     return recorded_sha256 in (fp["sha256"], fp.get("file_sha256"))
-
-
-def write_hf_folder(out: Path, model_bytes: bytes, proto, fast: bool | str = False) -> dict:
-    """Write a Hugging Face tokenizer folder around a SentencePiece model; see ``hf.write_folder``.
-
-    ``fast``: also write an exact ``tokenizer.json`` (True: required, raising UserError when the
-    model cannot have one; "auto": when it can). Returns what was written and why.
-    """
-    from . import hf
-
-    return hf.write_folder(Path(out), model_bytes, proto, fast=fast)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cllama_dist import stages
+from cllama_dist.recipes import demo as demo_recipe
+from cllama_dist.recipes.demo.config import REPLAY_STAGE_NAMES as REPLAY_STAGES
+from cllama_dist.recipes.demo.config import STAGE_NAMES as STAGES
 from cllama_dist.recipes.demo.config import DemoConfig
-from cllama_dist.recipes.demo.recipe import REPLAY_STAGE_NAMES as REPLAY_STAGES
-from cllama_dist.recipes.demo.recipe import STAGE_NAMES as STAGES
 
 from .. import golden
 from . import launch
@@ -141,7 +141,7 @@ def test_the_whole_demo_survives_an_interrupt_and_reuses_its_stages(tmp_path):
 
 
 def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
-    summary = stages.demo(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
+    summary = demo_recipe.run(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
     assert list(summary) == list(STAGES[:6])
     assert summary["merge"]["new_vocab_size"] == summary["merge"]["orig_vocab_size"] + summary["merge"]["added"]
     assert summary["report"]["tokens_per_char_after"] * 2 < summary["report"]["tokens_per_char_before"]
@@ -153,7 +153,7 @@ def test_demo_tokenizer_stages_and_reuse(tmp_path, capsys):
 
     assert load_manifest(summary["shards"]["folder"])["tokenizer"]["vocab_size"] == summary["merge"]["new_vocab_size"]
     capsys.readouterr()
-    stages.demo(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
+    demo_recipe.run(DemoConfig(out=str(tmp_path / "demo"), until="shards"))
     out = capsys.readouterr().out
     assert out.count("reusing") == 6 and "stopped after stage 'shards'" in out
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["merge"] == summary["merge"]

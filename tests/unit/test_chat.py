@@ -9,10 +9,12 @@ import sentencepiece as spm
 import torch
 
 from cllama_dist import cli
-from cllama_dist.chat import Sampling, Session, StreamDecoder, pick_template, user_turn
+from cllama_dist.chat import Session
 from cllama_dist.errors import UserError
+from cllama_dist.inference.generate import Sampling, StreamDecoder
 from cllama_dist.sft import templates
-from cllama_dist.sft.encode import encode_prompt
+from cllama_dist.sft.encode import encode_prompt, user_turn
+from cllama_dist.sft.templates import pick_template
 
 from ..conftest import TINY_LLAMA
 

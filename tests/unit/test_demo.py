@@ -1,15 +1,15 @@
 import pytest
 
-from cllama_dist import stages
 from cllama_dist.errors import UserError
+from cllama_dist.recipes import demo
+from cllama_dist.recipes.demo.config import STAGE_NAMES as STAGES
 from cllama_dist.recipes.demo.config import DemoConfig
-from cllama_dist.recipes.demo.recipe import STAGE_NAMES as STAGES
 from cllama_dist.recipes.demo.recipe import recipe
 from cllama_dist.recipes.runner import StageRunner as Stages
 
 
 def run_demo(**kw):
-    return stages.demo(DemoConfig(**kw))
+    return demo.run(DemoConfig(**kw))
 
 
 
@@ -65,7 +65,8 @@ def test_the_printed_training_command_is_one_cllama_parses_as_the_demo_runs_it(t
 
 def test_replay_adds_its_stages_and_a_mixture_config(tmp_path):
     from cllama_dist.config import build
-    from cllama_dist.recipes.demo.recipe import REPLAY_STAGE_NAMES, replay_config
+    from cllama_dist.recipes.demo.config import REPLAY_STAGE_NAMES
+    from cllama_dist.recipes.demo.recipe import replay_config
     from cllama_dist.trainer.config import TrainConfig
 
     names = [s.name for s in recipe(DemoConfig(replay=0.1))]

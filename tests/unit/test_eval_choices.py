@@ -10,7 +10,7 @@ import torch
 from cllama_dist.errors import UserError
 from cllama_dist.eval.choices import continuation_ids, option_nll, prompt_text, read_questions
 from cllama_dist.eval.config import EvalConfig
-from cllama_dist.eval.run import Tokenizer
+from cllama_dist.inference.load import Tokenizer
 
 HEADER = "id,question,A,B,C,D,answer\n"
 
@@ -97,7 +97,7 @@ def test_option_scores_equal_a_direct_log_likelihood(tiny_base):
             logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
         direct = -sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(c))
         assert nll == pytest.approx(direct, rel=1e-5)
-    # cllama eval gives the model the chunked loss forward (eval/run.py): the same scores through it.
+    # cllama eval gives the model the chunked loss forward (inference/load.py): the same scores through it.
     from cllama_dist.model.adapters import install_loss_forward
 
     install_loss_forward(model, "chunked", "torch")

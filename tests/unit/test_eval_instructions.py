@@ -8,13 +8,12 @@ import sentencepiece as spm
 import torch
 
 from cllama_dist import cli
-from cllama_dist.chat import user_turn
 from cllama_dist.errors import UserError
 from cllama_dist.eval import evaluate
 from cllama_dist.eval.config import EvalConfig
 from cllama_dist.eval.instructions import budget, evaluate_instructions, exact_match, read_items
 from cllama_dist.sft import templates
-from cllama_dist.sft.encode import encode_prompt
+from cllama_dist.sft.encode import encode_prompt, user_turn
 
 from ..conftest import TINY_LLAMA, write_jsonl
 

@@ -15,6 +15,7 @@ from cllama_dist import cli
 from cllama_dist.config import to_dict
 from cllama_dist.errors import UserError
 from cllama_dist.export import run as export
+from cllama_dist.model.identity import base_fingerprint
 from cllama_dist.sft import templates
 from cllama_dist.sft.encode import encode_prompt
 from cllama_dist.tokenizer import spm as spmio
@@ -66,6 +67,7 @@ def fake_run(tmp_path, tiny_model_dir, tiny_merged, monkeypatch):
                  "tokenizer_sha256": spmio.fingerprint(tokenizer / "tokenizer.model")["sha256"]}
         if state_template is not None:
             state["template"] = state_template
+        state["base_model"] = base_fingerprint(cfg.model, cfg.seed)  # as the trainer records it
         ckpt = run / "checkpoints" / "step-00000005"
         ckpt.mkdir(parents=True)
         states[str(ckpt)] = state

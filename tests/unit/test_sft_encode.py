@@ -166,16 +166,16 @@ def test_no_piece_holds_a_space_after_text(sp):
 
 
 def _hf_folder(tmp_path, tok, template):
-    """A tokenizer folder written by write_hf_folder, with the template as its chat_template."""
+    """A tokenizer folder written by hf.write_folder, with the template as its chat_template."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from cllama_dist.tokenizer.spm import write_hf_folder
+    from cllama_dist.tokenizer.hf import write_folder
 
     data = (tok / "tokenizer.model").read_bytes()
     proto = pb.ModelProto()
     proto.ParseFromString(data)
     out = tmp_path / template.name
-    write_hf_folder(out, data, proto)
+    write_folder(out, data, proto)
     T.install_chat_template(out, template)
     return out
 

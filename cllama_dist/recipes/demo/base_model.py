@@ -28,8 +28,11 @@ def build_base_model(folder: Path, tokenizer_dir: str, arch: dict, steps: int = 
     from ...data.loader import TokenBlocks
     from ...data.shards import load_manifest
     from ...progress import Progress
+    from ...quiet import name_accelerator
     from ...tokenizer import hf, spm
     from ...tokenizer.base import stdlib_docstrings
+
+    name_accelerator(torch.cuda.is_available())  # save_pretrained imports DeepSpeed, which warns when it guesses
 
     text = folder / "english.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_docstrings(max_chars=600_000)))

@@ -8,6 +8,11 @@ from ...config import PathStr, Section, check, option
 
 DEMO_STEPS = 60  # ~3.5 passes over the demo's 36K training tokens; more only overfits them
 DEMO_SFT_STEPS = 60
+# The stages of recipe.py, in order (tests/unit/test_demo.py checks its list against these); --replay's three
+# come before eval.
+STAGE_NAMES = ("corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export", "eval",
+               "generate", "sft-shards", "sft-train", "sft-export", "sft-chat")
+REPLAY_STAGE_NAMES = ("replay_shards", "train_replay", "export_replay")
 
 
 @dataclass
@@ -27,8 +32,6 @@ class DemoConfig(Section):
              "about the training stage's time again).")
 
     def validate(self) -> None:
-        from .recipe import REPLAY_STAGE_NAMES, STAGE_NAMES
-
         check(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         check(self.sft_steps >= 1, "sft_steps", f"must be at least 1, got {self.sft_steps}")
         names = STAGE_NAMES + (REPLAY_STAGE_NAMES if self.replay else ())

@@ -29,7 +29,7 @@ from ...eval.config import EvalConfig
 from ...export.config import ExportAdapterConfig, ExportMergedConfig
 from ...model.presets import DEMO as DEMO_MODEL
 from ...tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
-from ..runner import Reached, Stage, StageRunner, file_key
+from ..runner import Reached, RecipeStep, StageRunner, file_key
 from .config import DemoConfig
 
 HELD_OUT_EVERY = 8  # every 8th shipped document is held out from tokenizer and model training
@@ -62,10 +62,10 @@ def base_tokenizer(given: str):
 
     def run(folder: Path, r: dict) -> dict:
         if given:
-            from ...tokenizer import spm
+            from ...tokenizer import hf, spm
 
             proto = spm.load_proto(given, "base tokenizer")
-            spm.write_hf_folder(folder, spm.model_path(given).read_bytes(), proto)
+            hf.write_folder(folder, spm.model_path(given).read_bytes(), proto)
             return {"tokenizer": str(folder), "source": given}
         from ...tokenizer.base import build_base_tokenizer
 
@@ -276,28 +276,27 @@ def evaluate(folder: Path, r: dict) -> dict:
 def generate(folder: Path, r: dict, max_new_tokens: int = 32) -> dict:
     """Reload the merged model with stock transformers (the tokenizer through its folder's tokenization_cllama.py),
     and continue a few prompts."""
-    import time
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ...inference.generate import Sampling, continue_ids
+
     merged = r["export"]["merged"]
-    # The folder's own tokenizer class (tokenization_cllama.py): SentencePiece's ids and decode, so byte-fallback
-    # pieces print as characters; transformers 5's stock class, without trust_remote_code, prints them as <0xE4>...
+    # Stock loading on purpose (not inference/load.py): this stage shows that the exported folder is all a user
+    # of transformers needs. The folder's own tokenizer class (tokenization_cllama.py): SentencePiece's ids and
+    # decode, so byte-fallback pieces print as characters; transformers 5's stock class, without
+    # trust_remote_code, prints them as <0xE4>...
     tok = AutoTokenizer.from_pretrained(merged, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     torch.manual_seed(0)
     samples, new_tokens, seconds = [], 0, 0.0
     for prompt in ZH_PROMPTS:
-        x = tok(prompt, return_tensors="pt")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            y = model.generate(**x, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=True,
-                               temperature=0.7, top_p=0.9, pad_token_id=tok.eos_token_id)
-        seconds += time.perf_counter() - t0
-        new = y[0, x["input_ids"].shape[1]:]
+        ids = tok(prompt)["input_ids"]
+        new, took = continue_ids(model, ids, Sampling(max_new_tokens, temperature=0.7, top_p=0.9), model.device,
+                                 pad_id=tok.eos_token_id)
+        seconds += took
         new_tokens += len(new)
-        samples.append({"prompt": prompt, "continuation": tok.decode(new.tolist(), skip_special_tokens=True)})
+        samples.append({"prompt": prompt, "continuation": tok.decode(new, skip_special_tokens=True)})
         print(f"  {prompt}|{samples[-1]['continuation']}", flush=True)
     (folder / "generations.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return {"file": str(folder / "generations.json"), "samples": samples, "tokens_per_second": new_tokens / seconds}
@@ -381,34 +380,34 @@ def sft_chat(folder: Path, r: dict) -> dict:
 # ------------------------------------------------------------------------------ the recipe
 
 
-def recipe(cfg: DemoConfig) -> list[Stage]:
+def recipe(cfg: DemoConfig) -> list[RecipeStep]:
     from .base_model import BASE_PRETRAIN_STEPS
 
     given = cfg.base_tokenizer
     given_key = file_key(Path(given)) if given and Path(given).is_file() else given
     return [
-        Stage("corpus", split_corpus, lambda r: {"shipped": file_key(corpus_path())}),
-        Stage("base", base_tokenizer(given), lambda r: {"given": given_key, "vocab": DEMO_BASE_VOCAB}),
-        Stage("tokenizer", chinese_tokenizer, lambda r: {"corpus": r["corpus"], "vocab": DEMO_ZH_VOCAB}),
-        Stage("merge", merged_tokenizer, lambda r: {"base": r["base"], "zh": r["tokenizer"]}),
-        Stage("report", tokenizer_report, lambda r: {"merge": r["merge"], "heldout": r["corpus"]["heldout"]}),
-        Stage("shards", shards, lambda r: {"merge": r["merge"], "corpus": r["corpus"], "block": DEMO_BLOCK}),
-        Stage("model", base_model, lambda r: {"base": r["base"], "model": DEMO_MODEL, "steps": BASE_PRETRAIN_STEPS}),
-        Stage("train", train(cfg.steps), lambda r: {"model": r["model"], "shards": r["shards"],
+        RecipeStep("corpus", split_corpus, lambda r: {"shipped": file_key(corpus_path())}),
+        RecipeStep("base", base_tokenizer(given), lambda r: {"given": given_key, "vocab": DEMO_BASE_VOCAB}),
+        RecipeStep("tokenizer", chinese_tokenizer, lambda r: {"corpus": r["corpus"], "vocab": DEMO_ZH_VOCAB}),
+        RecipeStep("merge", merged_tokenizer, lambda r: {"base": r["base"], "zh": r["tokenizer"]}),
+        RecipeStep("report", tokenizer_report, lambda r: {"merge": r["merge"], "heldout": r["corpus"]["heldout"]}),
+        RecipeStep("shards", shards, lambda r: {"merge": r["merge"], "corpus": r["corpus"], "block": DEMO_BLOCK}),
+        RecipeStep("model", base_model, lambda r: {"base": r["base"], "model": DEMO_MODEL, "steps": BASE_PRETRAIN_STEPS}),
+        RecipeStep("train", train(cfg.steps), lambda r: {"model": r["model"], "shards": r["shards"],
                                                     "config": run_config(r, cfg.steps)}, resumable=True),
-        Stage("export", export, lambda r: {"train": r["train"]}),
+        RecipeStep("export", export, lambda r: {"train": r["train"]}),
         *(replay_stages(cfg) if cfg.replay else []),
-        Stage("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"],
+        RecipeStep("eval", evaluate, lambda r: {"export": r["export"], "heldout": r["corpus"]["heldout"],
                                            "english": [BASE_TEXT_CHARS, EN_HELDOUT_CHARS],
                                            "replay": r.get("export_replay")}),
-        Stage("generate", generate, lambda r: {"export": r["export"], "prompts": ZH_PROMPTS}),
-        Stage("sft-shards", sft_shards, lambda r: {"export": r["export"], "shipped": _shipped_key(),
+        RecipeStep("generate", generate, lambda r: {"export": r["export"], "prompts": ZH_PROMPTS}),
+        RecipeStep("sft-shards", sft_shards, lambda r: {"export": r["export"], "shipped": _shipped_key(),
                                                    "length": DEMO_SFT_LENGTH}),
-        Stage("sft-train", sft_train(cfg.sft_steps), lambda r: {"shards": r["sft-shards"],
+        RecipeStep("sft-train", sft_train(cfg.sft_steps), lambda r: {"shards": r["sft-shards"],
                                                                 "config": sft_run_config(r, cfg.sft_steps)},
               resumable=True),
-        Stage("sft-export", sft_export, lambda r: {"train": r["sft-train"]}),
-        Stage("sft-chat", sft_chat, lambda r: {"export": r["sft-export"], "shipped": _shipped_key()}),
+        RecipeStep("sft-export", sft_export, lambda r: {"train": r["sft-train"]}),
+        RecipeStep("sft-chat", sft_chat, lambda r: {"export": r["sft-export"], "shipped": _shipped_key()}),
     ]
 
 
@@ -418,21 +417,16 @@ def _shipped_key() -> dict:
     return {p.name: file_key(p) for p in sorted(instructions_dir().glob("*.jsonl"))}
 
 
-def replay_stages(cfg: DemoConfig) -> list[Stage]:
+def replay_stages(cfg: DemoConfig) -> list[RecipeStep]:
     """--replay: the English replay set, the same training on the mixture, and its export."""
     return [
-        Stage("replay_shards", replay_shards, lambda r: {"merge": r["merge"], "chars": EN_REPLAY_CHARS,
+        RecipeStep("replay_shards", replay_shards, lambda r: {"merge": r["merge"], "chars": EN_REPLAY_CHARS,
                                                          "block": DEMO_BLOCK}),
-        Stage("train_replay", train(cfg.steps, cfg.replay),
+        RecipeStep("train_replay", train(cfg.steps, cfg.replay),
               lambda r: {"model": r["model"], "shards": r["shards"], "replay": r["replay_shards"],
                          "config": replay_config(r, cfg.steps, cfg.replay)}, resumable=True),
-        Stage("export_replay", lambda folder, r: export(folder, r, "train_replay"), lambda r: {"train": r["train_replay"]}),
+        RecipeStep("export_replay", lambda folder, r: export(folder, r, "train_replay"), lambda r: {"train": r["train_replay"]}),
     ]
-
-
-REPLAY_STAGE_NAMES = ("replay_shards", "train_replay", "export_replay")
-STAGE_NAMES = ("corpus", "base", "tokenizer", "merge", "report", "shards", "model", "train", "export", "eval",
-               "generate", "sft-shards", "sft-train", "sft-export", "sft-chat")
 
 
 def run(cfg: DemoConfig) -> dict:
