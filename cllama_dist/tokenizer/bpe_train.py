@@ -22,7 +22,7 @@ from ..files import check_file_output, check_not_input, write_atomic
 from ..progress import Progress
 from . import bpe
 from .config import TokenizerTrainConfig
-from .train import CJK, Reservoir, split_sentences
+from .sample import CJK, Reservoir, split_sentences
 
 
 def trainer_for(base_tok, vocab_size: int):

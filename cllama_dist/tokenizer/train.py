@@ -13,11 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import time
 from pathlib import Path
-from typing import Iterator
 
 from ..config import to_dict
 from .config import TokenizerTrainConfig
@@ -25,58 +23,7 @@ from ..data.corpus import RecordReader, resolve_inputs
 from ..errors import UserError
 from ..files import check_file_output, check_not_input, write_atomic
 from ..progress import Progress
-
-# CJK Unified Ideographs, Extension A and the compatibility block.
-CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-# Cut after sentence-final punctuation (Chinese and Western), keeping the mark with its sentence.
-_SENTENCE_END = re.compile(r"(?<=[。！？；!?;…])")
-
-
-def split_sentences(text: str, max_chars: int) -> Iterator[str]:
-    """Lines of a document, long lines cut at sentence punctuation, then hard at ``max_chars``."""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if len(line) <= max_chars:
-            yield line
-            continue
-        buf = ""
-        for part in _SENTENCE_END.split(line):
-            while len(part) > max_chars:
-                if buf:
-                    yield buf
-                    buf = ""
-                yield part[:max_chars]
-                part = part[max_chars:]
-            if len(buf) + len(part) > max_chars:
-                if buf:
-                    yield buf
-                buf = part
-            else:
-                buf += part
-        if buf.strip():
-            yield buf
-
-
-class Reservoir:
-    """Uniform sample of at most ``size`` items from a stream of unknown length (algorithm R)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.items: list[str] = []
-        self.seen = 0
-        self._rng = random.Random(seed)
-
-    def add(self, item: str) -> None:
-        self.seen += 1
-        if len(self.items) < self.size:
-            self.items.append(item)
-        else:
-            j = self._rng.randrange(self.seen)
-            if j < self.size:
-                self.items[j] = item
-
+from .sample import CJK, Reservoir, split_sentences
 
 _TOO_HIGH = re.compile(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
