@@ -56,6 +56,35 @@ def single(config: Path, *extra: str, timeout: float = 300) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python cllama_dist/train.py --config CONFIG` (what ``single`` starts) called in this process instead, as
+    the only rank of a world of 1: its exit status, stdout and stderr.
+
+    For refused input: every refusal comes before a model is built, and a process of its own adds only its
+    start-up (~10 s of importing torch, transformers and DeepSpeed on the 2-core machine) to each check. The
+    process boundary itself (exit status 2, one line on stderr, no traceback) is tested once, by
+    test_train.py's mismatched shards, which keeps ``single``."""
+    import contextlib
+    import io
+
+    from cllama_dist.cli import main
+
+    saved = dict(os.environ)
+    env = local.single_process_env(cpu=True)
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # this process's CUDA must stay as it is; DS_ACCELERATOR=cpu suffices
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["train", "--config", str(config), *extra])
+    finally:  # the trainer's set-up exports RANK, MASTER_PORT, ...: none of it may reach the next test
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["cllama", "train", "--config", str(config), *extra], code, out.getvalue(),
+                                       err.getvalue())
+
+
 def workers(proc: subprocess.Popen) -> list[int]:
     """Pids of the launcher's worker processes (its children running train.py)."""
     out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout

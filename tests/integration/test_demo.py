@@ -19,8 +19,6 @@ from cllama_dist.recipes.demo.recipe import STAGE_NAMES as STAGES
 from .. import golden
 from . import launch
 
-pytestmark = pytest.mark.integration
-
 STEPS = 20  # the demo's default is 60; fewer keeps CI short and still shows the loss falling
 SFT_STEPS = 20
 
