@@ -64,6 +64,13 @@ def in_process(config: Path, *extra: str) -> subprocess.CompletedProcess:
     start-up (~10 s of importing torch, transformers and DeepSpeed on the 2-core machine) to each check. The
     process boundary itself (exit status 2, one line on stderr, no traceback) is tested once, by
     test_train.py's mismatched shards, which keeps ``single``."""
+    return cllama("train", "--config", str(config), *extra)
+
+
+def cllama(*argv: str) -> subprocess.CompletedProcess:
+    """`cllama ARGV` called in this process (cllama_dist.cli.main, with the environment of a one-process job):
+    its exit status, stdout and stderr. The environment is restored afterwards: the CLI and the trainer's
+    set-up export settings (RANK, MASTER_PORT, TQDM_DISABLE, ...) that must not reach the next test."""
     import contextlib
     import io
 
@@ -77,12 +84,11 @@ def in_process(config: Path, *extra: str) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(env)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["train", "--config", str(config), *extra])
-    finally:  # the trainer's set-up exports RANK, MASTER_PORT, ...: none of it may reach the next test
+            code = main(list(argv))
+    finally:
         os.environ.clear()
         os.environ.update(saved)
-    return subprocess.CompletedProcess(["cllama", "train", "--config", str(config), *extra], code, out.getvalue(),
-                                       err.getvalue())
+    return subprocess.CompletedProcess(["cllama", *argv], code, out.getvalue(), err.getvalue())
 
 
 def workers(proc: subprocess.Popen) -> list[int]:

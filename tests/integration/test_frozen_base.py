@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 
@@ -37,8 +36,7 @@ def test_resident_trains_the_partitioned_curve_and_refuses_a_partitioned_resume(
     # tensor's relative difference 6e-5; LoRA tensors 1e-7 to 3e-6).
     for k in mine:
         assert float((mine[k] - theirs[k]).norm() / theirs[k].norm()) < 2e-4, k
-    proc = subprocess.run(["cllama", "export", "adapter", "--run", str(out), "--out", str(tmp_path / "adapter")],
-                          capture_output=True, text=True, env=launch.env())
+    proc = launch.cllama("export", "adapter", "--run", str(out), "--out", str(tmp_path / "adapter"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 4 * sum(t.numel() for t in mine.values())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -138,8 +137,7 @@ def test_export_holds_every_stage_s_weights(staged, tiny_model_dir, tmp_path):
 
     run = staged[0]
     adapter = tmp_path / "adapter"
-    proc = subprocess.run(["cllama", "export", "adapter", "--run", str(run), "--out", str(adapter)],
-                          capture_output=True, text=True, env=launch.env())
+    proc = launch.cllama("export", "adapter", "--run", str(run), "--out", str(adapter))
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((run / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
     orig, new = state["orig_vocab"], state["new_vocab"]
