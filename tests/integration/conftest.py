@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from . import launch
 from .runs import EARLIER_ATTEMPT, SAME_CURVE, configure
 from .slurm_env import require_slurm
+
+TF4_BUILD = Path(__file__).resolve().parents[1] / "compat" / "run_tf4.sh"
+_background: list[subprocess.Popen] = []
+
+
+def pytest_collection_finish(session):
+    """When test_tokenizer_compat.py's transformers-4 check is selected, its environment (a virtual environment from
+    PyPI, tests/compat/run_tf4.sh; 20-40 s on a machine that has none yet) is built in the background from the
+    start, its download overlapping the other tests; the check waits for it (the script's lock) if it is not done."""
+    if not session.config.option.collectonly and any(item.name == "test_transformers_4" for item in session.items):
+        _background.append(subprocess.Popen(["bash", str(TF4_BUILD), "--build-only"], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            start_new_session=True))
+
+
+def pytest_sessionfinish(session):
+    for proc in _background:
+        if proc.poll() is None:  # the session ended early: an unfinished environment is rebuilt next time
+            os.killpg(proc.pid, signal.SIGTERM)  # the script and its pip
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
