@@ -14,6 +14,28 @@ import pytest
 
 from cllama_dist.assets import corpus_path
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
+def pytest_collection_modifyitems(config, items):
+    """Markers that follow from where a test lives or what it uses, so that no file has to remember them:
+    everything under tests/integration/ is `integration` (it starts real processes; `-m "not integration"` is the
+    fast loop), a test of the real-world fixtures is `fixtures`, and a `gpu` test skips where no CUDA device is."""
+    cuda = None
+    for item in items:
+        if INTEGRATION in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
+        if "real_fixtures" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fixtures)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
 
 @pytest.fixture(scope="session")
 def real_fixtures() -> Path:

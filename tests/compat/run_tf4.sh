@@ -6,7 +6,8 @@
 # The environment (CLLAMA_TF4_VENV, default /tmp/cllama-tf4) is built from requirements-tf4.txt with
 # pip from PyPI the first time, and reused while that file is unchanged.
 # Exit status: 0 checks passed, 1 a check failed, 3 the environment could not be built (no venv module,
-# no network to PyPI): callers skip on 3.
+# no network to PyPI): callers skip on 3. `run_tf4.sh --build-only` builds the environment and stops (the test
+# suite starts it in the background at start-up, so that the download overlaps other tests).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${CLLAMA_TF4_VENV:-/tmp/cllama-tf4}"
@@ -27,5 +28,8 @@ if ! cmp -s "$REQ" "$STAMP" || ! "$VENV/bin/python" -c "import transformers, sen
     exit 3
   fi
   cp "$REQ" "$STAMP"
+fi
+if [ "${1:-}" = "--build-only" ]; then
+  exit 0
 fi
 exec "$VENV/bin/python" "$HERE/check_hf_load.py" "$@"

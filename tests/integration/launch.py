@@ -56,6 +56,41 @@ def single(config: Path, *extra: str, timeout: float = 300) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout)
 
 
+def in_process(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python cllama_dist/train.py --config CONFIG` (what ``single`` starts) called in this process instead, as
+    the only rank of a world of 1: its exit status, stdout and stderr.
+
+    For refused input: every refusal comes before a model is built, and a process of its own adds only its
+    start-up (~10 s of importing torch, transformers and DeepSpeed on the 2-core machine) to each check. The
+    process boundary itself (exit status 2, one line on stderr, no traceback) is tested once, by
+    test_train.py's mismatched shards, which keeps ``single``."""
+    return cllama("train", "--config", str(config), *extra)
+
+
+def cllama(*argv: str) -> subprocess.CompletedProcess:
+    """`cllama ARGV` called in this process (cllama_dist.cli.main, with the environment of a one-process job):
+    its exit status, stdout and stderr. The environment is restored afterwards: the CLI and the trainer's
+    set-up export settings (RANK, MASTER_PORT, TQDM_DISABLE, ...) that must not reach the next test."""
+    import contextlib
+    import io
+
+    from cllama_dist.cli import main
+
+    saved = dict(os.environ)
+    env = local.single_process_env(cpu=True)
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # this process's CUDA must stay as it is; DS_ACCELERATOR=cpu suffices
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["cllama", *argv], code, out.getvalue(), err.getvalue())
+
+
 def workers(proc: subprocess.Popen) -> list[int]:
     """Pids of the launcher's worker processes (its children running train.py)."""
     out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout

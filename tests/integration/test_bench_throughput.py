@@ -11,8 +11,6 @@ import pytest
 
 from . import launch
 
-pytestmark = pytest.mark.integration
-
 BENCH = launch.REPO / "bench" / "train_throughput.py"
 
 

@@ -3,9 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
-pytestmark = pytest.mark.integration
 
 
 def test_errors_are_one_clear_line(tmp_path):

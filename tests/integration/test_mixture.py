@@ -12,8 +12,6 @@ import pytest
 from . import launch
 from .runs import STEPS, base_config
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def en_shards(tmp_path_factory, tiny_merged):

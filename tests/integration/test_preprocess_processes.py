@@ -17,8 +17,6 @@ from cllama_dist.data.shards import load_manifest, verify_shards
 from ..conftest import write_jsonl
 from ..unit.test_preprocess import BLOCK, cfg, corpus, folder_digest  # noqa: F401,F811  (corpus: a fixture)
 
-pytestmark = pytest.mark.integration
-
 
 def test_workers_do_not_change_the_bytes(tiny_merged, corpus, tmp_path):
     preprocess(cfg(tiny_merged, corpus, tmp_path / "w1", workers=1))

@@ -19,8 +19,6 @@ from cllama_dist.files import LOCK, Lock
 from . import launch
 from .runs import STEPS, configure
 
-pytestmark = pytest.mark.integration
-
 
 def _one_line_error(stderr: str, *needles: str) -> str:
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -35,7 +33,7 @@ def test_a_second_training_into_a_live_run_folder_is_refused(setup):
     cfg, out = configure(setup, "locked")
     out.mkdir(parents=True)
     with Lock(out / LOCK, "training run"):  # a live writer: this process
-        proc = launch.single(cfg)
+        proc = launch.in_process(cfg)
     assert proc.returncode == 2
     _one_line_error(proc.stderr, f"is being written by another training run: pid {os.getpid()}")
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
@@ -56,7 +54,7 @@ def test_resuming_on_another_base_model_is_refused_naming_both(setup, reference,
             shutil.copy(Path(model) / name, other / name)
     cfg, out = configure(setup, "other_base", **{"model.path": str(other)})
     shutil.copytree(reference[0] / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
-    proc = launch.single(cfg)
+    proc = launch.in_process(cfg)
     assert proc.returncode == 2
     _one_line_error(proc.stderr, "it was trained on the base", str(model), f"this run's base is {other}")
 
@@ -216,7 +214,7 @@ def test_changing_the_schedule_of_a_run_is_refused_unless_asked_for_and_then_rec
     cfg, out = configure(setup, "longer", **{"optim.max_steps": STEPS + 4})
     shutil.copytree(reference[0] / "checkpoints" / f"step-{STEPS:08d}", out / "checkpoints" / f"step-{STEPS:08d}")
     shutil.copy(reference[0] / "config.yaml", out / "config.yaml")
-    proc = launch.single(cfg)
+    proc = launch.in_process(cfg)
     assert proc.returncode == 2
     _one_line_error(proc.stderr, "the schedule would change (max_steps 10 -> 14", "allow_schedule_change")
     cfg, _ = configure(setup, "longer", **{"optim.max_steps": STEPS + 4, "checkpoint.allow_schedule_change": True})
@@ -228,13 +226,10 @@ def test_changing_the_schedule_of_a_run_is_refused_unless_asked_for_and_then_rec
     assert (out / "config.yaml").read_text() == (reference[0] / "config.yaml").read_text()  # history kept
 
 
-def test_a_fresh_start_sets_an_earlier_attempts_metrics_aside(setup):
-    cfg, out = configure(setup, "fresh", **{"optim.max_steps": 2, "checkpoint.save_every": 0})
-    out.mkdir(parents=True)
-    (out / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 9.0}\n{"type": "train", "st')
-    proc = launch.run(cfg)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["step"] for r in launch.metrics(out, "train")] == [1, 2]
+def test_a_fresh_start_sets_an_earlier_attempts_metrics_aside(same_curve):
+    # A run of runs.SAME_CURVE: its folder held an earlier attempt's metrics (runs.EARLIER_ATTEMPT), no checkpoint.
+    out, _, proc = same_curve("no_ckpt")
+    assert [r["step"] for r in launch.metrics(out, "train")] == list(range(1, STEPS + 1))
     aside = list((out / "previous").glob("*/metrics.jsonl"))
     assert len(aside) == 1 and "9.0" in aside[0].read_text() and "moved to" in proc.stdout
 

@@ -10,8 +10,6 @@ from cllama_dist.data.shards import load_sft_manifest, verify_shards
 
 from ..unit.test_sft_preprocess import cfg, data, digest  # noqa: F401  (data: a fixture)
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_workers_do_not_change_the_bytes(tiny_merged, data, tmp_path, layout):  # noqa: F811

@@ -17,8 +17,6 @@ import torch
 from . import launch
 from .runs import base_config
 
-pytestmark = pytest.mark.integration
-
 STEPS = 8
 
 

@@ -17,7 +17,7 @@ import pytest
 from . import launch
 from .runs import base_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+pytestmark = pytest.mark.slurm
 
 REPO = launch.REPO
 STEPS = 8

@@ -12,14 +12,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from cllama_dist import PROJECT_ROOT
 from cllama_dist.trainer.metrics import read_metrics
 
 from . import launch
-
-pytestmark = pytest.mark.integration
 
 CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
 

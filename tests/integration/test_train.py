@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,7 @@ import torch
 
 from .. import golden
 from . import launch
-
-pytestmark = pytest.mark.integration
-
-from .runs import STEPS, configure
+from .runs import SAME_CURVE, STEPS, configure
 
 
 def test_reference_run_trains_logs_and_checkpoints(reference):
@@ -100,32 +96,16 @@ def test_only_lora_and_new_rows_change(setup, tiny_model_dir, tmp_path):
     assert counts["trainable"] == counts["lora"] + counts["new_rows"]
 
 
-def test_plain_srun_environment_and_a_model_built_from_config(setup, reference):
-    """Two processes started the way `srun` starts them (SLURM_* only, no launcher), building the model
-    from its config with the run's seed: the same weights as the saved base, so the same losses."""
-    from cllama_dist.model.presets import TINY
-
-    cfg, out = configure(setup, "srun", **{"model.path": "", "model.config": {"vocab_size": 1000, **TINY},
-                                           "checkpoint.save_every": 0})
-    env = {**launch.env(), "SLURM_NTASKS": "2", "SLURM_JOB_ID": str(launch.free_port()),
-           "SLURM_JOB_NODELIST": "127.0.0.1"}
-    procs = [subprocess.Popen([sys.executable, str(launch.TRAIN), "--config", str(cfg)],
-                              env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
-    assert "2 processes x micro-batch 2" in outputs[0]
-    assert launch.losses(out) == reference[1]
-
-
-def test_gradient_checkpointing_gives_the_same_losses(setup, reference):
-    cfg, out = configure(setup, "no_ckpt", **{"model.gradient_checkpointing": False, "checkpoint.save_every": 0})
-    proc = launch.run(cfg)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref, got = reference[1], launch.losses(out)
-    assert got.keys() == ref.keys()
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+@pytest.mark.parametrize("name", list(SAME_CURVE))
+def test_runs_that_change_how_not_what_train_the_reference_curve(same_curve, reference, name):
+    """runs.SAME_CURVE, one launch each: without gradient checkpointing, a resident base (ZeRO-1), and two processes
+    started the way `srun` starts them (SLURM_* only, no launcher) building the model from its config."""
+    out, got, proc = same_curve(name)
+    want, tolerance = reference[1], SAME_CURVE[name].abs
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=tolerance, rel=0), step
+    assert "2 processes x micro-batch 2" in proc.stdout
 
 
 def test_kill_at_a_random_step_then_resume_auto_continues_exactly(setup, reference):
@@ -218,7 +198,7 @@ def test_a_checkpoint_of_another_zero_stage_is_refused(setup, reference):
     cfg, out = configure(setup, "stage_change", **{"engine.single_process_zero2": True})
     shutil.copytree(reference[0] / "checkpoints", out / "checkpoints")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    proc = launch.single(cfg)
+    proc = launch.in_process(cfg)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert ("saved under ZeRO-3 (engine.frozen_base: partitioned), this run is ZeRO-2 (engine.frozen_base: resident)"
             in proc.stderr) and "Traceback" not in proc.stderr

@@ -133,10 +133,13 @@ def replay_shards(folder: Path, r: dict) -> dict:
             "validation_sequences": m["splits"]["validation"]["sequences"]}
 
 
-def base_model(folder: Path, r: dict) -> dict:
-    from .base_model import build_base_model
+def base_model(steps: int):
+    def run(folder: Path, r: dict) -> dict:
+        from .base_model import build_base_model
 
-    return build_base_model(folder, r["base"]["tokenizer"], DEMO_MODEL)
+        return build_base_model(folder, r["base"]["tokenizer"], DEMO_MODEL, steps)
+
+    return run
 
 
 def run_config(r: dict, steps: int) -> dict:
@@ -381,8 +384,6 @@ def sft_chat(folder: Path, r: dict) -> dict:
 
 
 def recipe(cfg: DemoConfig) -> list[RecipeStep]:
-    from .base_model import BASE_PRETRAIN_STEPS
-
     given = cfg.base_tokenizer
     given_key = file_key(Path(given)) if given and Path(given).is_file() else given
     return [
@@ -392,7 +393,8 @@ def recipe(cfg: DemoConfig) -> list[RecipeStep]:
         RecipeStep("merge", merged_tokenizer, lambda r: {"base": r["base"], "zh": r["tokenizer"]}),
         RecipeStep("report", tokenizer_report, lambda r: {"merge": r["merge"], "heldout": r["corpus"]["heldout"]}),
         RecipeStep("shards", shards, lambda r: {"merge": r["merge"], "corpus": r["corpus"], "block": DEMO_BLOCK}),
-        RecipeStep("model", base_model, lambda r: {"base": r["base"], "model": DEMO_MODEL, "steps": BASE_PRETRAIN_STEPS}),
+        RecipeStep("model", base_model(cfg.base_steps), lambda r: {"base": r["base"], "model": DEMO_MODEL,
+                                                                   "steps": cfg.base_steps}),
         RecipeStep("train", train(cfg.steps), lambda r: {"model": r["model"], "shards": r["shards"],
                                                     "config": run_config(r, cfg.steps)}, resumable=True),
         RecipeStep("export", export, lambda r: {"train": r["train"]}),
