@@ -47,6 +47,15 @@ def default_out(name: str) -> Path:
     return fetch.cache_dir().parent / "bases" / name
 
 
+def gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -100,7 +109,7 @@ def inspect_gguf(path: Path) -> dict:
     bad = sorted({t.tensor_type.name for t in reader.tensors if not dequantisable(t.tensor_type)})
     if bad:
         raise UserError(f"{path} holds tensors quantised as {', '.join(bad)}, which transformers cannot dequantise "
-                        f"(gguf {getattr(gguf, '__version__', '')}: F32, F16, BF16, Q4_0 ... Q8_0, K- and IQ-quants): "
+                        f"(gguf {gguf_version()}: F32, F16, BF16, Q4_0 ... Q8_0, K- and IQ-quants): "
                         "convert another quantisation of the model")
     return {"architecture": arch, "name": _field(reader, "general.name"), "tensors": len(reader.tensors),
             "quantisations": dict(sorted(kinds.items()))}
@@ -237,7 +246,6 @@ def _files(tmp: Path) -> dict:
 
 
 def convert(src: Path, source: dict, gguf_info: dict, cfg: BaseFetchConfig, tmp: Path) -> dict:
-    import gguf
     import transformers
 
     t0 = time.time()
@@ -248,7 +256,7 @@ def convert(src: Path, source: dict, gguf_info: dict, cfg: BaseFetchConfig, tmp:
     rec = {"format": FORMAT, "base": "gguf" if cfg.gguf else cfg.name, "source": source, "gguf": gguf_info,
            "model": {"architecture": "LlamaForCausalLM", "dtype": "float32", **shape}, "check": check,
            "files": _files(tmp), "tool": f"cllama-dist {__version__}", "transformers": transformers.__version__,
-           "gguf_package": getattr(gguf, "__version__", None), "seconds": round(time.time() - t0, 1),
+           "gguf_package": gguf_version(), "seconds": round(time.time() - t0, 1),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_atomic(tmp / MARKER, json.dumps(_marker("base")) + "\n")
     write_atomic(tmp / RECORD, json.dumps(rec, indent=2) + "\n")
