@@ -63,6 +63,10 @@ def test_the_conversion_loads_in_stock_transformers_tied_and_says_paris(converte
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>"
     assert r["check"]["max_logit_difference"] <= 1e-4
+    # The folder's tokenizer is the GGUF's (the fingerprint an extension of it is checked against).
+    from cllama_dist.tokenizer import bpe
+
+    assert bpe.fingerprint(bpe.load(out)[0]) == bpe.fingerprint(bpe.load(fetch.member("smollm2"))[0])
 
 
 def test_a_second_call_verifies_and_reuses_the_folder(converted):
