@@ -277,7 +277,7 @@ def fetch_base(cfg: BaseFetchConfig) -> dict:
     except OSError as exc:
         raise os_error(exc, out.parent, "create") from None
     with Lock(out.parent / f".{out.name}{LOCK}", "base fetch"):
-        if out.exists():  # another process finished it while this one waited
+        if out.exists():  # another process finished it between the check above and the lock
             return verify(out, cfg, source["gguf_sha256"]) | {"folder": str(out), "reused": True}
         for old in out.parent.glob(f".{out.name}.tmp-*"):  # a killed conversion's leftovers (we hold the lock)
             shutil.rmtree(old, ignore_errors=True)

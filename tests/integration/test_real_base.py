@@ -27,9 +27,22 @@ def converted(tmp_path_factory):
     except UserError as exc:
         pytest.skip(str(exc))
     out = tmp_path_factory.mktemp("bases") / "smollm2"
+    # A conversion killed midway (SIGKILL: no cleanup runs) leaves nothing at the target...
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    p = subprocess.Popen([sys.executable, "-m", "cllama_dist.cli", "base", "fetch", "--out", str(out)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.parent.glob(".smollm2.tmp-*/model.safetensors")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert not out.exists()
+    # ... and the next call clears its temporary folder, takes over its lock and converts.
     t0 = time.time()
     r = fetch_base(BaseFetchConfig(out=str(out)))
-    return out, r, time.time() - t0
+    seconds = time.time() - t0
+    assert sorted(q.name for q in out.parent.iterdir()) == ["smollm2"]
+    return out, r, seconds
 
 
 def test_the_conversion_loads_in_stock_transformers_tied_and_says_paris(converted):
