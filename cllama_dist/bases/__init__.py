@@ -1,0 +1,1 @@
+"""Real pretrained bases, fetched from a package registry and converted once into plain Hugging Face folders."""
