@@ -11,6 +11,7 @@ collective in distributed.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -65,7 +66,9 @@ class Trainer:
         from ..tokenizer.merged import subword_spellings
 
         cfg, spec, vocab = self.cfg, self.spec, self.spec.inputs.vocab
-        sub = subword_spellings(vocab) if cfg.model.new_row_init == "subword" else None
+        sub = subword_spellings(vocab) if spec.new_row_init == "subword" else None
+        if spec.new_row_init != cfg.model.new_row_init:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, new_row_init=spec.new_row_init))
         self.loss_kernel, why = "torch", "the hf loss"
         if cfg.model.loss == "chunked":
             from ..model.loss import resolve_kernel
@@ -141,7 +144,7 @@ class Trainer:
         inputs, eng, vocab = spec.inputs, spec.engine, spec.inputs.vocab
         say(f"cllama train: {self.plan.describe()}")
         extended = inputs.llama.vocab_size == vocab.new_vocab  # a merged model: its rows are the start
-        init = "from the model" if extended else m.new_row_init
+        init = "from the model" if extended else spec.new_row_init
         say(f"  vocabulary {vocab.orig_vocab:,} -> {vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{eng.zero_stage}, {eng.dtype}, "
             f"gradient checkpointing {m.checkpoint_scope + ' layers' if m.gradient_checkpointing else 'off'}, "
