@@ -131,7 +131,9 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
     if extended:
         split_vocab(model, orig_vocab, new_vocab, train_base=cfg.embeddings == "full")
     else:
-        extend_vocab(model, orig_vocab, new_vocab, cfg.new_row_init, cfg.new_row_std, subword_ids, seed,
+        # auto: the spellings where the base tokenizer gave them (trainer/setup.py decides), else the mean.
+        init = cfg.new_row_init if cfg.new_row_init != "auto" else ("subword" if subword_ids is not None else "mean")
+        extend_vocab(model, orig_vocab, new_vocab, init, cfg.new_row_std, subword_ids, seed,
                      train_base=cfg.embeddings == "full", rows=rows)
     if cfg.gradient_checkpointing:
         # Non-reentrant: the reentrant variant loses gradients when the inputs of a checkpointed block do

@@ -34,7 +34,8 @@ class ModelConfig(Section):
                 "encodes the new token's text to (SentencePiece pieces, or a byte-level BPE token's bytes; needs the "
                 "base tokenizer named in the merge report; input and output rows each from their own matrix, a tied "
                 "model's from its one); mean = mean of the old rows; normal = N(0, new_row_std), the paper's; auto = "
-                "subword where the merge report's base tokenizer is readable, else mean.")
+                "subword for a byte-level BPE extension whose base tokenizer (the merge report's) is readable, else "
+                "mean (SentencePiece extensions keep mean unless subword is set).")
     new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).")
     checkpoint_scope: Literal["all", "every-other"] = option(

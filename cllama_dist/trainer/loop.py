@@ -11,7 +11,6 @@ collective in distributed.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -67,8 +66,6 @@ class Trainer:
 
         cfg, spec, vocab = self.cfg, self.spec, self.spec.inputs.vocab
         sub = subword_spellings(vocab) if spec.new_row_init == "subword" else None
-        if spec.new_row_init != cfg.model.new_row_init:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, new_row_init=spec.new_row_init))
         self.loss_kernel, why = "torch", "the hf loss"
         if cfg.model.loss == "chunked":
             from ..model.loss import resolve_kernel

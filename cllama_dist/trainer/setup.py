@@ -191,7 +191,10 @@ def resolve(cfg: TrainConfig, device: str, checkpointer: Checkpointer, notes: li
     if init == "auto":
         from ..tokenizer.merged import base_available
 
-        init = "subword" if base_available(inputs.vocab) else "mean"
+        # From the pieces for a byte-level BPE extension whose base tokenizer is readable; a SentencePiece
+        # extension keeps the mean its runs (and their recorded losses) always had unless subword is asked for.
+        bpe = inputs.vocab.fingerprint.get("backend") == "bpe"
+        init = "subword" if bpe and base_available(inputs.vocab) else "mean"
     return RunSpec(cfg, run_dir, device, inputs, data, plan, schedule, engine, resume, identity, tuple(notes), init)
 
 
