@@ -113,3 +113,20 @@ def test_split_vocab_keeps_a_merged_tied_model_tied():
 def test_refuses_fewer_rows_than_tokens():
     with pytest.raises(ValueError, match="fewer than its tokenizer"):
         extend_vocab(tiny(64), 70, 80, rows=64)
+
+
+def test_resume_of_a_tied_run_on_an_untied_model_is_refused_in_one_line(tmp_path):
+    from cllama_dist.errors import UserError
+    from cllama_dist.trainer.state import RunIdentity
+
+    def identity(tied: bool) -> RunIdentity:
+        return RunIdentity(global_batch=8, tokenizer={"sha256": "ab"}, embeddings="new-rows", block_size=64,
+                           zero_stage=3, base_model={"sha256": "x" if tied else "y"}, mixture=[], document_mask=False,
+                           shards=[], schedule={}, tied=tied)
+
+    state = {"tokenizer_sha256": "ab", **identity(True).record()}
+    identity(True).check(tmp_path, state)
+    with pytest.raises(UserError) as exc:
+        identity(False).check(tmp_path, state)
+    text = str(exc.value)
+    assert "\n" not in text and "tied embeddings" in text and "untied embeddings" in text and str(tmp_path) in text
