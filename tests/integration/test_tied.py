@@ -57,6 +57,8 @@ def test_tied_padded_model_trains_resumes_and_refuses_an_untied_resume(setup, tm
     assert rows["tokens"] == state["new_vocab"] and rows["rows"] == max(ROWS, state["new_vocab"])
     assert tokens is None or tokens == state["new_vocab"]
 
+    export_is_tied(out, after[emb + "weight_new"], before[emb + "weight_base"], tmp_path)
+
     # Resume from step 3 in a fresh folder: the same loss curve after it, and the tie holds in the resumed model.
     cfg2, out2 = configure(setup, "tied_resumed", **{**TIED, "optim.max_steps": 6, "checkpoint.save_every": 3})
     shutil.copytree(out / "checkpoints" / "step-00000003", out2 / "checkpoints" / "step-00000003")
@@ -78,3 +80,57 @@ def test_tied_padded_model_trains_resumes_and_refuses_an_untied_resume(setup, tm
     lines = [ln for ln in proc.stderr.splitlines() if "cannot resume" in ln]
     assert len(lines) == 1 and "tied embeddings" in lines[0] and "untied embeddings" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def export_is_tied(run: Path, trained_rows: torch.Tensor, base_rows: torch.Tensor, tmp_path: Path) -> None:
+    """The run's adapter and merged model: one matrix, tie_word_embeddings kept, the old rows bit-identical, the
+    trained rows in place; stock PEFT (the adapter on the base) gives the trained model's logits, and stock
+    transformers (the merged folder) the same."""
+    import subprocess
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from cllama_dist.config import build
+    from cllama_dist.export import export_merged
+    from cllama_dist.model.adapters import build_model
+    from cllama_dist.trainer.config import TrainConfig
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)  # the run's seed: the weights the trainer built from model.config
+    LlamaForCausalLM(LlamaConfig(**TIED["model.config"])).save_pretrained(base)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    proc = subprocess.run(["cllama", "export", "adapter", "--run", str(run), "--out", str(adapter)],
+                          capture_output=True, text=True, env=launch.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"].keys() == {"embed_tokens"}
+    export_merged(base, adapter, merged, dtype="fp32")
+    config = json.loads((merged / "config.json").read_text())
+    n_base, total = base_rows.shape[0], base_rows.shape[0] + trained_rows.shape[0]
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == total
+    weights = load_file(merged / "model.safetensors")
+    assert "lm_head.weight" not in weights  # one matrix
+    emb = weights["model.embed_tokens.weight"]
+    assert torch.equal(emb[:n_base], base_rows) and torch.equal(emb[n_base:], trained_rows)
+    record = json.loads((merged / "cllama_export.json").read_text())
+    assert (record["tied"], record["rows"], record["base_rows"]) == (True, total, ROWS)
+
+    # The trained model itself: built as the run built it, the checkpoint's trained tensors loaded.
+    state = json.loads((run / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    cfg = build(TrainConfig, state["config"])
+    ours, _ = build_model(cfg.model, cfg.lora, cfg.seed, state["orig_vocab"], state["new_vocab"], torch.float32)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step-00000006",
+                                                       exclude_frozen_parameters=True)
+    assert not ours.load_state_dict(trained, strict=False).unexpected_keys
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    plain.resize_token_embeddings(total, mean_resizing=False)
+    stock = PeftModel.from_pretrained(plain, adapter).eval()
+    hf = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    ids = torch.randint(0, state["new_vocab"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.eval()(ids).logits
+        assert torch.allclose(stock(ids).logits, want, atol=1e-5)
+        assert torch.allclose(hf(ids).logits, want, atol=1e-5)
