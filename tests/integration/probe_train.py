@@ -36,7 +36,9 @@ def main() -> None:
     tied = [is_tied(lm)]  # the head's Parameters are the embedding's (a tied model), before and after training
     trainable = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
     opt = trainer.engine.optimizer
-    optimizer_numel = dist.total(sum(p.numel() for p in opt.fp32_partitioned_groups_flat))
+    # ZeRO-3 keeps its fp32 partitions in fp32_partitioned_groups_flat, ZeRO-1/2 in single_partition_of_fp32_groups.
+    flat = getattr(opt, "fp32_partitioned_groups_flat", None) or opt.single_partition_of_fp32_groups
+    optimizer_numel = dist.total(sum(p.numel() for p in flat))
     code = trainer.run()
     after = gather(trainer.engine.module)
     tied.append(is_tied(lm))

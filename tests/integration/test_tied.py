@@ -43,6 +43,8 @@ def test_tied_padded_model_trains_resumes_and_refuses_an_untied_resume(setup, tm
     # One block of new rows under one name: the head has no parameters of its own.
     assert not any(n.startswith("base_model.model.lm_head.") for n in before)
     assert {n for n in d["trainable"] if "lora_" not in n} == {emb + "weight_new"}
+    counts = d["counts"]
+    assert counts["trainable"] <= d["optimizer_numel"] < counts["trainable"] + 4096  # the new rows once
     assert before[emb + "weight_base"].shape[0] == base_tokens
     assert torch.equal(before[emb + "weight_base"], after[emb + "weight_base"])  # old rows bit-identical
     assert not torch.equal(before[emb + "weight_new"], after[emb + "weight_new"])
@@ -134,3 +136,17 @@ def export_is_tied(run: Path, trained_rows: torch.Tensor, base_rows: torch.Tenso
         want = ours.eval()(ids).logits
         assert torch.allclose(stock(ids).logits, want, atol=1e-5)
         assert torch.allclose(hf(ids).logits, want, atol=1e-5)
+
+
+def test_tied_model_under_the_resident_frozen_base(setup, tmp_path):
+    """engine.frozen_base: resident (ZeRO-1): the same one block of rows, the tie and the old rows kept."""
+    cfg, _ = configure(setup, "tied_resident", **{**TIED, "optim.max_steps": 3, "checkpoint.save_every": 0,
+                                                  "engine.frozen_base": "resident"})
+    d = probe(cfg, tmp_path / "resident.pt")
+    emb = "base_model.model.model.embed_tokens."
+    assert d["tied"] == [True, True]
+    assert torch.equal(d["before"][emb + "weight_base"], d["after"][emb + "weight_base"])
+    assert not torch.equal(d["before"][emb + "weight_new"], d["after"][emb + "weight_new"])
+    assert {n for n in d["trainable"] if "lora_" not in n} == {emb + "weight_new"}
+    counts = d["counts"]
+    assert counts["trainable"] <= d["optimizer_numel"] < counts["trainable"] + 4096  # the new rows once
