@@ -8,7 +8,9 @@ Everything else is frozen, structurally (model/vocab.py says why a gradient mask
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +115,22 @@ def enable_checkpointing(model: nn.Module, scope: str) -> list[int]:
     return chosen
 
 
+def is_extended(cfg: ModelConfig, rows: int, orig_vocab: int, new_vocab: int) -> bool:
+    """Whether the model's vocabulary is already extended (a merged pre-trained model: instruction tuning starts
+    from its trained rows). Its rows equal the merged tokenizer's length; or, for a base with padding rows beyond
+    every token, the merge's record (cllama_export.json, written by `cllama export merged`) names that length."""
+    if rows == new_vocab != orig_vocab:
+        return True
+    record = Path(cfg.path) / "cllama_export.json" if cfg.path else None
+    if record is None or not record.is_file():
+        return False
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("kind") == "merged" and done.get("new_vocab") == new_vocab and done.get("rows") == rows
+
+
 def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: int, new_vocab: int,
                 dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None,
                 packed_rows: bool = False, loss_kernel: str = "torch"):
@@ -122,7 +140,7 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
     # Rows, not tokens (docs/hazards.md#b7): the model's row count is its config's, at least the base tokenizer's
     # length (rows beyond it are padding, reused first for the new tokens).
     rows = config.vocab_size
-    extended = rows == new_vocab != orig_vocab  # a merged pre-trained model (instruction tuning)
+    extended = is_extended(cfg, rows, orig_vocab, new_vocab)
     if rows < orig_vocab:
         raise UserError(f"vocabulary mismatch: the base model has {rows:,} rows, the merged "
                         f"tokenizer has {new_vocab:,} pieces over a base of {orig_vocab:,} (wrong base model or "

@@ -130,3 +130,16 @@ def test_resume_of_a_tied_run_on_an_untied_model_is_refused_in_one_line(tmp_path
         identity(False).check(tmp_path, state)
     text = str(exc.value)
     assert "\n" not in text and "tied embeddings" in text and "untied embeddings" in text and str(tmp_path) in text
+
+
+def test_a_merged_padded_model_is_recognised_by_its_export_record(tmp_path):
+    import json
+
+    from cllama_dist.model.adapters import is_extended
+    from cllama_dist.model.config import ModelConfig
+
+    cfg = ModelConfig(path=str(tmp_path))
+    assert is_extended(cfg, 80, 64, 80)  # rows == the merged tokenizer's length: as always
+    assert not is_extended(cfg, 320, 300, 310)  # a padded base, not merged: the padding rows are reused
+    (tmp_path / "cllama_export.json").write_text(json.dumps({"kind": "merged", "new_vocab": 310, "rows": 320}))
+    assert is_extended(cfg, 320, 300, 310)  # the same sizes, merged by `cllama export merged`: its rows train on
