@@ -137,7 +137,7 @@ def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: i
     """Base + extended vocabulary + LoRA + gradient checkpointing + the loss (``cfg.loss`` with the resolved
     ``loss_kernel``: loss.resolve_kernel's answer). Returns (model, keep_alive)."""
     config = load_llama_config(cfg)
-    # Rows, not tokens (docs/hazards.md#b7): the model's row count is its config's, at least the base tokenizer's
+    # Rows, not tokens (DESIGN B7): the model's row count is its config's, at least the base tokenizer's
     # length (rows beyond it are padding, reused first for the new tokens).
     rows = config.vocab_size
     extended = is_extended(cfg, rows, orig_vocab, new_vocab)

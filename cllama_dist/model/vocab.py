@@ -12,10 +12,10 @@ ZeRO-3 a partitioned weight has shape 0 (H1).
 Tied models (lm_head = embed_tokens: Llama 3.2, Qwen2.5, SmolLM2) keep one matrix: the head module holds the
 embedding's two Parameters themselves, so one block of new rows serves both and the optimizer sees it once.
 PEFT's ``modules_to_save`` or two copies would let the input and output rows drift apart, and a merge would
-keep only one of them (docs/hazards.md#b6). Under ZeRO-3 a Parameter shared by two modules is gathered by
+keep only one of them (DESIGN B6). Under ZeRO-3 a Parameter shared by two modules is gathered by
 each module's hooks in turn; it stays one Parameter, so no resume or load can untie it.
 
-Rows are not tokens (docs/hazards.md#b7): a base may hold more rows than its tokenizer has tokens (Qwen2.5:
+Rows are not tokens (DESIGN B7): a base may hold more rows than its tokenizer has tokens (Qwen2.5:
 151,665 tokens in 151,936 rows). The frozen part is always rows [0, V) with V the base tokenizer's length; the
 padding rows [V, R) become the first new rows ("reuse"), so the ids the merged tokenizer gives its new tokens
 (V, V + 1, ...) are their rows, and the model has max(R, V') rows.

@@ -199,7 +199,7 @@ def resolve(cfg: TrainConfig, device: str, checkpointer: Checkpointer, notes: li
 
 
 def vocab_rows(inputs: Inputs) -> dict:
-    """The three numbers that are not one (docs/hazards.md#b7): the base model's rows, the base tokenizer's
+    """The three numbers that are not one (DESIGN B7): the base model's rows, the base tokenizer's
     length, the extended tokenizer's length; and the rows the trained model has (padding rows reused first)."""
     base_rows, v = inputs.llama.vocab_size, inputs.vocab
     return {"base_rows": base_rows, "base_tokens": v.orig_vocab, "tokens": v.new_vocab,

@@ -1,7 +1,7 @@
 """A tied model (lm_head = embed_tokens) with padding rows, trained by 2 processes under ZeRO-3 (partitioned, the
 CPU default): one block of new rows serves both ends and stays one Parameter, the old rows stay bit-identical,
 a resume continues the loss and keeps the tie; a resume on an untied model is refused in one line
-(docs/hazards.md#b6, #b7)."""
+(DESIGN B6, B7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""New rows from their pieces on a byte-level BPE extension (docs/hazards.md#b10): the trainer reads the merged
+"""New rows from their pieces on a byte-level BPE extension (DESIGN B10): the trainer reads the merged
 BPE folder, and each new token is spelled by the base tokenizer's own merges (the merge report names the base)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tied embeddings and padded rows (docs/hazards.md#b6, #b7): one block of new rows serves embed_tokens and lm_head,
+"""Tied embeddings and padded rows (DESIGN B6, B7): one block of new rows serves embed_tokens and lm_head,
 the old rows never move, optimizer state covers the new rows alone, and padding rows are reused first."""
 
 import pytest
