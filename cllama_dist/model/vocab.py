@@ -238,8 +238,7 @@ def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: Init
     with _gathered(weights):
         def parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             base = w if rows == orig_vocab else w.detach()[:orig_vocab].clone()
-            new = new_row_values(w.detach()[:orig_vocab] if not w.is_meta else w[:orig_vocab], n_init, method, std,
-                                 subword_ids, gen)
+            new = new_row_values(w.detach()[:orig_vocab], n_init, method, std, subword_ids, gen)
             if total > new_vocab:  # padding rows beyond every token: kept as the base had them
                 new = torch.cat([new, w.detach()[new_vocab:rows].clone()])
             return base, new
