@@ -140,10 +140,11 @@ def dry_run(cfg: TrainConfig) -> dict:
         from .tokenizer.merged import read_merged
 
         vocab = read_merged(cfg.model.tokenizer, config.vocab_size, cfg.model.extended_vocab)
-        if vocab.orig_vocab != config.vocab_size:
+        # Rows, not tokens: a base may hold padding rows beyond its tokenizer (reused first), never fewer rows.
+        if vocab.orig_vocab > config.vocab_size:
             raise UserError(f"vocabulary mismatch: the model has {config.vocab_size:,} rows, the merged tokenizer "
                             f"{cfg.model.tokenizer} extends a base of {vocab.orig_vocab:,} pieces")
-        new_vocab = vocab.new_vocab
+        new_vocab = max(vocab.new_vocab, config.vocab_size)
     new_vocab = new_vocab or config.vocab_size
     if new_vocab < config.vocab_size:
         raise UserError(f"model.extended_vocab {new_vocab:,} is smaller than the model's {config.vocab_size:,} rows")

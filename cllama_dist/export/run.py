@@ -210,19 +210,23 @@ def export_adapter(run_dir: str | Path, out: str | Path, step: int | None = None
     cfg: TrainConfig = build(TrainConfig, state["config"])
     chat_template = choose_template(state, cfg, template)
     orig, new = state["orig_vocab"], state["new_vocab"]
+    # A tied run trained one block of rows (lm_head is embed_tokens): PEFT ties the head's rows to it on load.
+    # ``total``: the trained model's rows, more than ``new`` where padding rows beyond every token remain.
+    tied, total = bool(state.get("tied")), (state.get("rows") or {}).get("rows") or new
     sd = trained_tensors(ckpt)
     tensors: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if ".lora_" in key:
             tensors[key.replace(".default.weight", ".weight")] = value.contiguous()
-    for prefix, target in (("base_model.model.model.embed_tokens.", EMB_KEY), ("base_model.model.lm_head.", HEAD_KEY)):
+    ends = (("base_model.model.model.embed_tokens.", EMB_KEY),) + (() if tied else (("base_model.model.lm_head.", HEAD_KEY),))
+    for prefix, target in ends:
         rows = sd.get(prefix + NEW_ROWS)
-        if rows is None or rows.shape[0] != new - orig:
-            raise UserError(f"{ckpt}: {prefix}{NEW_ROWS} missing or not {new - orig} rows")
+        if rows is None or rows.shape[0] != total - orig:
+            raise UserError(f"{ckpt}: {prefix}{NEW_ROWS} missing or not {total - orig} rows")
         if state["embeddings"] == "full":
             rows = torch.cat([sd[prefix + BASE_ROWS], rows])
         tensors[target] = rows.contiguous()
-    indices = list(range(0 if state["embeddings"] == "full" else orig, new))
+    indices = list(range(0 if state["embeddings"] == "full" else orig, total))
     with _Export(out, "adapter", {"run": run_dir, "tokenizer": cfg.model.tokenizer}, overwrite) as ex:
         meta = _write_adapter(ex, run_dir, ckpt, state, cfg, tensors, indices, orig, new, chat_template)
     return meta
@@ -238,7 +242,8 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.targets), bias="none", task_type="CAUSAL_LM",
                       base_model_name_or_path=cfg.model.path or None,
-                      trainable_token_indices={"embed_tokens": indices, "lm_head": indices})
+                      trainable_token_indices={"embed_tokens": indices} if state.get("tied")
+                      else {"embed_tokens": indices, "lm_head": indices})
     ex.path("adapter_config.json")
     lora.save_pretrained(str(out))
     tok_dir = Path(cfg.model.tokenizer)
@@ -254,6 +259,8 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
             "base_vocab": state.get("base_vocab") or orig,
             # The run's fingerprint of its base (model/identity.py): a merge or load onto another base is refused.
             "base_fingerprint": state.get("base_model") or None,
+            "tied": bool(state.get("tied")), "rows": (state.get("rows") or {}).get("rows") or new,
+            "vocab_rows": state.get("rows") or {},
             "tokenizer_sha256": state["tokenizer_sha256"], "chat_template": installed,
             "trained_parameters": int(sum(v.numel() for v in tensors.values())), "train_config": state["config"]}
     chat_note = ""
@@ -267,7 +274,7 @@ def _write_adapter(ex: "_Export", run_dir, ckpt: Path, state: dict, cfg: TrainCo
         f"Step {state['step']} of `{run_dir}`. Base: `{meta['base_model']}`, vocabulary {orig:,} -> {new:,}.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n\n"
         "tok = AutoTokenizer.from_pretrained(ADAPTER_DIR)\nbase = AutoModelForCausalLM.from_pretrained(BASE)\n"
-        "base.resize_token_embeddings(len(tok))  # rows are restored from the adapter\n"
+        f"base.resize_token_embeddings({meta['rows']})  # the trained model's rows; restored from the adapter\n"
         "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n" + chat_note +
         "cllama_export.json records the tokenizer and base model fingerprints, the chat template and the training "
         "config.\n")
@@ -367,7 +374,10 @@ def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, 
         if ".lora_" in key:
             module, kind = key.split(".lora_")
             lora.setdefault(module.removeprefix("base_model.model."), {})[kind.split(".")[0]] = value
-    rows = {"model.embed_tokens.weight": tensors[EMB_KEY], "lm_head.weight": tensors[HEAD_KEY]}
+    # A tied adapter has one block of rows and the merged model one matrix (config.tie_word_embeddings kept).
+    tied, total = bool(meta.get("tied")), meta.get("rows") or new
+    rows = {"model.embed_tokens.weight": tensors[EMB_KEY]} if tied else {"model.embed_tokens.weight": tensors[EMB_KEY],
+                                                                         "lm_head.weight": tensors[HEAD_KEY]}
     indices = torch.tensor(acfg["trainable_token_indices"]["embed_tokens"])
     shards = _base_shards(base)
     weight_map, used = {}, set()
@@ -376,6 +386,8 @@ def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, 
         try:
             with safe_open(str(base / shard), framework="pt") as f:
                 for name in f.keys():
+                    if tied and name == "lm_head.weight":  # a copy of the tied matrix some writers keep: not saved
+                        continue
                     t = f.get_tensor(name).float()
                     module = name.removesuffix(".weight")
                     if module in lora:
@@ -385,7 +397,7 @@ def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, 
                         t = t + scale * (lora[module]["B"].float() @ lora[module]["A"].float())
                         used.add(module)
                     elif name in rows:
-                        grown = torch.cat([t, torch.zeros(new - t.shape[0], t.shape[1])])
+                        grown = torch.cat([t, torch.zeros(max(total - t.shape[0], 0), t.shape[1])])
                         grown[indices] = rows[name].float()
                         t = grown
                         used.add(name)
@@ -408,12 +420,13 @@ def _write_merged(ex: "_Export", base: Path, adapter: Path, config, meta: dict, 
     if (base / "generation_config.json").is_file():
         shutil.copy(base / "generation_config.json", ex.path("generation_config.json"))
     record = {"tool": f"cllama-dist {__version__}", "kind": "merged", "base": str(base), "adapter": str(adapter),
-              "dtype": dtype, "orig_vocab": meta["orig_vocab"], "new_vocab": new,
+              "dtype": dtype, "orig_vocab": meta["orig_vocab"], "new_vocab": new, "rows": total, "tied": tied,
+              "base_rows": meta.get("base_vocab") or meta["orig_vocab"],
               "tokenizer_sha256": meta["tokenizer_sha256"], "chat_template": chat_template,
               "adapter_export": {k: meta.get(k) for k in ("run", "checkpoint", "step", "embeddings", "chat_template")}}
     write_atomic(ex.path("cllama_export.json"), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     # Last: config.json makes the folder loadable; an interrupted export leaves none.
-    config.vocab_size = new
+    config.vocab_size = total
     config.dtype = torch_dtype
     ex.path("config.json")
     config.save_pretrained(ex.out)

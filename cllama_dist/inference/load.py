@@ -109,7 +109,8 @@ def load_model(cfg):
 
         meta, _ = read_adapter(cfg.adapter, cfg.model, config.vocab_size,
                                tokenizer=tokenizer.path if cfg.tokenizer else None, check_weights=False)
-        model.resize_token_embeddings(meta["new_vocab"], mean_resizing=False)  # PEFT restores the new rows from the adapter
+        # The trained model's rows (more than the tokens where padding rows remain); PEFT restores the new ones.
+        model.resize_token_embeddings(meta.get("rows") or meta["new_vocab"], mean_resizing=False)
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter)
         except (RuntimeError, ValueError, KeyError) as exc:

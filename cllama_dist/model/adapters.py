@@ -8,7 +8,9 @@ Everything else is frozen, structurally (model/vocab.py says why a gradient mask
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +36,6 @@ def load_llama_config(cfg: ModelConfig):
             config = LlamaConfig(**{"tie_word_embeddings": False, **cfg.config})
         except (TypeError, ValueError) as exc:
             raise UserError(f"model.config is not a valid LlamaConfig: {exc}") from None
-    if getattr(config, "tie_word_embeddings", False):
-        raise UserError("the model ties embed_tokens and lm_head; LLaMA's are untied, and the new rows must be "
-                        "appended to both matrices")
     config.use_cache = False
     return config
 
@@ -116,23 +115,44 @@ def enable_checkpointing(model: nn.Module, scope: str) -> list[int]:
     return chosen
 
 
+def is_extended(cfg: ModelConfig, rows: int, orig_vocab: int, new_vocab: int) -> bool:
+    """Whether the model's vocabulary is already extended (a merged pre-trained model: instruction tuning starts
+    from its trained rows). Its rows equal the merged tokenizer's length; or, for a base with padding rows beyond
+    every token, the merge's record (cllama_export.json, written by `cllama export merged`) names that length."""
+    if rows == new_vocab != orig_vocab:
+        return True
+    record = Path(cfg.path) / "cllama_export.json" if cfg.path else None
+    if record is None or not record.is_file():
+        return False
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("kind") == "merged" and done.get("new_vocab") == new_vocab and done.get("rows") == rows
+
+
 def build_model(cfg: ModelConfig, lora_cfg: LoraConfig, seed: int, orig_vocab: int, new_vocab: int,
                 dtype: torch.dtype, zero3_ds_config: dict | None = None, subword_ids=None,
                 packed_rows: bool = False, loss_kernel: str = "torch"):
     """Base + extended vocabulary + LoRA + gradient checkpointing + the loss (``cfg.loss`` with the resolved
     ``loss_kernel``: loss.resolve_kernel's answer). Returns (model, keep_alive)."""
     config = load_llama_config(cfg)
-    extended = config.vocab_size == new_vocab != orig_vocab  # a merged pre-trained model (instruction tuning)
-    if config.vocab_size != orig_vocab and not extended:
-        raise UserError(f"vocabulary mismatch: the base model has {config.vocab_size:,} rows, the merged "
+    # Rows, not tokens (DESIGN B7): the model's row count is its config's, at least the base tokenizer's
+    # length (rows beyond it are padding, reused first for the new tokens).
+    rows = config.vocab_size
+    extended = is_extended(cfg, rows, orig_vocab, new_vocab)
+    if rows < orig_vocab:
+        raise UserError(f"vocabulary mismatch: the base model has {rows:,} rows, the merged "
                         f"tokenizer has {new_vocab:,} pieces over a base of {orig_vocab:,} (wrong base model or "
                         "tokenizer?)")
     model, keep_alive = build_base(cfg, config, dtype, zero3_ds_config, seed, packed_rows)
     if extended:
         split_vocab(model, orig_vocab, new_vocab, train_base=cfg.embeddings == "full")
     else:
-        extend_vocab(model, orig_vocab, new_vocab, cfg.new_row_init, cfg.new_row_std, subword_ids, seed,
-                     train_base=cfg.embeddings == "full")
+        # auto: the spellings where the base tokenizer gave them (trainer/setup.py decides), else the mean.
+        init = cfg.new_row_init if cfg.new_row_init != "auto" else ("subword" if subword_ids is not None else "mean")
+        extend_vocab(model, orig_vocab, new_vocab, init, cfg.new_row_std, subword_ids, seed,
+                     train_base=cfg.embeddings == "full", rows=rows)
     if cfg.gradient_checkpointing:
         # Non-reentrant: the reentrant variant loses gradients when the inputs of a checkpointed block do
         # not require grad, which is the case with a frozen base (PEFT #1142: "element 0 of tensors does
@@ -335,7 +355,7 @@ def dry_run(cfg: ModelConfig, lora_cfg: LoraConfig, new_vocab: int | None = None
     for mode in ("new-rows", "full"):
         with torch.device("meta"):
             model = LlamaForCausalLM(config)
-            extend_vocab(model, orig, new_vocab, "mean", train_base=mode == "full")
+            extend_vocab(model, orig, max(new_vocab, orig), "mean", train_base=mode == "full")
             config.vocab_size = orig  # extend_vocab updated the shared config object
             model = apply_lora(model, lora_cfg, mode, seed=0)
         out[mode] = count_parameters(model)

@@ -29,10 +29,13 @@ class ModelConfig(Section):
         "new-rows", "What of embed_tokens and lm_head trains. new-rows: only the appended rows, held as their own "
                     "parameters (old rows bit-identical, optimizer state for new rows only). full: both whole "
                     "matrices, the paper's choice, for comparison.")
-    new_row_init: Literal["mean", "subword", "normal"] = option(
-        "mean", "Initial value of appended rows: mean of the old rows; subword = mean of the base rows of the pieces "
-                "the base tokenizer splits the new piece into (needs the base tokenizer named in the merge report); "
-                "normal = N(0, new_row_std), the paper's.")
+    new_row_init: Literal["auto", "mean", "subword", "normal"] = option(
+        "auto", "Initial value of new rows: subword = the mean of the base rows of the tokens the base tokenizer "
+                "encodes the new token's text to (SentencePiece pieces, or a byte-level BPE token's bytes; needs the "
+                "base tokenizer named in the merge report; input and output rows each from their own matrix, a tied "
+                "model's from its one); mean = mean of the old rows; normal = N(0, new_row_std), the paper's; auto = "
+                "subword for a byte-level BPE extension whose base tokenizer (the merge report's) is readable, else "
+                "mean (SentencePiece extensions keep mean unless subword is set).")
     new_row_std: float = option(0.02, "Standard deviation of the normal initialisation.")
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass (non-reentrant).")
     checkpoint_scope: Literal["all", "every-other"] = option(

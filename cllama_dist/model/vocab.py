@@ -1,4 +1,4 @@
-"""Extend embed_tokens and the untied lm_head from V to V' rows, keeping the V original rows frozen.
+"""Extend embed_tokens and lm_head from V to V' rows, keeping the V original rows frozen.
 
 Freezing old rows with a gradient mask is fragile: gradients are sharded under ZeRO-3, and AdamW's
 weight decay moves masked rows anyway (docs/hazards.md#h3). So the split is structural: each matrix
@@ -8,6 +8,17 @@ instead of 2 x 49,953 x 4,096 = 409M), and the old rows cannot move: nothing can
 
 Vocabulary sizes always come from config and tokenizer metadata, never from a weight's shape: under
 ZeRO-3 a partitioned weight has shape 0 (H1).
+
+Tied models (lm_head = embed_tokens: Llama 3.2, Qwen2.5, SmolLM2) keep one matrix: the head module holds the
+embedding's two Parameters themselves, so one block of new rows serves both and the optimizer sees it once.
+PEFT's ``modules_to_save`` or two copies would let the input and output rows drift apart, and a merge would
+keep only one of them (DESIGN B6). Under ZeRO-3 a Parameter shared by two modules is gathered by
+each module's hooks in turn; it stays one Parameter, so no resume or load can untie it.
+
+Rows are not tokens (DESIGN B7): a base may hold more rows than its tokenizer has tokens (Qwen2.5:
+151,665 tokens in 151,936 rows). The frozen part is always rows [0, V) with V the base tokenizer's length; the
+padding rows [V, R) become the first new rows ("reuse"), so the ids the merged tokenizer gives its new tokens
+(V, V + 1, ...) are their rows, and the model has max(R, V') rows.
 
 The names of the two parameters are this module's contract with the optimizer groups, the parameter
 counts and the export: they use ``BASE_ROWS`` / ``NEW_ROWS`` and ``is_embedding_param``, never literals.
@@ -88,6 +99,17 @@ class SplitLMHead(nn.Module):
         self.weight_base = _as_param(base, train_base)
         self.weight_new = _as_param(new_rows, True)
 
+    @classmethod
+    def tied_to(cls, emb: SplitEmbedding) -> "SplitLMHead":
+        """The head of a tied model: the embedding's own two Parameters (registered here too, so ZeRO-3's hooks
+        gather them around the head's forward and backward), never copies."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.orig_vocab, head.new_vocab = emb.orig_vocab, emb.new_vocab
+        head.weight_base = emb.weight_base
+        head.weight_new = emb.weight_new
+        return head
+
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
                 reduction: Literal["none", "sum"] = "none", kernel: str = "torch") -> torch.Tensor:
         """Logits (..., V'); or, given ``labels`` (N,) aligned with ``hidden`` (N, H) (ignored: -100), the fp32
@@ -154,38 +176,82 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
+def is_tied(model: nn.Module) -> bool:
+    """Whether lm_head is embed_tokens (one matrix), by the modules themselves or, once split, by their Parameters."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return False
+    if isinstance(emb, SplitEmbedding) and isinstance(head, SplitLMHead):
+        return head.weight_new is emb.weight_new
+    return head.weight is emb.weight
+
+
+def _tie(model: nn.Module, split: SplitEmbedding) -> None:
+    """Make the head the embedding's own Parameters. transformers' ``tie_weights`` (called by resizes and some
+    loaders) looks for ``embed_tokens.weight``, which the split modules do not have; the tie is structural here,
+    so on this model it only checks that it holds."""
+    import types
+
+    model.set_output_embeddings(SplitLMHead.tied_to(split))
+
+    def tie_weights(self, *args, **kwargs):
+        if not is_tied(self):
+            raise RuntimeError("lm_head is no longer embed_tokens' rows: the tie was broken")
+
+    model.tie_weights = types.MethodType(tie_weights, model)
+
+
 def extend_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, method: InitMethod = "mean",
                  std: float = 0.02, subword_ids: Sequence[Sequence[int]] | None = None, seed: int = 0,
-                 train_base: bool = False) -> None:
-    """Replace a LLaMA model's embed_tokens and lm_head by split modules of ``new_vocab`` rows.
+                 train_base: bool = False, rows: int | None = None) -> None:
+    """Replace a LLaMA-architecture model's embed_tokens and lm_head by split modules.
 
-    Works on a full model and on one partitioned by ZeRO-3: the original weight Parameter is reused as
-    the frozen part (its partition untouched, so the old rows stay bit-identical), and the initial
-    values of the new rows are computed from the gathered original rows identically on every rank.
-    The new rows are ordinary parameters until ``deepspeed.initialize`` partitions them; a second
-    ``zero.Init`` here would re-create ZeRO++'s hierarchical groups, which DeepSpeed refuses.
+    ``orig_vocab``: the base tokenizer's length V (rows below it are frozen); ``new_vocab``: the merged
+    tokenizer's V'; ``rows``: the model's row count R (its config.vocab_size; default V). The model ends with
+    max(R, V') rows: the padding rows [V, R) are reused first, for the new tokens V.., and are initialised like
+    appended rows; padding rows no token reaches (>= V') keep their values. A tied model stays tied: one block
+    of new rows, one set of initial values (from the one matrix).
+
+    Works on a full model and on one partitioned by ZeRO-3: when R == V the original weight Parameter is reused
+    as the frozen part (its partition untouched, so the old rows stay bit-identical), else rows [0, V) are
+    copied exactly from the gathered weight; the initial values of the new rows are computed from the gathered
+    original rows identically on every rank. The new rows are ordinary parameters until
+    ``deepspeed.initialize`` partitions them; a second ``zero.Init`` here would re-create ZeRO++'s hierarchical
+    groups, which DeepSpeed refuses.
     """
+    rows = orig_vocab if rows is None else rows
     if new_vocab < orig_vocab:
         raise ValueError(f"new vocabulary {new_vocab} is smaller than the original {orig_vocab}")
+    if rows < orig_vocab:
+        raise ValueError(f"the model has {rows} rows, fewer than its tokenizer's {orig_vocab} tokens")
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:
-        raise ValueError("tied embeddings: LLaMA's lm_head is untied, and the new rows must be appended to both "
-                         "matrices; this model ties them")
+    tied = is_tied(model)
     # ds_shape is the full shape of a partitioned weight; shape is right for an ordinary one.
-    rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
-    if rows != orig_vocab:
-        raise ValueError(f"embed_tokens has {rows} rows, the config says {orig_vocab}")
+    have = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
+    if have != rows:
+        raise ValueError(f"embed_tokens has {have} rows, the config says {rows}")
+    total = max(rows, new_vocab)
     gen = torch.Generator().manual_seed(seed)
-    n_new = new_vocab - orig_vocab
-    with _gathered([emb.weight] + ([head.weight] if head is not None else [])):
-        e_new = new_row_values(emb.weight, n_new, method, std, subword_ids, gen)
-        h_new = new_row_values(head.weight, n_new, method, std, subword_ids, gen) if head is not None else None
-    model.set_input_embeddings(SplitEmbedding(emb.weight, e_new, orig_vocab, new_vocab,
-                                              getattr(emb, "padding_idx", None), train_base))
-    if head is not None:
-        model.set_output_embeddings(SplitLMHead(head.weight, h_new, orig_vocab, new_vocab, train_base))
-    model.config.vocab_size = new_vocab
+    n_init = new_vocab - orig_vocab  # rows that new tokens take (padding rows first)
+    weights = [emb.weight] + ([head.weight] if head is not None and not tied else [])
+    with _gathered(weights):
+        def parts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            base = w if rows == orig_vocab else w.detach()[:orig_vocab].clone()
+            new = new_row_values(w.detach()[:orig_vocab], n_init, method, std, subword_ids, gen)
+            if total > new_vocab:  # padding rows beyond every token: kept as the base had them
+                new = torch.cat([new, w.detach()[new_vocab:rows].clone()])
+            return base, new
+
+        e_base, e_new = parts(emb.weight)
+        h_base, h_new = parts(head.weight) if head is not None and not tied else (None, None)
+    split = SplitEmbedding(e_base, e_new, orig_vocab, total, getattr(emb, "padding_idx", None), train_base)
+    model.set_input_embeddings(split)
+    if tied:
+        _tie(model, split)
+    elif head is not None:
+        model.set_output_embeddings(SplitLMHead(h_base, h_new, orig_vocab, total, train_base))
+    model.config.vocab_size = total
 
 
 def split_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, train_base: bool = False) -> None:
@@ -194,21 +260,22 @@ def split_vocab(model: nn.Module, orig_vocab: int, new_vocab: int, train_base: b
 
     Instruction tuning starts here: the rows the pre-training learned stay the trainable part, the original
     LLaMA rows the frozen part, both exact copies of the loaded values (under ZeRO-3 gathered first; the copies
-    are ordinary parameters that ``deepspeed.initialize`` partitions).
+    are ordinary parameters that ``deepspeed.initialize`` partitions). A tied model stays tied.
     """
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    if head is not None and head.weight is emb.weight:
-        raise ValueError("tied embeddings: LLaMA's lm_head is untied; this model ties them")
+    tied = is_tied(model)
     rows = getattr(emb.weight, "ds_shape", emb.weight.shape)[0]
-    if rows != new_vocab:
-        raise ValueError(f"embed_tokens has {rows} rows, expected the extended vocabulary's {new_vocab}")
-    with _gathered([emb.weight] + ([head.weight] if head is not None else [])):
+    if rows < new_vocab:
+        raise ValueError(f"embed_tokens has {rows} rows, fewer than the extended vocabulary's {new_vocab}")
+    with _gathered([emb.weight] + ([head.weight] if head is not None and not tied else [])):
         e_base, e_new = (emb.weight.detach()[:orig_vocab].clone(), emb.weight.detach()[orig_vocab:].clone())
-        if head is not None:
+        if head is not None and not tied:
             h_base, h_new = (head.weight.detach()[:orig_vocab].clone(), head.weight.detach()[orig_vocab:].clone())
-    model.set_input_embeddings(SplitEmbedding(e_base, e_new, orig_vocab, new_vocab,
-                                              getattr(emb, "padding_idx", None), train_base))
-    if head is not None:
-        model.set_output_embeddings(SplitLMHead(h_base, h_new, orig_vocab, new_vocab, train_base))
-    model.config.vocab_size = new_vocab
+    split = SplitEmbedding(e_base, e_new, orig_vocab, rows, getattr(emb, "padding_idx", None), train_base)
+    model.set_input_embeddings(split)
+    if tied:
+        _tie(model, split)
+    elif head is not None:
+        model.set_output_embeddings(SplitLMHead(h_base, h_new, orig_vocab, rows, train_base))
+    model.config.vocab_size = rows

@@ -65,7 +65,7 @@ class Trainer:
         from ..tokenizer.merged import subword_spellings
 
         cfg, spec, vocab = self.cfg, self.spec, self.spec.inputs.vocab
-        sub = subword_spellings(vocab) if cfg.model.new_row_init == "subword" else None
+        sub = subword_spellings(vocab) if spec.new_row_init == "subword" else None
         self.loss_kernel, why = "torch", "the hf loss"
         if cfg.model.loss == "chunked":
             from ..model.loss import resolve_kernel
@@ -140,8 +140,15 @@ class Trainer:
         c, say, m, spec = self.counts, self.logger.say, self.cfg.model, self.spec
         inputs, eng, vocab = spec.inputs, spec.engine, spec.inputs.vocab
         say(f"cllama train: {self.plan.describe()}")
-        extended = inputs.llama.vocab_size == vocab.new_vocab  # a merged model: its rows are the start
-        init = "from the model" if extended else m.new_row_init
+        from ..model.adapters import is_extended
+
+        extended = is_extended(m, inputs.llama.vocab_size, vocab.orig_vocab, vocab.new_vocab)  # a merged model
+        rows = spec.identity.rows
+        if rows and (rows["rows"] != vocab.new_vocab or spec.identity.tied):
+            say(f"  vocabulary rows: the base has {rows['base_rows']:,} rows for {rows['base_tokens']:,} tokens, the "
+                f"trained model {rows['rows']:,} for {rows['tokens']:,} (padding rows reused first)"
+                + ("; embeddings tied: lm_head is embed_tokens, one block of new rows" if spec.identity.tied else ""))
+        init = "from the model" if extended else spec.new_row_init
         say(f"  vocabulary {vocab.orig_vocab:,} -> {vocab.new_vocab:,} ({m.embeddings}, init {init}); "
             f"DeepSpeed ZeRO-{eng.zero_stage}, {eng.dtype}, "
             f"gradient checkpointing {m.checkpoint_scope + ' layers' if m.gradient_checkpointing else 'off'}, "

@@ -108,6 +108,7 @@ class RunSpec:
     resume: ResumePoint
     identity: RunIdentity  # saved in every checkpoint, checked on resume
     notes: tuple[str, ...] = ()
+    new_row_init: str = "mean"  # model.new_row_init resolved (auto: subword where the base tokenizer is readable)
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -175,7 +176,8 @@ def resolve(cfg: TrainConfig, device: str, checkpointer: Checkpointer, notes: li
         global_batch=plan.global_batch, tokenizer=inputs.vocab.fingerprint, embeddings=cfg.model.embeddings,
         block_size=plan.block, zero_stage=engine.zero_stage, base_model=base_model,
         mixture=mixture.identity(inputs.sets, data.order, inputs.single), document_mask=inputs.document_mask,
-        shards=mixture.content_identity(inputs.sets), schedule=schedule.record())
+        shards=mixture.content_identity(inputs.sets), schedule=schedule.record(),
+        tied=bool(getattr(inputs.llama, "tie_word_embeddings", False)), rows=vocab_rows(inputs))
     resume = ResumePoint()
     if state:
         path = Path(found["path"])
@@ -185,7 +187,23 @@ def resolve(cfg: TrainConfig, device: str, checkpointer: Checkpointer, notes: li
             text = ", ".join(f"{k} {v['was']} -> {v['now']}" for k, v in change.items())
             notes.append(f"note: schedule changed on purpose at step {state['step']}: {text}")
         resume = ResumePoint(path, state, universal, change)
-    return RunSpec(cfg, run_dir, device, inputs, data, plan, schedule, engine, resume, identity, tuple(notes))
+    init = cfg.model.new_row_init
+    if init == "auto":
+        from ..tokenizer.merged import base_available
+
+        # From the pieces for a byte-level BPE extension whose base tokenizer is readable; a SentencePiece
+        # extension keeps the mean its runs (and their recorded losses) always had unless subword is asked for.
+        bpe = inputs.vocab.fingerprint.get("backend") == "bpe"
+        init = "subword" if bpe and base_available(inputs.vocab) else "mean"
+    return RunSpec(cfg, run_dir, device, inputs, data, plan, schedule, engine, resume, identity, tuple(notes), init)
+
+
+def vocab_rows(inputs: Inputs) -> dict:
+    """The three numbers that are not one (DESIGN B7): the base model's rows, the base tokenizer's
+    length, the extended tokenizer's length; and the rows the trained model has (padding rows reused first)."""
+    base_rows, v = inputs.llama.vocab_size, inputs.vocab
+    return {"base_rows": base_rows, "base_tokens": v.orig_vocab, "tokens": v.new_vocab,
+            "rows": max(base_rows, v.new_vocab), "padded_rows": "reuse"}
 
 
 def merge_start_model(cfg: TrainConfig, run_dir: Path) -> list[str]:

@@ -47,6 +47,10 @@ class TrainerState:
     # Per shard folder, the digest of its train shards' sha256 list (trainer/mixture.py content_identity):
     # the data order is positions in these shards, so other shards at the same offset are other data.
     shards: list = field(default_factory=list)
+    # lm_head is embed_tokens (one matrix); and the vocabulary's numbers (setup.vocab_rows): base_rows, base_tokens,
+    # tokens, rows, padded_rows. orig_vocab / new_vocab above are base_tokens / tokens.
+    tied: bool = False
+    rows: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerState":
@@ -72,6 +76,8 @@ class RunIdentity:
     document_mask: bool
     shards: list
     schedule: dict
+    tied: bool = False
+    rows: dict = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The identity as TrainerState's fields."""
@@ -80,6 +86,13 @@ class RunIdentity:
 
     def check(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose recorded identity differs from this run's, naming the setting."""
+        if "tied" in state and state["tied"] != self.tied:
+            # First: a tied model is another base too, and the base fingerprint's message would hide why.
+            def kind(t: bool) -> str:
+                return "tied embeddings (lm_head = embed_tokens, one matrix)" if t else "untied embeddings"
+
+            raise UserError(f"cannot resume {path}: it was trained on a model with {kind(state['tied'])}, this run's "
+                            f"model has {kind(self.tied)}: resume on the model it was trained on")
         for f in dataclasses.fields(self):
             key = "tokenizer_sha256" if f.name == "tokenizer" else f.name
             if key in ("zero_stage", "schedule") or key not in state:  # older checkpoints lack newer keys

@@ -72,14 +72,11 @@ def test_subword_ids_spell_new_pieces_with_the_base(tiny_base, tiny_merged):
         assert all(i < base.get_piece_size() for i in spelled)
 
 
-def test_refuses_tied_embeddings_and_shrinking():
+def test_refuses_shrinking():
+    # Tied models are extended now (tests/unit/test_tied_vocab.py); shrinking is still refused.
     m = tiny_llama()
     with pytest.raises(ValueError, match="smaller"):
         extend_vocab(m, V, V - 1)
-    tied = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="tied"):
-        extend_vocab(tied, V, V2)
 
 
 def test_split_embedding_padding_and_boundaries():
