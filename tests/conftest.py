@@ -35,6 +35,19 @@ def pytest_collection_modifyitems(config, items):
                 cuda = torch.cuda.is_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    # The longest files first (the demo, then the other process launches and the real tokenizers), each file's own
+    # order kept: tests/run.sh hands whole files to two workers (pytest-xdist, --dist loadfile), and a long file
+    # started last would leave one worker alone at the end.
+    items.sort(key=_weight)
+
+
+def _weight(item) -> int:
+    path = Path(str(item.path))
+    if path.name == "test_demo.py" and INTEGRATION in path.parents:
+        return 0
+    if INTEGRATION in path.parents or path.parent.name == "real":
+        return 1
+    return 2
 
 
 @pytest.fixture(scope="session")
