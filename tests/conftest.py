@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config, items):
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
     # The longest files first (the demo, then the other process launches and the real tokenizers), each file's own
-    # order kept: tests/run.sh hands whole files to two workers (pytest-xdist, --dist loadfile), and a long file
-    # started last would leave one worker alone at the end.
+    # order kept. Under tests/run.sh's two workers xdist hands out whole files by their number of tests (which
+    # interleaves the many-test unit files with the launches) and this order only breaks its ties.
     items.sort(key=_weight)
 
 
