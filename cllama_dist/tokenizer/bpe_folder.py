@@ -47,6 +47,12 @@ def write_hf_files(folder: Path, tok, info: dict) -> dict:
 def check_output(cfg, out: Path) -> None:
     """Refuse an output folder that is an input, someone else's folder, or an existing one without --overwrite."""
     check_not_input(out, {"base tokenizer": cfg.base, "tokenizer to add": cfg.add}, "tokenizer")
+    check_replaceable(out, cfg.overwrite)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse a tokenizer output that is a file, a folder this project did not make as a tokenizer, or an existing
+    tokenizer without --overwrite (both merges, SentencePiece and BPE, write their folder under this rule)."""
     if out.exists():
         if not out.is_dir():
             raise UserError(f"the tokenizer output {out} is a file, not a folder; choose a folder path")
@@ -56,7 +62,7 @@ def check_output(cfg, out: Path) -> None:
                 raise UserError(f"the tokenizer output {out} is a folder that cllama-dist did not create as a tokenizer "
                                 f"({'it holds a ' + kind if kind else 'no ' + MARKER}); it is never replaced: choose "
                                 "another folder")
-            if not cfg.overwrite:
+            if not overwrite:
                 raise UserError(f"the tokenizer output {out} exists; pass --overwrite to replace it")
 
 

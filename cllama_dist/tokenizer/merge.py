@@ -24,10 +24,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import to_dict
-from ..files import LOCK, MARKER, Lock, check_not_input, folder_kind, os_error, write_atomic
+from ..files import LOCK, MARKER, Lock, check_not_input, os_error, write_atomic
 from .config import MergeConfig
 from ..errors import UserError
 from . import hf
+from .bpe_folder import check_replaceable
 from . import spm as spmio
 
 # Two or more consecutive digits, ASCII or full-width: LLaMA never emits such a piece (split_digits).
@@ -139,17 +140,7 @@ def merge(cfg: MergeConfig) -> dict:
     # tokenizer.model usually sits in the model's folder: merging "into" it would replace the model's files.
     check_not_input(out, {"base tokenizer": spmio.model_path(cfg.base), "tokenizer to add": spmio.model_path(cfg.add)},
                     "tokenizer")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"the tokenizer output {out} is a file, not a folder; choose a folder path")
-        if any(out.iterdir()):
-            kind = folder_kind(out)
-            if kind != "tokenizer":
-                raise UserError(f"the tokenizer output {out} is a folder that cllama-dist did not create as a tokenizer "
-                                f"({'it holds a ' + kind if kind else 'no ' + MARKER}); it is never replaced: choose "
-                                "another folder")
-            if not cfg.overwrite:
-                raise UserError(f"the tokenizer output {out} exists; pass --overwrite to replace it")
+    check_replaceable(out, cfg.overwrite)
 
     mode = getattr(cfg, "new_piece_score", "paper")
     if mode not in SCORE_MODES:
